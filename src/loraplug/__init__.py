@@ -1,0 +1,37 @@
+"""loraplug: LoRA-family adapters on any PyTorch model, in bypass mode or merged exactly."""
+
+from .adapters import Adapter, AdapterSet
+from .api import Handle, apply, load, merge
+from .arch import Target
+from .errors import (
+    AdapterFileError,
+    AdapterTensorError,
+    FormatError,
+    HandleError,
+    LoraplugError,
+    ShapeMismatchError,
+    UnmatchedKeysError,
+    UnsupportedModuleError,
+)
+from .report import Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterFileError",
+    "AdapterSet",
+    "AdapterTensorError",
+    "FormatError",
+    "Handle",
+    "HandleError",
+    "LoraplugError",
+    "Report",
+    "ShapeMismatchError",
+    "Target",
+    "UnmatchedKeysError",
+    "UnsupportedModuleError",
+    "apply",
+    "load",
+    "merge",
+]

@@ -1,0 +1,65 @@
+"""AdapterSet: the adapters of one file, per logical key, algorithm-tagged, validated."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class Adapter:
+    """One module's adapter as the file states it.
+
+    ``key`` is the module path in the file's own naming (format prefixes kept), ``tensors`` uses
+    canonical names (``down``, ``up``, ``mid``, ``dora_scale``, …), ``source`` maps each canonical
+    name back to the file key.
+    """
+
+    key: str
+    algorithm: str
+    tensors: dict[str, Tensor]
+    alpha: float | None = None
+    rslora: bool = False
+    source: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def file_keys(self) -> list[str]:
+        return list(self.source.values())
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel() for name, t in self.tensors.items() if name != "alpha")
+
+
+@dataclass
+class AdapterSet:
+    """All adapters of one file or state dict.
+
+    ``unknown_keys`` are tensors no algorithm recognised; ``apply(strict=True)`` refuses them.
+    """
+
+    adapters: dict[str, Adapter]
+    format: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    unknown_keys: list[str] = field(default_factory=list)
+    name: str = "adapter"
+
+    @property
+    def algorithms(self) -> dict[str, int]:
+        """How many modules each algorithm adapts, e.g. {"lora": 304}."""
+        return dict(Counter(a.algorithm for a in self.adapters.values()))
+
+    @property
+    def parameters(self) -> int:
+        return sum(a.parameters for a in self.adapters.values())
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def __repr__(self) -> str:
+        return (
+            f"AdapterSet(name={self.name!r}, format={self.format!r}, "
+            f"algorithms={self.algorithms}, parameters={self.parameters})"
+        )

@@ -1,0 +1,208 @@
+"""The public verbs: load, apply, merge."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import specs
+from .adapters import AdapterSet
+from .arch import ModelIndex, Target
+from .errors import HandleError, LoraplugError, UnmatchedKeysError, sample
+from .formats import load as _load
+from .report import Report
+from .runtime import bypass
+from .runtime import merge as merge_rt
+from .specs.base import Patch
+
+AdapterLike = AdapterSet | str | Path | dict
+MODES = ("bypass", "merge")
+
+
+def load(source: AdapterLike, *, name: str | None = None) -> AdapterSet:
+    """Read adapters from a file (safetensors, .pt/.bin), a PEFT directory, or a state dict."""
+    return _load(source, name=name)
+
+
+@dataclass(eq=False)
+class _Bound:
+    """One installed entry: which adapter set it belongs to and on which module."""
+
+    set_index: int
+    module: nn.Module
+    entry: bypass.Entry | merge_rt.MergeEntry
+
+
+class Handle:
+    """The adapters one ``apply`` installed: change strength, toggle, or remove them."""
+
+    def __init__(self, mode: str, sets: list[AdapterSet], strengths: list[float], report: Report):
+        self.mode = mode
+        self.adapters = sets
+        self.report = report
+        self._strengths = list(strengths)
+        self._enabled = True
+        self._bound: list[_Bound] = []
+        self._removed = False
+
+    @property
+    def strength(self) -> list[float]:
+        return list(self._strengths)
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def set_strength(self, strength: float | Sequence[float]) -> None:
+        """New strength(s), effective on the next forward (bypass) or at once (merge)."""
+        self._live()
+        self._strengths = _strengths(strength, len(self.adapters))
+        self._sync()
+
+    def enable(self) -> None:
+        self._live()
+        self._enabled = True
+        self._sync()
+
+    def disable(self) -> None:
+        """Turn the adapters off without removing them (strength 0, nothing re-hooked)."""
+        self._live()
+        self._enabled = False
+        self._sync()
+
+    def remove(self) -> None:
+        """Take the adapters out; the model is bit-identical to before ``apply``."""
+        if self._removed:
+            return
+        for b in reversed(self._bound):
+            if self.mode == "bypass":
+                bypass.detach(b.module, b.entry)
+            else:
+                merge_rt.detach(b.module, b.entry)
+        self._bound.clear()
+        self._removed = True
+
+    def _effective(self, index: int) -> float:
+        return self._strengths[index] if self._enabled else 0.0
+
+    def _sync(self) -> None:
+        refresh = {}
+        for b in self._bound:
+            value = self._effective(b.set_index)
+            if self.mode == "bypass":
+                b.entry.strength.fill_(value)
+            else:
+                b.entry.strength = value
+                refresh[id(b.module)] = b.module
+        for module in refresh.values():
+            merge_rt.state_of(module).refresh()
+
+    def _live(self) -> None:
+        if self._removed:
+            raise HandleError("this handle was removed; call lp.apply again to re-apply the adapters.")
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        names = [a.name for a in self.adapters]
+        return f"Handle(mode={self.mode!r}, adapters={names}, strength={self._strengths}, enabled={self._enabled})"
+
+
+def apply(
+    model: nn.Module,
+    adapters: AdapterLike | Sequence[AdapterLike],
+    strength: float | Sequence[float] = 1.0,
+    mode: str = "bypass",
+    strict: bool = True,
+) -> Handle:
+    """Apply one or several adapter sets to ``model``; all-or-nothing.
+
+    Every key is matched to a module (slice) or reported; with strict=True an unmatched key
+    raises UnmatchedKeysError before the model is touched. Returns a Handle.
+    """
+    if mode not in MODES:
+        raise LoraplugError(f"mode={mode!r}; use one of {', '.join(MODES)}.")
+    items = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
+    sets = [load(a) for a in items]
+    strengths = _strengths(strength, len(sets))
+    index = ModelIndex(model)
+    report = Report()
+    bindings = []  # (set index, module name, target, patch), built before the model is touched
+    for i, adapter_set in enumerate(sets):
+        tag = f"{adapter_set.name}:" if len(sets) > 1 else ""
+        plan = index.resolve(adapter_set)
+        for key, reason in plan.unmatched.items():
+            report.unmatched[tag + key] = reason
+        for key in adapter_set.unknown_keys:
+            report.unmatched[tag + key] = "no algorithm recognises this tensor name"
+        for key, targets in plan.matched.items():
+            adapter = adapter_set.adapters[key]
+            spec = specs.get(adapter.algorithm)
+            report.matched[tag + key] = targets
+            for target in targets:
+                op = index.ops[target.module]
+                size = op.out_features if target.size is None else target.size
+                patch = spec.build(adapter, op, size)
+                bindings.append((i, target, patch))
+                report.modules.add(target.module)
+                report.parameters += patch.parameters
+    if strict and report.unmatched:
+        raise UnmatchedKeysError(
+            f"{len(report.unmatched)} adapter keys match no module of this model: "
+            f"{sample(report.unmatched)}. Nothing was applied. Check that the adapter is for this "
+            "model (and this layout), or pass strict=False to apply the matched keys and see "
+            "handle.report.unmatched."
+        )
+    if mode == "merge":
+        for name in {t.module for _, t, _ in bindings}:
+            merge_rt.check_mergeable(index.modules[name], name)
+    handle = Handle(mode, sets, strengths, report)
+    try:
+        _install(handle, index, bindings)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def merge(
+    model: nn.Module,
+    adapters: AdapterLike | Sequence[AdapterLike],
+    strength: float | Sequence[float] = 1.0,
+    strict: bool = True,
+) -> Handle:
+    """``apply(..., mode="merge")``: weights rewritten, exactly restorable with ``remove()``."""
+    return apply(model, adapters, strength=strength, mode="merge", strict=strict)
+
+
+def _install(handle: Handle, index: ModelIndex, bindings: list[tuple[int, Target, Patch]]) -> None:
+    touched = {}
+    for i, target, patch in bindings:
+        module = index.modules[target.module]
+        value = handle._effective(i)
+        if handle.mode == "bypass":
+            entry = bypass.Entry(patch, target, torch.tensor(value, dtype=torch.float32))
+            bypass.attach(module, target.module, index.ops[target.module], entry)
+        else:
+            entry = merge_rt.MergeEntry(patch, target, value)
+            touched[id(module)] = merge_rt.attach(module, target.module, entry)
+        handle._bound.append(_Bound(i, module, entry))
+    for state in touched.values():
+        state.refresh()
+
+
+def _strengths(strength: float | Sequence[float], n: int) -> list[float]:
+    if isinstance(strength, (int, float)):
+        return [float(strength)] * n
+    values = [float(s) for s in strength]
+    if len(values) != n:
+        raise HandleError(f"{len(values)} strengths for {n} adapter sets; give one per adapter set.")
+    return values

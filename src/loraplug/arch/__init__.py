@@ -1,0 +1,138 @@
+"""Map an AdapterSet's logical keys onto a model's real modules and output slices.
+
+Keys are matched against the model's own module names (never by guessing separators): dotted keys
+by dotted-path suffix, kohya's flattened keys by the flattened form of the real names, each
+required to be unambiguous. Architecture tables add fused aliases: a split name (``to_q``) that
+lives in a slice of a fused module (``to_qkv``, ``img_attn.qkv``, ``linear1``), sized from the
+model's real shapes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..adapters import AdapterSet
+from ..algorithms.op import LayerOp, layer_op
+
+FILE_PREFIXES = (
+    "base_model.model.",
+    "transformer.",
+    "unet.",
+    "model.diffusion_model.",
+    "diffusion_model.",
+    "lora_unet_",
+    "lora_transformer_",
+    "lycoris_",
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A module and the part of its output an adapter writes: rows [offset, offset+size) of the
+    weight's dim 0 (output features); size None means the whole output."""
+
+    module: str
+    offset: int = 0
+    size: int | None = None
+
+    @property
+    def slice(self) -> tuple[int, int, int] | None:
+        """(dim, offset, size) as ComfyUI writes it, or None for the whole module."""
+        return None if self.size is None else (0, self.offset, self.size)
+
+    def __str__(self) -> str:
+        if self.size is None:
+            return self.module
+        return f"{self.module}[{self.offset}:{self.offset + self.size}]"
+
+
+# An alias provider returns ({alias name: Target}, {real names it shadows}).
+AliasProvider = Callable[[nn.Module, dict[str, LayerOp]], tuple[dict[str, Target], set[str]]]
+PROVIDERS: list[AliasProvider] = []
+
+
+def provider(fn: AliasProvider) -> AliasProvider:
+    PROVIDERS.append(fn)
+    return fn
+
+
+@dataclass
+class Plan:
+    """Where each logical key of one AdapterSet lands, and why the others do not."""
+
+    matched: dict[str, list[Target]] = field(default_factory=dict)
+    unmatched: dict[str, str] = field(default_factory=dict)
+
+
+class ModelIndex:
+    """The model's adaptable layers (Linear/ConvNd and subclasses) under every name a key may use."""
+
+    def __init__(self, model: nn.Module):
+        self.modules: dict[str, nn.Module] = {}
+        self.ops: dict[str, LayerOp] = {}
+        for name, module in model.named_modules():
+            op = layer_op(module)
+            if op is not None and name:
+                self.modules[name], self.ops[name] = module, op
+        self.entries: dict[str, Target] = {}
+        shadowed: set[str] = set()
+        aliases: dict[str, Target] = {}
+        for fn in PROVIDERS:
+            found, hidden = fn(model, self.ops)
+            aliases.update(found)
+            shadowed |= hidden
+        self.entries = {n: Target(n) for n in self.ops if n not in shadowed}
+        self.entries.update(aliases)
+        self.shadowed = shadowed
+        self._dotted: dict[str, set[str]] = defaultdict(set)
+        self._flat: dict[str, set[str]] = defaultdict(set)
+        for name in self.entries:
+            parts = name.split(".")
+            for i in range(len(parts)):
+                self._dotted[".".join(parts[i:])].add(name)
+                self._flat["_".join(parts[i:])].add(name)
+
+    def lookup(self, key: str) -> tuple[Target | None, str]:
+        """The target of a logical key, or None and the reason it has none."""
+        ambiguous: set[str] = set()
+        for variant in _variants(key):
+            if variant in self.entries:
+                return self.entries[variant], ""
+            table = self._dotted if "." in variant else self._flat
+            names = table.get(variant, set())
+            if len(names) == 1:
+                return self.entries[next(iter(names))], ""
+            ambiguous |= names
+        if ambiguous:
+            return None, f"ambiguous: matches {len(ambiguous)} modules ({', '.join(sorted(ambiguous)[:3])} …)"
+        return None, "no module of this model has this name"
+
+    def resolve(self, adapters: AdapterSet) -> Plan:
+        plan = Plan()
+        for key in adapters.adapters:
+            target, reason = self.lookup(key)
+            if target is None:
+                plan.unmatched[key] = reason
+            else:
+                plan.matched[key] = [target]
+        return plan
+
+
+def _variants(key: str) -> list[str]:
+    out = [key]
+    for prefix in FILE_PREFIXES:
+        if key.startswith(prefix):
+            out.append(key[len(prefix):])
+    return out
+
+
+def resolve(model: nn.Module, adapters: AdapterSet) -> Plan:
+    """Plan for one AdapterSet on ``model`` (see ModelIndex)."""
+    return ModelIndex(model).resolve(adapters)
+
+
+from . import diffusers, flux  # noqa: E402,F401  (register their providers)

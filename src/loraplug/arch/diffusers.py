@@ -1,0 +1,48 @@
+"""diffusers attention after ``fuse_qkv_projections()``: to_q/to_k/to_v live in ``to_qkv``.
+
+diffusers keeps the split modules after fusing but no longer calls them, so a LoRA bound to
+``to_q`` there would silently do nothing: those names are redirected to slices of the fused module
+and the split modules are hidden from matching.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..algorithms.op import LayerOp
+from . import Target, provider
+
+FUSIONS = (
+    ("to_qkv", ("to_q", "to_k", "to_v")),
+    ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
+    ("to_kv", ("to_k", "to_v")),
+)
+
+
+def fused_slices(fused: str, parts: tuple[str, ...], ops: dict[str, LayerOp]) -> dict[str, Target]:
+    """Each part's slice of ``fused``, sized from the parts' own shapes (or equal thirds)."""
+    total = ops[fused].out_features
+    sizes = [ops[p].out_features if p in ops else total // len(parts) for p in parts]
+    if sum(sizes) != total:
+        return {}
+    out, offset = {}, 0
+    for part, size in zip(parts, sizes):
+        out[part] = Target(fused, offset, size)
+        offset += size
+    return out
+
+
+@provider
+def fused_attention(model: nn.Module, ops: dict[str, LayerOp]) -> tuple[dict[str, Target], set[str]]:
+    aliases: dict[str, Target] = {}
+    for name, module in model.named_modules():
+        if not getattr(module, "fused_projections", False):
+            continue
+        prefix = f"{name}." if name else ""
+        for fused, parts in FUSIONS:
+            if prefix + fused not in ops:
+                continue
+            names = tuple(prefix + p for p in parts)
+            for part, target in fused_slices(prefix + fused, names, ops).items():
+                aliases[part] = target
+    return aliases, set(aliases)

@@ -1,0 +1,1 @@
+"""Running adapters: bypass hooks and exact, reversible merges."""

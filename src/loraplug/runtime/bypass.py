@@ -1,0 +1,113 @@
+"""Bypass mode: one forward hook per module runs every adapter bound to it.
+
+y' = y + Σ sᵢ · Δyᵢ(x), each Δyᵢ written in place into its output slice. The module object, its
+class, its parameters and its state_dict keys are never changed. Strengths are tensors, so changing
+them (or disabling an adapter) re-traces nothing under torch.compile.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..algorithms.op import LayerOp
+from ..arch import Target
+from ..specs.base import BaseView, Patch
+from .quant import float_bias, float_weight
+
+
+@dataclass(eq=False)
+class Entry:
+    """One adapter bound to one module slice; ``strength`` is a 0-d float32 tensor (0 = off)."""
+
+    patch: Patch
+    target: Target
+    strength: Tensor
+
+
+class ModuleBypass:
+    """Everything loraplug runs beside one module, behind a single forward hook."""
+
+    def __init__(self, module: nn.Module, name: str, op: LayerOp):
+        self.module_ref = weakref.ref(module)
+        self.name = name
+        self.op = op
+        self.entries: list[Entry] = []
+        self._weight_key: tuple | None = None
+        self._weight: Tensor | None = None
+        self._hook = module.register_forward_hook(self._run, with_kwargs=True)
+
+    def _float_weight(self) -> Tensor:
+        """The whole weight in float32, computed once per weight version (DoRA/OFT need it)."""
+        w = self.module_ref().weight
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        if key != self._weight_key:
+            self._weight, self._weight_key = float_weight(self.module_ref(), self.name), key
+        return self._weight
+
+    def _view(self, entry: Entry, out: Tensor | None = None) -> BaseView:
+        t = entry.target
+
+        def narrow(v: Tensor | None, dim: int) -> Tensor | None:
+            return v if v is None or t.size is None else v.narrow(dim, t.offset, t.size)
+
+        module = self.module_ref()
+        return BaseView(
+            weight=lambda: narrow(self._float_weight(), 0),
+            bias=lambda: narrow(float_bias(module), 0),
+            output=out,
+        )
+
+    def _slice(self, entry: Entry, y: Tensor) -> Tensor:
+        t = entry.target
+        return y if t.size is None else y.narrow(self.op.channel_dim, t.offset, t.size)
+
+    def _run(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        if not self.entries:
+            return output
+        x = args[0] if args else next(iter(kwargs.values()))
+        y = output
+        # Adapters that read the base output (DoRA, OFT) see it before anything is added.
+        reading = [
+            (e, e.patch.bypass(x, self._view(e, self._slice(e, y)), e.strength))
+            for e in self.entries
+            if e.patch.needs_weight
+        ]
+        for e in self.entries:
+            if not e.patch.needs_weight:
+                self._slice(e, y).add_(e.patch.bypass(x, self._view(e), e.strength).to(y.dtype))
+        for e, delta in reading:
+            self._slice(e, y).add_(delta.to(y.dtype))
+        return y
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, ModuleBypass] = weakref.WeakKeyDictionary()
+
+
+def attach(module: nn.Module, name: str, op: LayerOp, entry: Entry) -> None:
+    """Add ``entry`` to the module's hook, creating the hook on first use."""
+    runner = _ACTIVE.get(module)
+    if runner is None:
+        runner = _ACTIVE[module] = ModuleBypass(module, name, op)
+    runner.entries.append(entry)
+
+
+def detach(module: nn.Module, entry: Entry) -> None:
+    """Remove ``entry``; the hook goes when its last entry does."""
+    runner = _ACTIVE.get(module)
+    if runner is None:
+        return
+    runner.entries = [e for e in runner.entries if e is not entry]
+    if not runner.entries:
+        runner.close()
+        del _ACTIVE[module]
+
+
+def runners(module: nn.Module) -> ModuleBypass | None:
+    """The bypass runner on ``module``, if any (for inspection and tests)."""
+    return _ACTIVE.get(module)
