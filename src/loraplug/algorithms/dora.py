@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 
 
-def dora_on_output(magnitude: Tensor, out_features: int) -> bool:
-    """True when the magnitude is per output row, False when per input column."""
-    return magnitude.dim() == 1 or (magnitude.shape[0] == out_features and magnitude.shape[1] == 1)
+def dora_on_output(dora_scale: Tensor, out_features: int) -> bool:
+    """For a LyCORIS ``dora_scale``: True when per output row (out, 1, …), False when per input
+    column (1, in, …)."""
+    return dora_scale.dim() == 1 or (dora_scale.shape[0] == out_features and dora_scale.shape[1] == 1)
 
 
 def dora_factor(merged: Tensor, magnitude: Tensor, on_output: bool) -> Tensor:

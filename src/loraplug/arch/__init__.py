@@ -50,6 +50,15 @@ class Target:
         return f"{self.module}[{self.offset}:{self.offset + self.size}]"
 
 
+def split(fused: str, parts: list[str], sizes: list[int]) -> dict[str, Target]:
+    """Consecutive slices of ``fused``'s output, one per part name."""
+    out, offset = {}, 0
+    for part, size in zip(parts, sizes, strict=True):
+        out[part] = Target(fused, offset, size)
+        offset += size
+    return out
+
+
 # An alias provider returns ({alias name: Target}, {real names it shadows}).
 AliasProvider = Callable[[nn.Module, dict[str, LayerOp]], tuple[dict[str, Target], set[str]]]
 PROVIDERS: list[AliasProvider] = []

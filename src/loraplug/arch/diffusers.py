@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..algorithms.op import LayerOp
-from . import Target, provider
+from . import Target, provider, split
 
 FUSIONS = (
     ("to_qkv", ("to_q", "to_k", "to_v")),
@@ -25,11 +25,7 @@ def fused_slices(fused: str, parts: tuple[str, ...], ops: dict[str, LayerOp]) ->
     sizes = [ops[p].out_features if p in ops else total // len(parts) for p in parts]
     if sum(sizes) != total:
         return {}
-    out, offset = {}, 0
-    for part, size in zip(parts, sizes):
-        out[part] = Target(fused, offset, size)
-        offset += size
-    return out
+    return split(fused, list(parts), sizes)
 
 
 @provider

@@ -12,7 +12,7 @@ import re
 from torch import nn
 
 from ..algorithms.op import LayerOp
-from . import Target, provider
+from . import Target, provider, split
 
 DOUBLE = {
     "img_attn.proj": "attn.to_out.0",
@@ -39,14 +39,6 @@ GLOBAL = {
 _BLOCK = re.compile(r"^(?P<root>(?:.*\.)?)(?P<kind>double_blocks|single_blocks)\.(?P<n>\d+)\.(?P<rest>.+)$")
 
 
-def _split(fused: str, parts: list[str], sizes: list[int]) -> dict[str, Target]:
-    out, offset = {}, 0
-    for part, size in zip(parts, sizes):
-        out[part] = Target(fused, offset, size)
-        offset += size
-    return out
-
-
 @provider
 def bfl_flux(model: nn.Module, ops: dict[str, LayerOp]) -> tuple[dict[str, Target], set[str]]:
     aliases: dict[str, Target] = {}
@@ -63,7 +55,7 @@ def bfl_flux(model: nn.Module, ops: dict[str, LayerOp]) -> tuple[dict[str, Targe
                 parts = ["attn.to_q", "attn.to_k", "attn.to_v"] if rest.startswith("img") else [
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
                 third = op.out_features // 3
-                aliases.update(_split(name, [base + p for p in parts], [third] * 3))
+                aliases.update(split(name, [base + p for p in parts], [third] * 3))
             elif rest in DOUBLE:
                 aliases[base + DOUBLE[rest]] = Target(name)
         else:
@@ -73,7 +65,7 @@ def bfl_flux(model: nn.Module, ops: dict[str, LayerOp]) -> tuple[dict[str, Targe
                 mlp = op.out_features - 3 * hidden
                 if mlp > 0:
                     parts = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
-                    aliases.update(_split(name, [base + p for p in parts], [hidden] * 3 + [mlp]))
+                    aliases.update(split(name, [base + p for p in parts], [hidden] * 3 + [mlp]))
             elif rest in SINGLE:
                 aliases[base + SINGLE[rest]] = Target(name)
     for root in roots:

@@ -10,12 +10,13 @@ from ..adapters import Adapter
 from ..algorithms.op import LayerOp
 from .base import Patch
 
-# Tensor names any algorithm may carry next to its own.
+# Tensor names any algorithm may carry next to its own. DoRA: LyCORIS/kohya ``dora_scale`` (axis
+# given by its shape), PEFT ``lora_magnitude_vector`` (always per output row, any shape).
 COMMON_SUFFIXES = {
     "alpha": "alpha",
     "dora_scale": "dora_scale",
-    "lora_magnitude_vector": "dora_scale",
-    "lora_magnitude_vector.weight": "dora_scale",
+    "lora_magnitude_vector": "magnitude",
+    "lora_magnitude_vector.weight": "magnitude",
 }
 
 

@@ -1,4 +1,5 @@
-"""DoRA glue: wraps any additive patch whose adapter carries a magnitude (``dora_scale``)."""
+"""DoRA glue: wraps any additive patch whose adapter carries a magnitude (``dora_scale`` or PEFT's
+``lora_magnitude_vector``)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ class DoraPatch(Patch):
     def __init__(self, adapter: Adapter, op: LayerOp, out_features: int, inner: Patch):
         super().__init__(adapter, op, out_features)
         self.inner = inner
-        magnitude = adapter.tensors["dora_scale"]
-        self.on_output = dora_on_output(magnitude, out_features)
+        if "magnitude" in adapter.tensors:  # PEFT: per output row whatever its shape
+            magnitude, self.on_output = adapter.tensors["magnitude"], True
+        else:
+            magnitude = adapter.tensors["dora_scale"]
+            self.on_output = dora_on_output(magnitude, out_features)
         if self.on_output:
             self.check("dora_scale", magnitude.reshape(-1), (out_features,), "a per-row magnitude")
         else:
@@ -68,6 +72,6 @@ class DoraPatch(Patch):
 
 def with_dora(adapter: Adapter, op: LayerOp, out_features: int, patch: Patch) -> Patch:
     """``patch`` wrapped in DoRA when the adapter carries a magnitude."""
-    if "dora_scale" in adapter.tensors:
+    if "dora_scale" in adapter.tensors or "magnitude" in adapter.tensors:
         return DoraPatch(adapter, op, out_features, patch)
     return patch

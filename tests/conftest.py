@@ -1,0 +1,43 @@
+import copy
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("ci", max_examples=15, deadline=None)
+settings.register_profile("dev", max_examples=60, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def snapshot(model):
+    """Every parameter and buffer, cloned, by state_dict key."""
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def assert_identical(model, snap):
+    sd = model.state_dict(keep_vars=True)
+    assert list(sd) == list(snap), "state_dict keys changed"
+    for k, v in sd.items():
+        assert v.dtype == snap[k].dtype, k
+        assert torch.equal(v.detach(), snap[k]), f"{k} changed"
+
+
+def close(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def randomize_(module, prefix_filter=("lora_",), std=0.1, seed=0):
+    """Fill adapter parameters (name containing one of prefix_filter) with random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if any(f in name for f in prefix_filter):
+                p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if "magnitude" in name else 0.0))
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy
