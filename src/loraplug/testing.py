@@ -1,0 +1,108 @@
+"""Tiny models for examples, the demo and tests (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def tiny_flux(seed: int = 0, layers: int = 2, single_layers: int = 2, heads: int = 2, head_dim: int = 8):
+    """A small diffusers FluxTransformer2DModel with random weights (needs diffusers)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=layers,
+        num_single_layers=single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=16,
+        pooled_projection_dim=12,
+        guidance_embeds=False,
+        axes_dims_rope=(2, 2, 4),
+    )
+    with torch.no_grad():  # diffusers zero-inits some layers; make every layer matter
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def flux_inputs(batch: int = 1, image_tokens: int = 16, text_tokens: int = 6, seed: int = 0) -> dict:
+    """Keyword inputs for ``tiny_flux`` (a 4x4 latent of packed tokens and a short prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    side = int(image_tokens**0.5)
+    img_ids = torch.zeros(side, side, 3)
+    img_ids[..., 1] = torch.arange(side)[:, None]
+    img_ids[..., 2] = torch.arange(side)[None, :]
+    return {
+        "hidden_states": torch.randn(batch, image_tokens, 8, generator=g),
+        "encoder_hidden_states": torch.randn(batch, text_tokens, 16, generator=g),
+        "pooled_projections": torch.randn(batch, 12, generator=g),
+        "timestep": torch.full((batch,), 0.5),
+        "img_ids": img_ids.reshape(-1, 3),
+        "txt_ids": torch.zeros(text_tokens, 3),
+        "return_dict": False,
+    }
+
+
+DOUBLE_FUSED = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+    "img_mod.lin": ("norm1.linear",),
+    "txt_mod.lin": ("norm1_context.linear",),
+}
+SINGLE_FUSED = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation.lin": ("norm.linear",),
+}
+
+
+def _fuse(parts: list[nn.Linear]) -> nn.Linear:
+    weight = torch.cat([p.weight.detach() for p in parts])
+    fused = nn.Linear(parts[0].in_features, weight.shape[0], bias=parts[0].bias is not None)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias.detach() for p in parts]))
+    return fused
+
+
+def bfl_layers(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, ...]]]:
+    """The linear layers of a diffusers Flux transformer re-laid in BFL/ComfyUI naming, fused.
+
+    Returns the container (``double_blocks.N.img_attn.qkv`` …) and, per BFL name, the diffusers
+    modules whose outputs it concatenates. Only the projections, not a runnable model.
+    """
+    root = nn.Module()
+    sources: dict[str, tuple[str, ...]] = {}
+    modules = dict(model.named_modules())
+    for kind, blocks, table in (
+        ("double_blocks", "transformer_blocks", DOUBLE_FUSED),
+        ("single_blocks", "single_transformer_blocks", SINGLE_FUSED),
+    ):
+        for n in range(len(getattr(model, blocks))):
+            for bfl, parts in table.items():
+                names = tuple(f"{blocks}.{n}.{p}" for p in parts)
+                path = f"{kind}.{n}.{bfl}"
+                _set(root, path, _fuse([modules[x] for x in names]))
+                sources[path] = names
+    return root, sources
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    node = root
+    for p in parents:
+        if not hasattr(node, p):
+            node.add_module(p, nn.Module())
+        node = getattr(node, p)
+    node.add_module(leaf, module)

@@ -1,0 +1,224 @@
+"""Bypass and merge runtimes: fused slices, stacking, strength, enable/disable, exact removal."""
+
+import copy
+import gc
+import tracemalloc
+
+import pytest
+import torch
+from conftest import assert_identical, close, snapshot
+from hypothesis import given
+from hypothesis import strategies as st
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import loraplug as lp
+from loraplug.runtime import bypass
+
+
+class Attn(nn.Module):
+    """diffusers-style attention after fuse_qkv_projections(): split q/k/v kept, fused to_qkv used."""
+
+    def __init__(self, dim=8, kv_dim=6):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, kv_dim), nn.Linear(dim, kv_dim)
+        self.to_qkv = nn.Linear(dim, dim + 2 * kv_dim)
+        with torch.no_grad():
+            self.to_qkv.weight.copy_(torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))
+            self.to_qkv.bias.copy_(torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias]))
+        self.fused_projections = True
+
+    def split(self, x):
+        return torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], -1)
+
+
+def _lora_sd(names, dims, in_dim=8, rank=3, seed=0, prefix="transformer.blocks.0.attn."):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, out in zip(names, dims, strict=True):
+        sd[f"{prefix}{name}.lora_A.weight"] = torch.randn(rank, in_dim, generator=g)
+        sd[f"{prefix}{name}.lora_B.weight"] = torch.randn(out, rank, generator=g)
+    return sd
+
+
+def test_three_loras_on_a_fused_qkv_linear_equal_peft_on_split():
+    """The fused-projection case: [Wq; Wk; Wv] in one Linear, one LoRA per slice, vs PEFT on split."""
+    torch.manual_seed(0)
+    attn = Attn()
+    sd = _lora_sd(["to_q", "to_k", "to_v"], [8, 6, 6], prefix="base_model.model.")
+    peft = get_peft_model(copy.deepcopy(attn), LoraConfig(r=3, lora_alpha=3, target_modules=["to_q", "to_k", "to_v"]))
+    missing = peft.load_state_dict({k.replace(".weight", ".default.weight"): v for k, v in sd.items()}, strict=False)
+    assert not [k for k in missing.missing_keys if "lora" in k]
+    x = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        want = peft.base_model.model.split(x)
+        plain = attn.to_qkv(x)
+    snap = snapshot(attn)
+    for mode in ("bypass", "merge"):
+        handle = lp.apply(attn, sd, mode=mode)
+        assert {str(t[0]) for t in handle.report.matched.values()} == {"to_qkv[0:8]", "to_qkv[8:14]", "to_qkv[14:20]"}
+        with torch.no_grad():
+            got = attn.to_qkv(x)
+        close(got, want)
+        for lo, hi in ((0, 8), (8, 14), (14, 20)):  # every slice moved
+            assert not torch.allclose(got[..., lo:hi], plain[..., lo:hi], atol=1e-3)
+        handle.remove()
+        assert_identical(attn, snap)
+
+
+def test_stacked_handles_strength_enable_disable():
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(8, 20))
+    a = {"0.lora_A.weight": torch.randn(2, 8), "0.lora_B.weight": torch.randn(20, 2)}
+    b = {"0.lora_down.weight": torch.randn(3, 8), "0.lora_up.weight": torch.randn(20, 3), "0.alpha": torch.tensor(1.5)}
+    x = torch.randn(3, 8)
+    w0 = layer[0].weight.detach().clone()
+    delta_a = a["0.lora_B.weight"] @ a["0.lora_A.weight"]
+    delta_b = b["0.lora_up.weight"] @ b["0.lora_down.weight"] * 0.5
+
+    def expect(sa, sb):
+        return x @ (w0 + sa * delta_a + sb * delta_b).T + layer[0].bias.detach()
+
+    ha = lp.apply(layer, a, strength=0.5)
+    hb = lp.apply(layer, b, strength=2.0)
+    assert len(bypass.runners(layer[0]).entries) == 2  # one hook, both adapters
+    close(layer(x), expect(0.5, 2.0), rtol=1e-5, atol=1e-5)
+    ha.set_strength(1.7)
+    close(layer(x), expect(1.7, 2.0), rtol=1e-5, atol=1e-5)
+    hb.disable()
+    close(layer(x), expect(1.7, 0.0), rtol=1e-5, atol=1e-5)
+    hb.enable()
+    close(layer(x), expect(1.7, 2.0), rtol=1e-5, atol=1e-5)
+    hm = lp.merge(layer, [a, b], strength=[1.0, -1.0])
+    close(layer(x), expect(2.7, 1.0), rtol=1e-5, atol=1e-5)
+    hm.set_strength([0.0, 0.0])
+    assert torch.equal(layer[0].weight, w0)
+    ha.remove()
+    hb.remove()
+    hm.remove()
+    assert bypass.runners(layer[0]) is None
+    assert not layer[0]._forward_hooks
+    assert torch.equal(layer[0].weight, w0)
+    with pytest.raises(lp.HandleError):
+        ha.set_strength(1.0)
+
+
+def test_merge_handles_removed_out_of_order_restore_exact_bytes():
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(8, 6).to(torch.bfloat16))
+    snap = snapshot(layer)
+    sds = [{"0.lora_A.weight": torch.randn(2, 8), "0.lora_B.weight": torch.randn(6, 2)} for _ in range(3)]
+    handles = [lp.merge(layer, sd, strength=0.3 * (i + 1)) for i, sd in enumerate(sds)]
+    handles[1].remove()
+    handles[0].remove()
+    handles[2].remove()
+    assert_identical(layer, snap)
+
+
+def test_conv_geometry_bypass_equals_merge():
+    torch.manual_seed(0)
+    for conv in (nn.Conv1d(3, 5, 3, stride=2, padding=1, dilation=2),
+                 nn.Conv2d(3, 4, (3, 1), stride=1, padding="same", padding_mode="reflect"),
+                 nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="circular"),
+                 nn.Conv3d(2, 3, 2, stride=1, padding=1),
+                 nn.Conv2d(4, 6, 3, padding=1, groups=2)):
+        model = nn.Sequential(conv)
+        k = conv.kernel_size
+        sd = {"0.lora_down.weight": torch.randn(2, conv.in_channels // conv.groups, *k),
+              "0.lora_up.weight": torch.randn(conv.out_channels, 2, *([1] * len(k)))}
+        x = torch.randn(2, conv.in_channels, *([7] * len(k)))
+        plain = model(x)
+        with lp.apply(model, sd, strength=0.8):
+            by = model(x)
+        with lp.merge(model, sd, strength=0.8):
+            me = model(x)
+        close(by, me, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(by, plain, atol=1e-3)
+
+
+def test_apply_remove_200_times_does_not_grow_memory():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    sd = {f"{i}.lora_{ab}.weight": torch.randn(4, 32) if ab == "A" else torch.randn(32, 4)
+          for i in range(2) for ab in "AB"}
+    adapters = lp.load(sd)
+    snap = snapshot(model)
+    x = torch.randn(2, 32)
+
+    def cycle():
+        for mode in ("bypass", "merge"):
+            h = lp.apply(model, adapters, mode=mode)
+            model(x)
+            h.remove()
+
+    for _ in range(5):
+        cycle()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(200):
+        cycle()
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert after - before < 64 * 1024, f"grew by {after - before} bytes"
+    assert_identical(model, snap)
+    assert all(not m._forward_hooks for m in model)
+
+
+@given(
+    in_dim=st.integers(1, 12),
+    sizes=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    ranks=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    strength=st.sampled_from([0.0, 0.5, 1.0, 1.7, -0.3]),
+)
+def test_property_slices_bypass_equals_merge_and_reference(in_dim, sizes, ranks, dtype, strength):
+    """Any fused layout: each adapter adds exactly into its slice, in any float dtype."""
+    g = torch.Generator().manual_seed(sum(sizes) * 7 + in_dim)
+    parts = [f"p{i}" for i in range(len(sizes))]
+    rank = [ranks.draw(st.integers(1, 5)) for _ in sizes]
+
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fused = nn.Linear(in_dim, sum(sizes)).to(dtype)
+
+    model = Fused()
+    from loraplug.arch import ModelIndex, split
+
+    index = ModelIndex(model)
+    index.entries.update(split("fused", parts, sizes))
+    sd = {}
+    for p, n, r in zip(parts, sizes, rank, strict=True):
+        sd[f"{p}.lora_A.weight"] = torch.randn(r, in_dim, generator=g).to(dtype)
+        sd[f"{p}.lora_B.weight"] = torch.randn(n, r, generator=g).to(dtype)
+        sd[f"{p}.alpha"] = torch.tensor(float(r) / 2)
+    adapters = lp.load(sd)
+    plan = index.resolve(adapters)
+    assert not plan.unmatched
+    x = torch.randn(3, in_dim, generator=g).to(dtype)
+    w = model.fused.weight.detach().float()
+    ref_w = w.clone()
+    offset = 0
+    for p, n in zip(parts, sizes, strict=True):
+        ref_w[offset:offset + n] += strength * 0.5 * sd[f"{p}.lora_B.weight"].float() @ sd[f"{p}.lora_A.weight"].float()
+        offset += n
+    want = (x.float() @ ref_w.T + model.fused.bias.detach().float())
+
+    from loraplug import api
+
+    snap = snapshot(model)
+    bindings = [(0, plan.matched[p][0], lp.specs.get("lora").build(adapters.adapters[p], index.ops["fused"], n))
+                for p, n in zip(parts, sizes, strict=True)]
+    tol = {torch.float32: 1e-4, torch.bfloat16: 8e-2, torch.float16: 1e-2}[dtype]
+    scale = want.abs().max().item() + 1
+    for mode in ("bypass", "merge"):
+        handle = api.Handle(mode, [adapters], [strength], lp.Report())
+        api._install(handle, index, bindings)
+        with torch.no_grad():
+            got = model.fused(x)
+        assert got.dtype == dtype
+        assert (got.float() - want).abs().max().item() <= tol * scale
+        handle.remove()
+        assert_identical(model, snap)
