@@ -18,8 +18,10 @@ def _model():
 
 def _good():
     return {
-        "0.lora_A.weight": torch.randn(2, 8), "0.lora_B.weight": torch.randn(6, 2),
-        "1.lora_A.weight": torch.randn(2, 6), "1.lora_B.weight": torch.randn(4, 2),
+        "0.lora_A.weight": torch.randn(2, 8),
+        "0.lora_B.weight": torch.randn(6, 2),
+        "1.lora_A.weight": torch.randn(2, 6),
+        "1.lora_B.weight": torch.randn(4, 2),
     }
 
 
@@ -36,11 +38,28 @@ def _untouched(model, snap):
         (lambda sd: sd.update({"1.lora_A.weight": torch.randn(2, 7)}), lp.ShapeMismatchError, "down"),
         (lambda sd: sd.pop("1.lora_A.weight"), lp.AdapterTensorError, "1.lora_B.weight"),
         (lambda sd: sd["1.lora_B.weight"].__setitem__((0, 0), float("nan")), lp.AdapterTensorError, "NaN"),
-        (lambda sd: sd["1.lora_A.weight"].__setitem__((0, 0), float("inf")), lp.AdapterTensorError, "1.lora_A"),
-        (lambda sd: sd.update({"1.lora_B.weight": torch.ones(4, 2, dtype=torch.int8)}), lp.AdapterTensorError, "int8"),
-        (lambda sd: sd.update({"2.lora_A.weight": torch.randn(2, 4), "2.lora_B.weight": torch.randn(4, 2)}),
-         lp.UnmatchedKeysError, "'2'"),
-        (lambda sd: sd.update({"1.hypernet.weight": torch.randn(3)}), lp.UnmatchedKeysError, "1.hypernet.weight"),
+        (
+            lambda sd: sd["1.lora_A.weight"].__setitem__((0, 0), float("inf")),
+            lp.AdapterTensorError,
+            "1.lora_A",
+        ),
+        (
+            lambda sd: sd.update({"1.lora_B.weight": torch.ones(4, 2, dtype=torch.int8)}),
+            lp.AdapterTensorError,
+            "int8",
+        ),
+        (
+            lambda sd: sd.update(
+                {"2.lora_A.weight": torch.randn(2, 4), "2.lora_B.weight": torch.randn(4, 2)}
+            ),
+            lp.UnmatchedKeysError,
+            "'2'",
+        ),
+        (
+            lambda sd: sd.update({"1.hypernet.weight": torch.randn(3)}),
+            lp.UnmatchedKeysError,
+            "1.hypernet.weight",
+        ),
     ],
     ids=["up-rows", "down-cols", "missing-down", "nan", "inf", "int8", "unknown-module", "unknown-tensor"],
 )
@@ -138,7 +157,10 @@ def test_bad_strength_and_mode():
 
 
 def test_two_peft_adapter_names_in_one_state_dict():
-    sd = {"lin.lora_A.default.weight": torch.randn(2, 4), "lin.lora_A.other.weight": torch.randn(2, 4),
-          "lin.lora_B.default.weight": torch.randn(4, 2)}
+    sd = {
+        "lin.lora_A.default.weight": torch.randn(2, 4),
+        "lin.lora_A.other.weight": torch.randn(2, 4),
+        "lin.lora_B.default.weight": torch.randn(4, 2),
+    }
     with pytest.raises(lp.FormatError, match="two adapters"):
         lp.load(sd)

@@ -13,21 +13,39 @@ from peft.utils import get_peft_model_state_dict
 import loraplug as lp
 from loraplug.testing import bfl_layers, flux_inputs, tiny_flux
 
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-           "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
-           "norm1.linear", "norm1_context.linear", "norm.linear"]
+TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+    "norm1.linear",
+    "norm1_context.linear",
+    "norm.linear",
+]
 
 
 def _diffusers_lora(tmp_path, base, use_dora=False, seed=0, rank=4, alpha=8):
     """Train-free stand-in for a trained LoRA: PEFT adapter with random weights, saved by diffusers."""
     model = copy.deepcopy(base)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False,
-                        use_dora=use_dora)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights=False, use_dora=use_dora
+    )
     model.add_adapter(config)
     randomize_(model, ("lora_A", "lora_B", "lora_magnitude"), std=0.3, seed=seed)
     FluxPipeline.save_lora_weights(
-        tmp_path, transformer_lora_layers=get_peft_model_state_dict(model),
-        transformer_lora_adapter_metadata=config.to_dict(), weight_name=f"lora{seed}.safetensors",
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(model),
+        transformer_lora_adapter_metadata=config.to_dict(),
+        weight_name=f"lora{seed}.safetensors",
     )
     return model, tmp_path / f"lora{seed}.safetensors"
 
@@ -58,8 +76,12 @@ def test_diffusers_lora_on_split_and_fused_flux(tmp_path, flux, use_dora):
             report = handle.report
             assert report.ok and len(report.matched) == n_keys
             if fused:
-                assert all(t.module.endswith(("to_qkv", "to_added_qkv"))
-                           for k, ts in report.matched.items() if k.endswith(("to_q", "add_k_proj")) for t in ts)
+                assert all(
+                    t.module.endswith(("to_qkv", "to_added_qkv"))
+                    for k, ts in report.matched.items()
+                    if k.endswith(("to_q", "add_k_proj"))
+                    for t in ts
+                )
                 assert len(report.fused) == 6 * 2 + 3 * 2
             with torch.no_grad():
                 got = model(**inputs)[0]

@@ -30,7 +30,11 @@ class Net(nn.Module):
 
 def _inputs():
     g = torch.Generator().manual_seed(3)
-    return torch.randn(2, 10, generator=g), torch.randn(2, 3, 6, 6, generator=g), torch.randn(2, 3, 11, generator=g)
+    return (
+        torch.randn(2, 10, generator=g),
+        torch.randn(2, 3, 6, 6, generator=g),
+        torch.randn(2, 3, 11, generator=g),
+    )
 
 
 def _lycoris_file(tmp_path, base, multiplier=1.0, **kwargs):
@@ -111,10 +115,17 @@ def test_functions_match_lycoris_functional(rank, out_dim, in_dim, kernel, tucke
     else:
         down, mid = torch.randn(rank, in_dim, *kernel, generator=g), None
     up = torch.randn(out_dim, rank, *([1] * len(kernel)), generator=g)
-    close(lora_delta_weight(down, up, mid, gamma), locon.diff_weight(down, up, mid, gamma=gamma, backend="torch"),
-          rtol=1e-5, atol=1e-5)
-    layer = nn.Linear(in_dim, out_dim) if not kernel else getattr(nn, f"Conv{len(kernel)}d")(
-        in_dim, out_dim, kernel, padding=1)
+    close(
+        lora_delta_weight(down, up, mid, gamma),
+        locon.diff_weight(down, up, mid, gamma=gamma, backend="torch"),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    layer = (
+        nn.Linear(in_dim, out_dim)
+        if not kernel
+        else getattr(nn, f"Conv{len(kernel)}d")(in_dim, out_dim, kernel, padding=1)
+    )
     op = layer_op(layer)
     x = torch.randn(2, in_dim, *([5] * len(kernel)), generator=g)
     extra = {} if not kernel else {"padding": 1}

@@ -31,8 +31,14 @@ def _inputs():
 def test_lora_equals_peft(tmp_path, use_rslora, use_dora):
     torch.manual_seed(0)
     base = Net()
-    config = LoraConfig(r=4, lora_alpha=6, target_modules=["lin", "conv"], use_rslora=use_rslora,
-                        use_dora=use_dora, init_lora_weights=False)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=6,
+        target_modules=["lin", "conv"],
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        init_lora_weights=False,
+    )
     peft_model = get_peft_model(copy.deepcopy(base), config)
     randomize_(peft_model, ("lora_A", "lora_B", "lora_magnitude"), std=0.2)
     peft_model.save_pretrained(tmp_path)

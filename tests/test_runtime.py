@@ -13,6 +13,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import loraplug as lp
+from loraplug import specs
 from loraplug.runtime import bypass
 
 
@@ -46,8 +47,12 @@ def test_three_loras_on_a_fused_qkv_linear_equal_peft_on_split():
     torch.manual_seed(0)
     attn = Attn()
     sd = _lora_sd(["to_q", "to_k", "to_v"], [8, 6, 6], prefix="base_model.model.")
-    peft = get_peft_model(copy.deepcopy(attn), LoraConfig(r=3, lora_alpha=3, target_modules=["to_q", "to_k", "to_v"]))
-    missing = peft.load_state_dict({k.replace(".weight", ".default.weight"): v for k, v in sd.items()}, strict=False)
+    peft = get_peft_model(
+        copy.deepcopy(attn), LoraConfig(r=3, lora_alpha=3, target_modules=["to_q", "to_k", "to_v"])
+    )
+    missing = peft.load_state_dict(
+        {k.replace(".weight", ".default.weight"): v for k, v in sd.items()}, strict=False
+    )
     assert not [k for k in missing.missing_keys if "lora" in k]
     x = torch.randn(4, 5, 8)
     with torch.no_grad():
@@ -56,7 +61,11 @@ def test_three_loras_on_a_fused_qkv_linear_equal_peft_on_split():
     snap = snapshot(attn)
     for mode in ("bypass", "merge"):
         handle = lp.apply(attn, sd, mode=mode)
-        assert {str(t[0]) for t in handle.report.matched.values()} == {"to_qkv[0:8]", "to_qkv[8:14]", "to_qkv[14:20]"}
+        assert {str(t[0]) for t in handle.report.matched.values()} == {
+            "to_qkv[0:8]",
+            "to_qkv[8:14]",
+            "to_qkv[14:20]",
+        }
         with torch.no_grad():
             got = attn.to_qkv(x)
         close(got, want)
@@ -70,7 +79,11 @@ def test_stacked_handles_strength_enable_disable():
     torch.manual_seed(0)
     layer = nn.Sequential(nn.Linear(8, 20))
     a = {"0.lora_A.weight": torch.randn(2, 8), "0.lora_B.weight": torch.randn(20, 2)}
-    b = {"0.lora_down.weight": torch.randn(3, 8), "0.lora_up.weight": torch.randn(20, 3), "0.alpha": torch.tensor(1.5)}
+    b = {
+        "0.lora_down.weight": torch.randn(3, 8),
+        "0.lora_up.weight": torch.randn(20, 3),
+        "0.alpha": torch.tensor(1.5),
+    }
     x = torch.randn(3, 8)
     w0 = layer[0].weight.detach().clone()
     delta_a = a["0.lora_B.weight"] @ a["0.lora_A.weight"]
@@ -117,15 +130,19 @@ def test_merge_handles_removed_out_of_order_restore_exact_bytes():
 
 def test_conv_geometry_bypass_equals_merge():
     torch.manual_seed(0)
-    for conv in (nn.Conv1d(3, 5, 3, stride=2, padding=1, dilation=2),
-                 nn.Conv2d(3, 4, (3, 1), stride=1, padding="same", padding_mode="reflect"),
-                 nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="circular"),
-                 nn.Conv3d(2, 3, 2, stride=1, padding=1),
-                 nn.Conv2d(4, 6, 3, padding=1, groups=2)):
+    for conv in (
+        nn.Conv1d(3, 5, 3, stride=2, padding=1, dilation=2),
+        nn.Conv2d(3, 4, (3, 1), stride=1, padding="same", padding_mode="reflect"),
+        nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="circular"),
+        nn.Conv3d(2, 3, 2, stride=1, padding=1),
+        nn.Conv2d(4, 6, 3, padding=1, groups=2),
+    ):
         model = nn.Sequential(conv)
         k = conv.kernel_size
-        sd = {"0.lora_down.weight": torch.randn(2, conv.in_channels // conv.groups, *k),
-              "0.lora_up.weight": torch.randn(conv.out_channels, 2, *([1] * len(k)))}
+        sd = {
+            "0.lora_down.weight": torch.randn(2, conv.in_channels // conv.groups, *k),
+            "0.lora_up.weight": torch.randn(conv.out_channels, 2, *([1] * len(k))),
+        }
         x = torch.randn(2, conv.in_channels, *([7] * len(k)))
         plain = model(x)
         with lp.apply(model, sd, strength=0.8):
@@ -139,8 +156,11 @@ def test_conv_geometry_bypass_equals_merge():
 def test_apply_remove_200_times_does_not_grow_memory():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
-    sd = {f"{i}.lora_{ab}.weight": torch.randn(4, 32) if ab == "A" else torch.randn(32, 4)
-          for i in range(2) for ab in "AB"}
+    sd = {
+        f"{i}.lora_{ab}.weight": torch.randn(4, 32) if ab == "A" else torch.randn(32, 4)
+        for i in range(2)
+        for ab in "AB"
+    }
     adapters = lp.load(sd)
     snap = snapshot(model)
     x = torch.randn(2, 32)
@@ -202,15 +222,19 @@ def test_property_slices_bypass_equals_merge_and_reference(in_dim, sizes, ranks,
     ref_w = w.clone()
     offset = 0
     for p, n in zip(parts, sizes, strict=True):
-        ref_w[offset:offset + n] += strength * 0.5 * sd[f"{p}.lora_B.weight"].float() @ sd[f"{p}.lora_A.weight"].float()
+        ref_w[offset : offset + n] += (
+            strength * 0.5 * sd[f"{p}.lora_B.weight"].float() @ sd[f"{p}.lora_A.weight"].float()
+        )
         offset += n
-    want = (x.float() @ ref_w.T + model.fused.bias.detach().float())
+    want = x.float() @ ref_w.T + model.fused.bias.detach().float()
 
     from loraplug import api
 
     snap = snapshot(model)
-    bindings = [(0, plan.matched[p][0], lp.specs.get("lora").build(adapters.adapters[p], index.ops["fused"], n))
-                for p, n in zip(parts, sizes, strict=True)]
+    bindings = [
+        (0, plan.matched[p][0], specs.get("lora").build(adapters.adapters[p], index.ops["fused"], n))
+        for p, n in zip(parts, sizes, strict=True)
+    ]
     tol = {torch.float32: 1e-4, torch.bfloat16: 8e-2, torch.float16: 1e-2}[dtype]
     scale = want.abs().max().item() + 1
     for mode in ("bypass", "merge"):

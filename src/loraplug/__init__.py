@@ -13,7 +13,6 @@ from .errors import (
     UnmatchedKeysError,
     UnsupportedModuleError,
 )
-from . import specs
 from .report import Report
 
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ def tiny_flux(seed: int = 0, layers: int = 2, single_layers: int = 2, heads: int
         joint_attention_dim=16,
         pooled_projection_dim=12,
         guidance_embeds=False,
-        axes_dims_rope=(2, 2, 4),
+        axes_dims_rope=(head_dim // 4, head_dim // 4, head_dim // 2),
     )
     with torch.no_grad():  # diffusers zero-inits some layers; make every layer matter
         for p in model.parameters():

@@ -135,7 +135,7 @@ def _variants(key: str) -> list[str]:
     out = [key]
     for prefix in FILE_PREFIXES:
         if key.startswith(prefix):
-            out.append(key[len(prefix):])
+            out.append(key[len(prefix) :])
     return out
 
 

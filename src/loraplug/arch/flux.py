@@ -52,8 +52,11 @@ def bfl_flux(model: nn.Module, ops: dict[str, LayerOp]) -> tuple[dict[str, Targe
         if kind == "double_blocks":
             base = f"{root}transformer_blocks.{n}."
             if rest in ("img_attn.qkv", "txt_attn.qkv"):
-                parts = ["attn.to_q", "attn.to_k", "attn.to_v"] if rest.startswith("img") else [
-                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
+                parts = (
+                    ["attn.to_q", "attn.to_k", "attn.to_v"]
+                    if rest.startswith("img")
+                    else ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
+                )
                 third = op.out_features // 3
                 aliases.update(split(name, [base + p for p in parts], [third] * 3))
             elif rest in DOUBLE:

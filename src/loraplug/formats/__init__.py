@@ -118,7 +118,9 @@ def _validate(key: str, tensor: Tensor) -> None:
             f"{key}: dtype {tensor.dtype} is not a compute dtype for adapters; convert it to bf16 or fp32."
         )
     if not torch.isfinite(tensor).all():
-        raise AdapterTensorError(f"{key}: contains NaN or Inf values; the adapter is damaged (or overflowed in training).")
+        raise AdapterTensorError(
+            f"{key}: contains NaN or Inf values; the adapter is damaged (or overflowed in training)."
+        )
 
 
 def _configs(metadata: dict[str, str], config: dict | None) -> dict[str, dict]:

@@ -87,4 +87,3 @@ def detach(module: nn.Module, entry: MergeEntry) -> None:
 
 def state_of(module: nn.Module) -> ModuleMerge | None:
     return _ACTIVE.get(module)
-

@@ -32,8 +32,9 @@ class DoraPatch(Patch):
         if self.on_output:
             self.check("dora_scale", magnitude.reshape(-1), (out_features,), "a per-row magnitude")
         else:
-            self.check("dora_scale", magnitude.reshape(-1), (op.in_features // op.groups,),
-                       "a per-column magnitude")
+            self.check(
+                "dora_scale", magnitude.reshape(-1), (op.in_features // op.groups,), "a per-column magnitude"
+            )
         self.magnitude = as_float32(magnitude.reshape(-1))
         self._factor_key: tuple | None = None
         self._factor: Tensor | None = None
@@ -61,7 +62,9 @@ class DoraPatch(Patch):
         one = torch.ones((), dtype=x.dtype)
         cdim = self.op.channel_dim
         bias = base.bias()
-        plain = base.output if bias is None else base.output - channel_view(bias.to(x.dtype), base.output, cdim)
+        plain = (
+            base.output if bias is None else base.output - channel_view(bias.to(x.dtype), base.output, cdim)
+        )
         if self.on_output:
             h = self.inner.bypass(x, base, one)
             return dora_output_bypass(factor, plain, h, cdim) * strength.to(x.dtype)

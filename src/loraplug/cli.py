@@ -1,0 +1,117 @@
+"""The ``loraplug`` command."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import api, specs
+from .errors import LoraplugError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="LoRA-family adapters on any PyTorch model."
+)
+console = Console()
+_state = {"debug": False}
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+def _fail(err: Exception) -> None:
+    if _state["debug"]:
+        raise err
+    Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def demo() -> None:
+    """Two diffusers-format LoRAs on a tiny fused Flux transformer, bypass vs merged, offline."""
+    from .demo import run
+
+    try:
+        result = run(console)
+    except (LoraplugError, ImportError) as err:
+        _fail(err)
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+def _summary(path: Path) -> dict:
+    ad = api.load(path)
+    blocks: dict[str, int] = defaultdict(int)
+    ranks: dict[str, int] = defaultdict(int)
+    alphas: dict[str, int] = defaultdict(int)
+    dtypes: set[str] = set()
+    for key, adapter in ad.adapters.items():
+        blocks[_block_of(key)] += 1
+        ranks[str(specs.get(adapter.algorithm).rank(adapter))] += 1
+        alphas[str(adapter.alpha)] += 1
+        dtypes |= {str(t.dtype).replace("torch.", "") for t in adapter.tensors.values()}
+    meta = {k: v for k, v in ad.metadata.items() if len(v) < 200}
+    return {
+        "file": str(path),
+        "format": ad.format,
+        "algorithms": ad.algorithms,
+        "modules": len(ad),
+        "parameters": ad.parameters,
+        "bytes": path.stat().st_size if path.is_file() else None,
+        "ranks": dict(ranks),
+        "alphas": dict(alphas),
+        "dtypes": sorted(dtypes),
+        "blocks": dict(blocks),
+        "unknown_keys": ad.unknown_keys,
+        "metadata": meta,
+    }
+
+
+def _block_of(key: str) -> str:
+    parts = key.replace("_", ".").split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0] if len(parts) == 1 else ".".join(parts[:2])
+
+
+@app.command()
+def inspect(
+    files: Annotated[list[Path], typer.Argument(help="Adapter files or PEFT directories.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Format, algorithms, ranks/alphas, dtypes, size, blocks and metadata of adapter files."""
+    try:
+        summaries = [_summary(f) for f in files]
+    except LoraplugError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(summaries, indent=2))
+        return
+    for s in summaries:
+        table = Table(title=s["file"], show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value", overflow="fold")
+        for field in ("format", "algorithms", "modules", "parameters", "bytes", "ranks", "alphas", "dtypes"):
+            table.add_row(field, str(s[field]))
+        table.add_row(
+            "blocks",
+            ", ".join(f"{b}×{n}" for b, n in list(s["blocks"].items())[:12])
+            + (" …" if len(s["blocks"]) > 12 else ""),
+        )
+        for k, v in s["metadata"].items():
+            table.add_row(f"meta:{k}", v)
+        if s["unknown_keys"]:
+            table.add_row("[red]unknown keys[/red]", ", ".join(s["unknown_keys"][:8]))
+        console.print(table)
+
+
+if __name__ == "__main__":
+    app()
