@@ -162,8 +162,11 @@ def apply(
             "handle.report.unmatched."
         )
     if mode == "merge":
-        for name in {t.module for _, t, _ in bindings}:
-            merge_rt.check_mergeable(index.modules[name], name)
+        by_module: dict[str, list[Patch]] = {}
+        for _, target, patch in bindings:
+            by_module.setdefault(target.module, []).append(patch)
+        for name, patches in by_module.items():
+            merge_rt.check_mergeable(index.modules[name], name, patches)
     handle = Handle(mode, sets, strengths, report)
     try:
         _install(handle, index, bindings)

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from ..algorithms.op import LayerOp
 from ..arch import Target
-from ..specs.base import BaseView, Patch
-from .quant import float_bias, float_weight
+from ..specs.base import BaseView, Patch, channel_view
+from .quant import float_bias, float_weight, is_float_weight
 
 
 @dataclass(eq=False)
@@ -49,14 +49,24 @@ class ModuleBypass:
 
     def _view(self, entry: Entry, out: Tensor | None = None) -> BaseView:
         t = entry.target
+        module = self.module_ref()
 
         def narrow(v: Tensor | None, dim: int) -> Tensor | None:
             return v if v is None or t.size is None else v.narrow(dim, t.offset, t.size)
 
-        module = self.module_ref()
+        def run(u: Tensor) -> Tensor:
+            if is_float_weight(module):
+                return self.op.run(u, narrow(module.weight, 0).to(u.dtype))
+            y = module.forward(u)  # the class's forward: no hooks, any weight type
+            bias = float_bias(module)
+            if bias is not None:
+                y = y - channel_view(bias.to(y.dtype), y, self.op.channel_dim)
+            return narrow(y, self.op.channel_dim)
+
         return BaseView(
             weight=lambda: narrow(self._float_weight(), 0),
             bias=lambda: narrow(float_bias(module), 0),
+            run=run,
             output=out,
         )
 
@@ -71,13 +81,13 @@ class ModuleBypass:
         y = output
         # Adapters that read the base output (DoRA, OFT) see it before anything is added.
         reading = [
-            (e, e.patch.bypass(x, self._view(e, self._slice(e, y)), e.strength))
+            (e, e.patch.output_delta(x, self._view(e, self._slice(e, y)), e.strength))
             for e in self.entries
-            if e.patch.needs_weight
+            if e.patch.reads_base
         ]
         for e in self.entries:
-            if not e.patch.needs_weight:
-                self._slice(e, y).add_(e.patch.bypass(x, self._view(e), e.strength).to(y.dtype))
+            if not e.patch.reads_base:
+                self._slice(e, y).add_(e.patch.output_delta(x, self._view(e), e.strength).to(y.dtype))
         for e, delta in reading:
             self._slice(e, y).add_(delta.to(y.dtype))
         return y

@@ -10,7 +10,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..arch import Target
 from ..errors import UnsupportedModuleError
@@ -32,32 +32,49 @@ class ModuleMerge:
         self.module_ref = weakref.ref(module)
         self.name = name
         self.original = module.weight.detach().clone()
+        bias = getattr(module, "bias", None)
+        self.original_bias = None if bias is None else bias.detach().clone()
         self.entries: list[MergeEntry] = []
 
     def refresh(self) -> None:
-        """Rewrite the weight from the original bytes and the current entries."""
-        weight = self.module_ref().weight
+        """Rewrite weight (and bias) from the original bytes and the current entries."""
+        module = self.module_ref()
         active = [e for e in self.entries if e.strength != 0]
         with torch.no_grad():
             if not active:
-                weight.copy_(self.original)
+                module.weight.copy_(self.original)
+                if self.original_bias is not None:
+                    module.bias.copy_(self.original_bias)
                 return
             base = self.original.float()
             merged = base.clone()
+            bias = None if self.original_bias is None else self.original_bias.float().clone()
             for e in active:
-                t = e.target
-                part = merged if t.size is None else merged.narrow(0, t.offset, t.size)
-                part_base = base if t.size is None else base.narrow(0, t.offset, t.size)
-                delta = e.patch.delta_weight(part_base).to(part.device)
-                part.add_(delta.reshape(part.shape), alpha=e.strength)
-            weight.copy_(merged.to(weight.dtype))
+                part = _narrow(merged, e.target)
+                delta = e.patch.delta_weight(_narrow(base, e.target), e.strength)
+                part.add_(delta.to(part.device).reshape(part.shape))
+                bias_delta = e.patch.bias_delta(e.strength)
+                if bias_delta is not None:
+                    _narrow(bias, e.target).add_(bias_delta.to(bias.device))
+            module.weight.copy_(merged.to(module.weight.dtype))
+            if bias is not None:
+                module.bias.copy_(bias.to(module.bias.dtype))
 
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, ModuleMerge] = weakref.WeakKeyDictionary()
 
 
-def check_mergeable(module: nn.Module, name: str) -> None:
-    """Raise before anything is touched when the weight cannot be merged into."""
+def _narrow(t: Tensor, target: Target) -> Tensor:
+    return t if target.size is None else t.narrow(0, target.offset, target.size)
+
+
+def check_mergeable(module: nn.Module, name: str, patches: list[Patch]) -> None:
+    """Raise before anything is touched when the weight (or bias) cannot be merged into."""
+    if any(p.diff_b is not None for p in patches) and getattr(module, "bias", None) is None:
+        raise UnsupportedModuleError(
+            f"{name}: the adapter carries a bias diff (diff_b) but the layer has no bias to merge it "
+            "into. Use mode='bypass', which adds it to the output."
+        )
     if not is_float_weight(module):
         w = module.weight
         raise UnsupportedModuleError(

@@ -19,7 +19,7 @@ class DoraPatch(Patch):
     m / ‖W + ΔW‖ is computed once per base weight and reused while W is unchanged.
     """
 
-    needs_weight = True
+    reads_base = True
 
     def __init__(self, adapter: Adapter, op: LayerOp, out_features: int, inner: Patch):
         super().__init__(adapter, op, out_features)
@@ -42,14 +42,15 @@ class DoraPatch(Patch):
     def tensors(self) -> dict[str, Tensor]:
         return {**self.inner.tensors(), "dora_scale": self.magnitude}
 
-    def delta_weight(self, weight: Tensor | None) -> Tensor:
-        return dora_delta_weight(weight, self.inner.delta_weight(None), self.magnitude, self.on_output)
+    def delta_weight(self, weight: Tensor | None, strength: float) -> Tensor:
+        unit = self.inner.delta_weight(weight, 1.0)
+        return dora_delta_weight(weight, unit, self.magnitude, self.on_output) * strength
 
     def factor(self, weight: Tensor) -> Tensor:
         """m / ‖W + ΔW‖ as a vector (per row or per column), cached per base weight version."""
         key = (weight.data_ptr(), weight._version, weight.device, weight.shape)
         if self.magnitude.requires_grad or key != self._factor_key:
-            merged = weight + self.inner.delta_weight(None).to(weight.device)
+            merged = weight + self.inner.delta_weight(weight, 1.0).to(weight.device)
             factor = dora_factor(merged, self.magnitude.to(weight.device), self.on_output).reshape(-1)
             if self.magnitude.requires_grad:
                 return factor

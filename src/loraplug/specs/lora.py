@@ -8,7 +8,7 @@ from ..adapters import Adapter
 from ..algorithms.lora import lora_bypass, lora_delta_weight, lora_scale
 from ..algorithms.op import LayerOp
 from . import AlgorithmSpec, register
-from .base import BaseView, Patch, as_float32
+from .base import BaseView, Patch, as_float32, squeeze_pointwise
 from .dora import with_dora
 
 SUFFIXES = {
@@ -24,31 +24,24 @@ SUFFIXES = {
 }
 
 
-def _squeeze_pointwise(t: Tensor) -> Tensor:
-    """(a, b, 1, 1…) -> (a, b); other shapes unchanged."""
-    if t.dim() > 2 and all(s == 1 for s in t.shape[2:]):
-        return t.reshape(t.shape[0], t.shape[1])
-    return t
-
-
 class LoraPatch(Patch):
     """ΔW = alpha/rank · up ⋅ (mid ⋅) down on one output slice."""
 
     def __init__(self, adapter: Adapter, op: LayerOp, out_features: int):
         super().__init__(adapter, op, out_features)
         t = adapter.tensors
-        down, up, mid = t["down"], _squeeze_pointwise(t["up"]), t.get("mid")
+        down, up, mid = t["down"], squeeze_pointwise(t["up"]), t.get("mid")
         rank = down.shape[0]
         in_per_group = op.in_features // op.groups
         self.check("up", up, (out_features, rank), f"a rank-{rank} update of {out_features} outputs")
         if mid is not None:
-            down = _squeeze_pointwise(down)
+            down = squeeze_pointwise(down)
             self.check("down", down, (rank, op.in_features), "a Tucker down projection")
             self.check("mid", mid, (rank, rank, *op.kernel), "the Tucker core of this kernel")
         elif op.is_conv and down.dim() == 2 and all(k == 1 for k in op.kernel):
             down = down.reshape(*down.shape, *op.kernel)
         elif not op.is_conv:
-            down = _squeeze_pointwise(down)
+            down = squeeze_pointwise(down)
         if mid is None:
             self.check("down", down, (rank, in_per_group, *op.kernel), "this layer's input")
         self.down, self.up = as_float32(down), as_float32(up)
@@ -61,8 +54,8 @@ class LoraPatch(Patch):
             t["mid"] = self.mid
         return t
 
-    def delta_weight(self, weight: Tensor | None) -> Tensor:
-        return lora_delta_weight(self.down, self.up, self.mid, self.scale)
+    def delta_weight(self, weight: Tensor | None, strength: float) -> Tensor:
+        return lora_delta_weight(self.down, self.up, self.mid, self.scale * strength)
 
     def bypass(self, x: Tensor, base: BaseView, strength: Tensor) -> Tensor:
         t = self.tensors_like(x)
