@@ -45,14 +45,17 @@ def parse(
     metadata = dict(metadata or {})
     configs = _configs(metadata, config)
     groups, unknown = _group(tensors)
-    if not groups:
+    adapters = {}
+    for module_key, found in groups.items():
+        if specs.identify({c: t for c, (_, t) in found.items()}) is None and specs.is_weak(set(found)):
+            unknown.extend(k for k, _ in found.values())
+            continue
+        adapters[module_key] = _adapter(module_key, found, configs)
+    if not adapters:
         raise FormatError(
             f"{name}: no adapter keys recognised among {len(tensors)} tensors ({sample(tensors)}). "
             f"Formats tried: {', '.join(FORMATS)}; algorithms known: {', '.join(specs.known_algorithms())}."
         )
-    adapters = {}
-    for module_key, found in groups.items():
-        adapters[module_key] = _adapter(module_key, found, configs)
     return AdapterSet(adapters, _detect(tensors), metadata, sorted(unknown), name)
 
 
@@ -80,8 +83,7 @@ def _group(tensors: dict[str, Tensor]) -> tuple[dict[str, dict[str, tuple[str, T
 
 
 def _adapter(module_key: str, found: dict[str, tuple[str, Tensor]], configs: dict) -> Adapter:
-    names = set(found)
-    spec = specs.identify(names)
+    spec = specs.identify({c: t for c, (_, t) in found.items()})
     keys = [k for k, _ in found.values()]
     if spec is None:
         raise AdapterTensorError(
@@ -90,7 +92,10 @@ def _adapter(module_key: str, found: dict[str, tuple[str, Tensor]], configs: dic
         )
     tensors = {}
     for canonical, (key, tensor) in found.items():
-        _validate(key, tensor)
+        if canonical not in specs.SCALARS:
+            _validate(key, tensor)
+        elif tensor.numel() != 1:
+            raise AdapterTensorError(f"{key}: a scalar was expected, found shape {tuple(tensor.shape)}.")
         tensors[canonical] = tensor
     adapter = Adapter(module_key, spec.name, tensors, source={c: k for c, (k, _) in found.items()})
     alpha_tensor = tensors.pop("alpha", None)

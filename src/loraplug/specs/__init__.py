@@ -17,6 +17,7 @@ COMMON_SUFFIXES = {
     "dora_scale": "dora_scale",
     "lora_magnitude_vector": "magnitude",
     "lora_magnitude_vector.weight": "magnitude",
+    "diff_b": "diff_b",
 }
 
 
@@ -25,18 +26,23 @@ class AlgorithmSpec:
     """What the registry knows of one algorithm.
 
     ``suffixes`` maps a file key's tail (after the module path) to a canonical tensor name;
-    ``identify`` are the canonical names that select this algorithm; ``build`` binds an adapter to
-    a layer (LayerOp) and the number of output features it writes, validating shapes.
+    ``identify`` lists alternative sets of canonical names, any of which selects this algorithm
+    (the largest set present wins across algorithms); ``accepts`` can refuse on tensor shapes
+    (OFT and BOFT share key names); ``build`` binds an adapter to a layer (LayerOp) and the number
+    of output features it writes, validating shapes; ``rank`` reports the adapter's rank.
     """
 
     name: str
     suffixes: dict[str, str]
-    identify: frozenset[str]
+    identify: tuple[frozenset[str], ...]
     build: Callable[[Adapter, LayerOp, int], Patch]
-    rank: Callable[[Adapter], int]
+    rank: Callable[[Adapter], int | None] = lambda adapter: None
+    accepts: Callable[[dict], bool] = lambda tensors: True
 
 
 _REGISTRY: dict[str, AlgorithmSpec] = {}
+WEAK = {"alpha", "weight", "on_input"}
+SCALARS = {"alpha", "on_input"}  # one-element settings, any dtype
 
 
 def register(spec: AlgorithmSpec) -> AlgorithmSpec:
@@ -56,14 +62,25 @@ def all_suffixes() -> dict[str, str]:
     return dict(sorted(table.items(), key=lambda kv: -len(kv[0])))
 
 
-def identify(names: set[str]) -> AlgorithmSpec | None:
-    """The algorithm whose identifying tensors are all present (most specific first)."""
-    found = [s for s in _REGISTRY.values() if s.identify <= names]
-    return max(found, key=lambda s: len(s.identify), default=None)
+def identify(tensors: dict) -> AlgorithmSpec | None:
+    """The algorithm whose identifying tensors are present (the most specific match)."""
+    names = set(tensors)
+    best, best_size = None, 0
+    for spec in _REGISTRY.values():
+        sizes = [len(group) for group in spec.identify if group <= names]
+        if sizes and max(sizes) > best_size and spec.accepts(tensors):
+            best, best_size = spec, max(sizes)
+    return best
+
+
+def is_weak(names: set[str]) -> bool:
+    """True when these names alone say nothing about an adapter (an ``alpha``, a bare ``weight``):
+    such keys are reported as unknown rather than as a broken adapter."""
+    return names <= WEAK
 
 
 def known_algorithms() -> list[str]:
     return sorted(_REGISTRY)
 
 
-from . import lora  # noqa: E402,F401  (registers itself)
+from . import boft, full, glora, ia3, loha, lokr, lora, oft  # noqa: E402,F401  (they register themselves)

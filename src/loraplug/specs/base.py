@@ -81,7 +81,7 @@ class Patch:
         delta = self.bypass(x, base, strength)
         if self.diff_b is not None:
             bias = self.tensors_like(x)["diff_b"] * strength.to(x.dtype)
-            delta = delta + channel_view(bias, delta, self.op.channel_dim)
+            delta = delta + channel_view(bias, x, self.op.channel_dim)
         return delta
 
     @property
@@ -107,11 +107,13 @@ class Patch:
     def check(self, name: str, tensor: Tensor, expected: tuple[int, ...], what: str) -> None:
         """Raise a ShapeMismatchError naming the key when ``tensor`` is not ``expected``."""
         if tuple(tensor.shape) != tuple(expected):
-            raise ShapeMismatchError(
-                f"{self.key}: {name} has shape {tuple(tensor.shape)} but {what} needs "
-                f"{tuple(expected)}. The adapter was made for a different model or layer; "
-                "check that the file matches this base model."
-            )
+            self.fail(name, tensor, f"{what} needs {tuple(expected)}")
+
+    def fail(self, name: str, tensor: Tensor, why: str) -> None:
+        raise ShapeMismatchError(
+            f"{self.key}: {name} has shape {tuple(tensor.shape)} but {why}. The adapter was made for "
+            "a different model or layer; check that the file matches this base model."
+        )
 
 
 class DensePatch(Patch):

@@ -74,7 +74,7 @@ register(
     AlgorithmSpec(
         name="lora",
         suffixes=SUFFIXES,
-        identify=frozenset({"down", "up"}),
+        identify=(frozenset({"down", "up"}),),
         build=_build,
         rank=lambda a: a.tensors["down"].shape[0],
     )

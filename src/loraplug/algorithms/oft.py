@@ -1,0 +1,56 @@
+"""Orthogonal fine-tuning: block-diagonal (OFT) and butterfly (BOFT) rotations of the output.
+
+A block b (b×b, skew part Q = b − bᵀ) gives the Cayley rotation R = (I + Q)(I − Q)⁻¹; with a
+constraint c > 0 Q is first scaled to Frobenius norm ≤ c (COFT). The rotated weight is
+W' = rescale ⊙ (M ⋅ W) per row block, M = I + s·(R − I) for strength s (Mᵀ in LyCORIS' index
+order); rescale (per output row) is interpolated the same way, so s = 0 is the base.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def cayley(blocks: Tensor, constraint: float = 0.0) -> Tensor:
+    """Rotations from (…, b, b) blocks (computed in float32)."""
+    q = (blocks - blocks.transpose(-1, -2)).float()
+    if constraint > 0:
+        norm = torch.norm(q) + 1e-8
+        if norm > constraint:
+            q = q * (constraint / norm)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+def toward_identity(r: Tensor, strength: Tensor | float) -> Tensor:
+    """I + s·(R − I) for a stack of rotations."""
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+    return eye + (r - eye) * strength
+
+
+def rotate_blocks(z: Tensor, r: Tensor) -> Tensor:
+    """Rotate the last dim of z (…, n·b) block by block: z'_k = R_kᵀ z_k (LyCORIS' order)."""
+    n, b, _ = r.shape
+    return torch.einsum("knm,...kn->...km", r, z.unflatten(-1, (n, b))).flatten(-2)
+
+
+def butterfly(z: Tensor, r: Tensor) -> Tensor:
+    """BOFT: m butterfly stages of (n, b, b) rotations ``r`` (m, n, b, b) on the last dim of z."""
+    m, _, b, _ = r.shape
+    half = b // 2
+    for i in range(m):
+        k = 2**i * half
+        z = z.unflatten(-1, (-1, 2, k)).transpose(-2, -1).flatten(-3).unflatten(-1, (-1, b))
+        z = torch.einsum("bij,...bj->...bi", r[i], z)
+        z = z.flatten(-2).unflatten(-1, (-1, k, 2)).transpose(-2, -1).flatten(-3)
+    return z
+
+
+def rows_last(w: Tensor) -> Tensor:
+    """A weight (out, in, *k) with its output rows moved to the last dim (to rotate them)."""
+    return w.movedim(0, -1)
+
+
+def rows_first(z: Tensor) -> Tensor:
+    return z.movedim(-1, 0)

@@ -1,0 +1,51 @@
+"""Full-matrix diffs (``diff``) and bias-only diffs (``diff_b``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..adapters import Adapter
+from ..algorithms.op import LayerOp
+from . import AlgorithmSpec, register
+from .base import BaseView, DensePatch, Patch, as_float32, channel_view
+
+
+class FullPatch(DensePatch):
+    """ΔW given densely; bypass runs the layer's op on it."""
+
+    def __init__(self, adapter: Adapter, op: LayerOp, out_features: int):
+        super().__init__(adapter, op, out_features)
+        shape = (out_features, op.in_features // op.groups, *op.kernel)
+        diff = adapter.tensors["diff"]
+        if diff.shape[0] != out_features or diff.numel() != math.prod(shape):
+            self.fail("diff", diff, f"a full diff of this layer needs {shape}")
+        self.diff = as_float32(diff).reshape(shape)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"diff": self.diff}
+
+    def unit_delta(self) -> Tensor:
+        return self.diff
+
+
+class BiasPatch(Patch):
+    """A bias diff alone: ΔW = 0, the output moves by s·diff_b."""
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {}
+
+    def delta_weight(self, weight: Tensor | None, strength: float) -> Tensor:
+        return torch.zeros_like(weight)
+
+    def output_delta(self, x: Tensor, base: BaseView, strength: Tensor) -> Tensor:
+        bias = self.tensors_like(x)["diff_b"] * strength.to(x.dtype)
+        return channel_view(bias, x, self.op.channel_dim)
+
+
+register(
+    AlgorithmSpec(name="full", suffixes={"diff": "diff"}, identify=(frozenset({"diff"}),), build=FullPatch)
+)
+register(AlgorithmSpec(name="bias", suffixes={}, identify=(frozenset({"diff_b"}),), build=BiasPatch))
