@@ -54,3 +54,46 @@ def rows_last(w: Tensor) -> Tensor:
 
 def rows_first(z: Tensor) -> Tensor:
     return z.movedim(-1, 0)
+
+
+def skew_from_packed(packed: Tensor, block_size: int) -> Tensor:
+    """PEFT's OFT storage: (n, b(b−1)/2) upper-triangle entries -> (n, b, b) skew-symmetric."""
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=packed.device)
+    q = packed.new_zeros(packed.shape[0], block_size, block_size)
+    q[:, rows, cols] = packed
+    return q - q.transpose(-1, -2)
+
+
+def cayley_neumann(q: Tensor, terms: int) -> Tensor:
+    """PEFT's rotation: (I − Q)(I + Q)⁻¹ exactly (terms=0), or its truncated Neumann series
+    I + 2Q + 2Q² + … + Q^(terms−1) as PEFT evaluates it (use_cayley_neumann)."""
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
+    if terms <= 0:
+        return torch.linalg.solve(eye + q, eye - q, left=False)
+    r = eye.clone()
+    if terms > 1:
+        r = r + 2 * q
+    if terms > 2:
+        power = q @ q
+        r = r + 2 * power
+        for _ in range(3, terms - 1):
+            power = power @ q
+            r = r + 2 * power
+        r = r + power @ q
+    return r
+
+
+def coft_project(packed: Tensor, block_size: int, eps: float) -> Tensor:
+    """PEFT's COFT: each block's skew matrix pulled to Frobenius norm ≤ eps/√n (packed in and out)."""
+    q = skew_from_packed(packed, block_size)
+    eps = eps / q.shape[0] ** 0.5
+    norm = torch.norm(q, dim=(1, 2), keepdim=True)
+    q = torch.where(norm <= eps, q, eps * q / norm)
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=packed.device)
+    return q[:, rows, cols]
+
+
+def rotate_input_blocks(z: Tensor, r: Tensor) -> Tensor:
+    """PEFT OFT on the input: the last dim of z in blocks, z_k ⋅ R_k (row-vector convention)."""
+    n, b, _ = r.shape
+    return torch.einsum("...nk,nkc->...nc", z.unflatten(-1, (n, b)), r).flatten(-2)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import specs
-from ..adapters import Adapter, AdapterSet
+from ..adapters import Adapter, AdapterSet, pattern_value
 from ..errors import AdapterTensorError, FormatError, sample
 from .io import read_path
 
@@ -20,7 +20,23 @@ FORMATS = ("peft", "kohya", "comfy", "diffusers")
 _PEFT_ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.weight$")
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te", "lycoris_", "lora_transformer_")
 _COMFY_PREFIXES = ("diffusion_model.", "model.diffusion_model.")
-_CONFIG_FIELDS = {"r", "lora_alpha", "use_rslora", "alpha_pattern", "rank_pattern", "use_dora"}
+_CONFIG_FIELDS = {
+    "r",
+    "lora_alpha",
+    "alpha",
+    "use_rslora",
+    "alpha_pattern",
+    "rank_pattern",
+    "use_dora",
+    "peft_type",
+    "feedforward_modules",
+    "oft_block_size",
+    "coft",
+    "eps",
+    "block_share",
+    "use_cayley_neumann",
+    "num_cayley_neumann_terms",
+}
 
 
 def load(source, *, name: str | None = None) -> AdapterSet:
@@ -99,11 +115,13 @@ def _adapter(module_key: str, found: dict[str, tuple[str, Tensor]], configs: dic
         tensors[canonical] = tensor
     adapter = Adapter(module_key, spec.name, tensors, source={c: k for c, (k, _) in found.items()})
     alpha_tensor = tensors.pop("alpha", None)
-    config = _config_for(module_key, configs)
+    config = _config_for(module_key, configs) or {}
+    adapter.config = config
     if alpha_tensor is not None:
         adapter.alpha = float(alpha_tensor.float().reshape(-1)[0])
     elif config:
-        adapter.alpha = _pattern(config.get("alpha_pattern"), module_key, config.get("lora_alpha"))
+        default = config.get("lora_alpha", config.get("alpha"))
+        adapter.alpha = pattern_value(config.get("alpha_pattern"), module_key, default)
         adapter.rslora = bool(config.get("use_rslora", False))
     if adapter.alpha is not None and not math.isfinite(adapter.alpha):
         raise AdapterTensorError(f"{module_key}: alpha is {adapter.alpha}; the file is damaged.")
@@ -151,14 +169,6 @@ def _config_for(module_key: str, configs: dict[str, dict]) -> dict | None:
         if prefix and module_key.startswith(prefix + "."):
             return config
     return configs.get("")
-
-
-def _pattern(patterns: dict | None, module_key: str, default):
-    """PEFT's alpha_pattern/rank_pattern rule: the first pattern matching the key's tail."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module_key):
-            return value
-    return default
 
 
 def _detect(tensors: dict[str, Tensor]) -> str:

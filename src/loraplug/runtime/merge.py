@@ -53,7 +53,8 @@ class ModuleMerge:
                 part = _narrow(merged, e.target)
                 delta = e.patch.delta_weight(_narrow(base, e.target), e.strength)
                 part.add_(delta.to(part.device).reshape(part.shape))
-                bias_delta = e.patch.bias_delta(e.strength)
+                base_bias = None if bias is None else _narrow(self.original_bias, e.target).float()
+                bias_delta = e.patch.bias_delta(e.strength, base_bias)
                 if bias_delta is not None:
                     _narrow(bias, e.target).add_(bias_delta.to(bias.device))
             module.weight.copy_(merged.to(module.weight.dtype))

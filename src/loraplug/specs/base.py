@@ -72,8 +72,8 @@ class Patch:
         """(W'(s) − W)·x for this slice, in x's dtype (bias diff excluded)."""
         raise NotImplementedError
 
-    def bias_delta(self, strength: float) -> Tensor | None:
-        """b'(s) − b for this slice, or None."""
+    def bias_delta(self, strength: float, bias: Tensor | None = None) -> Tensor | None:
+        """b'(s) − b for this slice given its float base ``bias``, or None."""
         return None if self.diff_b is None else self.diff_b * strength
 
     def output_delta(self, x: Tensor, base: BaseView, strength: Tensor) -> Tensor:

@@ -57,7 +57,8 @@ class LokrPatch(DensePatch):
             "lokr_w2", dense_w2.reshape(b, -1), (b, math.prod(self.w2_shape[1:])), "this layer's input"
         )
         self.shape = (out_features, in_per_group, *op.kernel)
-        rank = lokr_rank(t)
+        # LyCORIS: scale 1 when both factors are full; PEFT: alpha / r from its config, always.
+        rank = lokr_rank(t) or adapter.config_rank
         self.scale = (
             1.0 if rank is None else (adapter.alpha or rank) / (math.sqrt(rank) if adapter.rslora else rank)
         )

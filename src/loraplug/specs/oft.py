@@ -3,10 +3,21 @@ the shared machinery of output rotations (BOFT reuses it with another rotation).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..adapters import Adapter
-from ..algorithms.oft import cayley, rotate_blocks, rows_first, rows_last, toward_identity
+from ..algorithms.oft import (
+    cayley,
+    cayley_neumann,
+    coft_project,
+    rotate_blocks,
+    rotate_input_blocks,
+    rows_first,
+    rows_last,
+    skew_from_packed,
+    toward_identity,
+)
 from ..algorithms.op import LayerOp
 from . import AlgorithmSpec, register
 from .base import BaseView, Patch, as_float32
@@ -77,17 +88,76 @@ class OftPatch(RotationPatch):
         return rotate_blocks(z, toward_identity(rotations, strength))
 
 
-def _is_block_stack(tensors: dict) -> bool:
-    return tensors["oft_blocks"].dim() == 3
+class PeftOftPatch(Patch):
+    """PEFT OFT (``oft_R.weight``): block rotations of the *input*, W' = W ⋅ blockdiag(R)ᵀ.
+
+    R is PEFT's Cayley(-Neumann) rotation of packed skew entries (COFT-projected if configured);
+    strength interpolates the weight linearly. Linear layers only: PEFT's convolution variant
+    rotates unfolded patches, which no weight merge reproduces.
+    """
+
+    reads_base = True
+
+    def __init__(self, adapter: Adapter, op: LayerOp, out_features: int):
+        super().__init__(adapter, op, out_features)
+        if op.is_conv:
+            self.fail(
+                "oft_R.weight",
+                adapter.tensors["oft_R"],
+                "PEFT OFT on convolutions rotates unfolded patches and is not supported; "
+                "use LyCORIS OFT or merge it with PEFT",
+            )
+        packed = as_float32(adapter.tensors["oft_R"])
+        config = adapter.config
+        block = int(config.get("oft_block_size") or 0) or int(
+            round((1 + (1 + 8 * packed.shape[1]) ** 0.5) / 2)
+        )
+        if block * (block - 1) // 2 != packed.shape[1] or op.in_features % block:
+            self.fail("oft_R.weight", packed, f"blocks of {block} must tile the {op.in_features} inputs")
+        if config.get("coft"):
+            packed = coft_project(packed, block, float(config.get("eps", 6e-5)))
+        n = op.in_features // block
+        if packed.shape[0] not in (1, n) or (
+            packed.shape[0] == 1 and n > 1 and not config.get("block_share")
+        ):
+            self.check("oft_R.weight", packed, (n, packed.shape[1]), f"{n} blocks of {block} inputs")
+        self.packed, self.block, self.n = packed, block, n
+        use_neumann = config.get("use_cayley_neumann", True)
+        self.terms = int(config.get("num_cayley_neumann_terms", 5)) if use_neumann else 0
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"oft_R": self.packed}
+
+    def rotation(self) -> Tensor:
+        r = cayley_neumann(skew_from_packed(self.packed, self.block), self.terms)
+        return r.expand(self.n, -1, -1) if r.shape[0] == 1 else r
+
+    def delta_weight(self, weight: Tensor | None, strength: float) -> Tensor:
+        rotated = torch.einsum("onk,nck->onc", weight.unflatten(-1, (self.n, self.block)), self.rotation())
+        return (rotated.flatten(-2) - weight) * strength
+
+    def bypass(self, x: Tensor, base: BaseView, strength: Tensor) -> Tensor:
+        r = self.rotation().to(device=x.device, dtype=x.dtype)
+        return base.run(rotate_input_blocks(x, r) - x) * strength.to(x.dtype)
+
+
+def _build(adapter: Adapter, op: LayerOp, out_features: int) -> Patch:
+    if "oft_R" in adapter.tensors:
+        return PeftOftPatch(adapter, op, out_features)
+    return OftPatch(adapter, op, out_features)
+
+
+def _accepts(tensors: dict) -> bool:
+    return "oft_R" in tensors or tensors["oft_blocks"].dim() == 3
 
 
 register(
     AlgorithmSpec(
         name="oft",
-        suffixes={"oft_blocks": "oft_blocks", "rescale": "rescale"},
-        identify=(frozenset({"oft_blocks"}),),
-        build=OftPatch,
-        rank=lambda a: a.tensors["oft_blocks"].shape[-1],
-        accepts=_is_block_stack,
+        suffixes={"oft_blocks": "oft_blocks", "rescale": "rescale", "oft_R.weight": "oft_R"},
+        identify=(frozenset({"oft_blocks"}), frozenset({"oft_R"})),
+        build=_build,
+        rank=lambda a: a.tensors["oft_blocks"].shape[-1] if "oft_blocks" in a.tensors else None,
+        accepts=_accepts,
     )
 )
