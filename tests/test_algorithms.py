@@ -224,3 +224,90 @@ def test_property_random_shapes(tmp_path_factory, algo, out_dim, in_dim, conv, r
         for mode in ("bypass", "merge"):
             with lp.apply(model, path, strength=strength, mode=mode):
                 close(layer(x), want, rtol=1e-5, atol=2e-5)
+
+
+class Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 16)
+        self.ln = nn.LayerNorm(16)
+        self.conv = nn.Conv2d(16, 8, 1)
+        self.gn = nn.GroupNorm(4, 8)
+
+    def forward(self, x):
+        h = self.ln(self.lin(x))
+        return self.gn(self.conv(h[..., None, None].expand(-1, -1, 3, 3).contiguous()))
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_norm_diffs_match_lycoris(tmp_path, strength):
+    torch.manual_seed(0)
+    base = Normed()
+    reference, path = lycoris_reference(tmp_path, base, "lora", strength=strength, train_norm=True)
+    adapters = lp.load(path)
+    assert adapters.algorithms.get("norm") == 2
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        want = reference(x)
+        for mode in ("bypass", "merge"):
+            with lp.apply(base, adapters, strength=strength, mode=mode):
+                close(base(x), want, rtol=1e-5, atol=2e-5)
+
+
+def test_lora_on_a_norm_layer_is_refused():
+    model = Normed()
+    with pytest.raises(lp.UnsupportedModuleError, match="norm layer"):
+        lp.apply(model, {"ln.lora_A.weight": torch.randn(2, 16), "ln.lora_B.weight": torch.randn(16, 2)})
+
+
+class Split(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(16, 32)
+
+
+class Fused(nn.Module):
+    def __init__(self, split):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = split.to_q, split.to_k, split.to_v  # kept, unused
+        self.to_qkv = nn.Linear(16, 96)
+        with torch.no_grad():
+            self.to_qkv.weight.copy_(torch.cat([split.to_q.weight, split.to_k.weight, split.to_v.weight]))
+            self.to_qkv.bias.copy_(torch.cat([split.to_q.bias, split.to_k.bias, split.to_v.bias]))
+        self.fused_projections = True
+
+
+@pytest.mark.parametrize(
+    "algo, kwargs",
+    [
+        ("lora", {"dora_wd": True}),
+        ("loha", {}),
+        ("lokr", {"factor": 4}),
+        ("diag-oft", {}),
+        ("boft", {}),
+        ("glora", {}),
+        ("ia3", {}),
+        ("full", {}),
+    ],
+)
+def test_every_algorithm_writes_only_its_slice_of_a_fused_module(tmp_path, algo, kwargs):
+    """An adapter trained on split to_k acts on rows 32:64 of the fused to_qkv, nowhere else."""
+    torch.manual_seed(0)
+    split = Split()
+    network = create_lycoris(copy.deepcopy(split), 1.0, linear_dim=4, linear_alpha=2, algo=algo, **kwargs)
+    network.apply_to()
+    _randomize(network, 3)
+    sd = {k: v for k, v in network.state_dict().items() if k.startswith("lycoris_to_k.")}
+    ref_k = network.loras[[lo.lora_name for lo in network.loras].index("lycoris_to_k")]
+    fused = Fused(copy.deepcopy(split))
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        want_k = ref_k(x)
+        plain = fused.to_qkv(x)
+        for mode in ("bypass", "merge"):
+            with lp.apply(fused, sd, mode=mode) as handle:
+                assert [str(t) for t in handle.report.matched["lycoris_to_k"]] == ["to_qkv[32:64]"]
+                got = fused.to_qkv(x)
+            close(got[:, 32:64], want_k, rtol=1e-5, atol=2e-5)
+            assert torch.equal(got[:, :32], plain[:, :32]) and torch.equal(got[:, 64:], plain[:, 64:])
+            assert not torch.allclose(got[:, 32:64], plain[:, 32:64], atol=1e-4)

@@ -12,7 +12,7 @@ from torch import nn
 from . import specs
 from .adapters import AdapterSet
 from .arch import ModelIndex, Target
-from .errors import HandleError, LoraplugError, UnmatchedKeysError, sample
+from .errors import HandleError, LoraplugError, UnmatchedKeysError, UnsupportedModuleError, sample
 from .formats import load as _load
 from .report import Report
 from .runtime import bypass
@@ -149,6 +149,12 @@ def apply(
             report.matched[tag + key] = targets
             for target in targets:
                 op = index.ops[target.module]
+                if op.kind not in spec.layers:
+                    raise UnsupportedModuleError(
+                        f"{key}: a {spec.name} adapter cannot adapt {target.module}, a {op.kind} layer "
+                        f"({type(index.modules[target.module]).__name__}). The key points at the wrong "
+                        "module: check the adapter is for this model."
+                    )
                 size = op.out_features if target.size is None else target.size
                 patch = spec.build(adapter, op, size)
                 bindings.append((i, target, patch))

@@ -28,6 +28,13 @@ class LayerOp:
     groups: int = 1
     pad_before: tuple[int, ...] = ()
     pad_mode: str = "zeros"
+    norm: str = ""  # "layer", "group" or "rms" for normalisation layers
+    eps: float | None = 1e-5
+
+    @property
+    def kind(self) -> str:
+        """'linear', 'conv' or 'norm' (what an algorithm may adapt)."""
+        return "norm" if self.norm else ("conv" if self.kernel else "linear")
 
     @property
     def is_conv(self) -> bool:
@@ -35,14 +42,18 @@ class LayerOp:
 
     @property
     def channel_dim(self) -> int:
-        return 1 if self.is_conv else -1
+        return 1 if self.is_conv or self.norm == "group" else -1
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
         return (self.out_features, self.in_features // self.groups, *self.kernel)
 
     def run(self, x: Tensor, weight: Tensor) -> Tensor:
-        """x through ``weight`` with the layer's own geometry (stride, padding, dilation, groups)."""
+        """x through ``weight`` with the layer's own geometry (stride, padding, dilation, groups);
+        for a norm layer, the normalised x scaled by ``weight``."""
+        if self.norm:
+            shape = [-1] + [1] * (x.dim() - 2) if self.norm == "group" else [-1]
+            return self.normalize(x) * weight.reshape(shape)
         if not self.is_conv:
             return F.linear(x, weight)
         padding = self.padding
@@ -51,6 +62,14 @@ class LayerOp:
             padding = 0
         conv = _CONV[len(self.kernel)]
         return conv(x, weight, None, self.stride, padding, self.dilation, self.groups)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """x normalised as the norm layer does it, before its affine weight and bias."""
+        if self.norm == "group":
+            return F.group_norm(x, self.groups, None, None, self.eps)
+        if self.norm == "rms":
+            return F.rms_norm(x, (self.in_features,), None, self.eps)
+        return F.layer_norm(x, (self.in_features,), None, None, self.eps or 1e-5)
 
     def pointwise(self, x: Tensor, weight: Tensor) -> Tensor:
         """x through a 1x1 (or linear) ``weight``: no geometry, features on ``channel_dim``."""
@@ -81,6 +100,19 @@ def layer_op(module: nn.Module) -> LayerOp | None:
             pad_before=tuple(module._reversed_padding_repeated_twice),
             pad_mode=module.padding_mode,
         )
+    return _norm_op(module)
+
+
+def _norm_op(module: nn.Module) -> LayerOp | None:
+    """LayerNorm / RMSNorm over one dim, GroupNorm, when they carry an affine weight."""
+    if getattr(module, "weight", None) is None:
+        return None
+    if isinstance(module, nn.GroupNorm):
+        c = module.num_channels
+        return LayerOp(c, c, groups=module.num_groups, norm="group", eps=module.eps)
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and len(module.normalized_shape) == 1:
+        c = module.normalized_shape[0]
+        return LayerOp(c, c, norm="rms" if isinstance(module, nn.RMSNorm) else "layer", eps=module.eps)
     return None
 
 

@@ -18,6 +18,7 @@ COMMON_SUFFIXES = {
     "lora_magnitude_vector": "magnitude",
     "lora_magnitude_vector.weight": "magnitude",
     "diff_b": "diff_b",
+    "b_norm": "diff_b",
 }
 
 
@@ -29,7 +30,8 @@ class AlgorithmSpec:
     ``identify`` lists alternative sets of canonical names, any of which selects this algorithm
     (the largest set present wins across algorithms); ``accepts`` can refuse on tensor shapes
     (OFT and BOFT share key names); ``build`` binds an adapter to a layer (LayerOp) and the number
-    of output features it writes, validating shapes; ``rank`` reports the adapter's rank.
+    of output features it writes, validating shapes; ``rank`` reports the adapter's rank;
+    ``layers`` are the LayerOp kinds it can adapt.
     """
 
     name: str
@@ -38,6 +40,8 @@ class AlgorithmSpec:
     build: Callable[[Adapter, LayerOp, int], Patch]
     rank: Callable[[Adapter], int | None] = lambda adapter: None
     accepts: Callable[[dict], bool] = lambda tensors: True
+    layers: frozenset[str] = frozenset({"linear", "conv"})
+    fallback: bool = False  # chosen only when no other algorithm matches (bias-only diffs)
 
 
 _REGISTRY: dict[str, AlgorithmSpec] = {}
@@ -68,8 +72,9 @@ def identify(tensors: dict) -> AlgorithmSpec | None:
     best, best_size = None, 0
     for spec in _REGISTRY.values():
         sizes = [len(group) for group in spec.identify if group <= names]
-        if sizes and max(sizes) > best_size and spec.accepts(tensors):
-            best, best_size = spec, max(sizes)
+        size = max(sizes, default=0) - (1000 if spec.fallback else 0)
+        if sizes and (best is None or size > best_size) and spec.accepts(tensors):
+            best, best_size = spec, size
     return best
 
 
@@ -83,4 +88,4 @@ def known_algorithms() -> list[str]:
     return sorted(_REGISTRY)
 
 
-from . import boft, full, glora, ia3, loha, lokr, lora, oft  # noqa: E402,F401  (they register themselves)
+from . import boft, full, glora, ia3, loha, lokr, lora, norm, oft  # noqa: E402,F401  (they register themselves)

@@ -48,4 +48,13 @@ class BiasPatch(Patch):
 register(
     AlgorithmSpec(name="full", suffixes={"diff": "diff"}, identify=(frozenset({"diff"}),), build=FullPatch)
 )
-register(AlgorithmSpec(name="bias", suffixes={}, identify=(frozenset({"diff_b"}),), build=BiasPatch))
+register(
+    AlgorithmSpec(
+        name="bias",
+        suffixes={},
+        identify=(frozenset({"diff_b"}),),
+        build=BiasPatch,
+        layers=frozenset({"linear", "conv", "norm"}),
+        fallback=True,
+    )
+)
