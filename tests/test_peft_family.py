@@ -80,3 +80,26 @@ def test_peft_oft_on_a_convolution_is_refused_clearly(tmp_path):
     peft_model.save_pretrained(tmp_path)
     with pytest.raises(lp.ShapeMismatchError, match="convolutions"):
         lp.apply(conv, tmp_path)
+
+
+@pytest.mark.parametrize("factor", [0, 1, 2])
+def test_peft_boft_matches_peft(tmp_path, factor):
+    from peft import BOFTConfig
+
+    torch.manual_seed(0)
+    base = Net()
+    config = BOFTConfig(
+        boft_block_size=4,
+        boft_n_butterfly_factor=factor,
+        target_modules=["lin", "ff", "conv"],
+        init_weights=False,
+    )
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    peft_model.save_pretrained(tmp_path)
+    x, img = torch.randn(3, 16), torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        want = peft_model(x, img)
+    assert not torch.allclose(want, base(x, img), atol=1e-4)
+    for mode in ("bypass", "merge"):
+        with lp.apply(base, tmp_path, mode=mode), torch.no_grad():
+            close(base(x, img), want, rtol=1e-5, atol=2e-5)

@@ -97,3 +97,33 @@ def rotate_input_blocks(z: Tensor, r: Tensor) -> Tensor:
     """PEFT OFT on the input: the last dim of z in blocks, z_k ⋅ R_k (row-vector convention)."""
     n, b, _ = r.shape
     return torch.einsum("...nk,nkc->...nc", z.unflatten(-1, (n, b)), r).flatten(-2)
+
+
+def peft_butterfly_perm(n: int, blocks: int, half: int, factor: int) -> Tensor:
+    """PEFT BOFT's block butterfly permutation of n indices (its ``block_butterfly_perm``)."""
+    indices = torch.arange(n)
+    if factor == 0:
+        return indices
+    size = n // blocks
+    step = size // half
+    order = torch.cat([torch.arange(0, step, 2), torch.arange(1, step, 2)])
+    sorted_order = torch.cat([torch.arange(int(p) * half, int(p) * half + half) for p in order])
+    for start in range(0, n, size):
+        indices[start : start + size] = indices[start : start + size][sorted_order]
+    return indices
+
+
+def peft_butterfly_matrix(blocks: Tensor, n: int) -> Tensor:
+    """PEFT BOFT's dense rotation M (n×n) from boft_R (m, d, b, b): Π_i P_i ⋅ blockdiag(R_i) ⋅ P_iᵀ,
+    R_i = (I − S)(I + S)⁻¹ with S the skew part (S = (R − Rᵀ)/2)."""
+    m, d, b, _ = blocks.shape
+    skew = 0.5 * (blocks - blocks.transpose(-1, -2)).float()
+    eye = torch.eye(b, dtype=skew.dtype, device=skew.device).expand_as(skew)
+    rot = torch.linalg.solve(eye + skew, eye - skew, left=False)
+    total = None
+    for i in range(m):
+        perm = peft_butterfly_perm(n, d // 2**i, b // 2, m - 1).to(blocks.device)
+        p = torch.eye(n, dtype=rot.dtype, device=rot.device)[perm]
+        stage = p @ torch.block_diag(*rot[i]) @ p.T
+        total = stage if total is None else stage @ total
+    return total
