@@ -198,7 +198,8 @@ def _install(handle: Handle, index: ModelIndex, bindings: list[tuple[int, Target
         module = index.modules[target.module]
         value = handle._effective(i)
         if handle.mode == "bypass":
-            entry = bypass.Entry(patch, target, torch.tensor(value, dtype=torch.float32))
+            device = module.weight.device if module.weight.device.type != "meta" else None
+            entry = bypass.Entry(patch, target, torch.tensor(value, dtype=torch.float32, device=device))
             bypass.attach(module, target.module, index.ops[target.module], entry)
         else:
             entry = merge_rt.MergeEntry(patch, target, value)

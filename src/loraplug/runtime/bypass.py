@@ -10,6 +10,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..algorithms.op import LayerOp
@@ -27,6 +28,35 @@ class Entry:
     strength: Tensor
 
 
+@dataclass(eq=False)
+class _Group:
+    """Low-rank entries of one module stacked: down (Σr, in), per-rank scales, ups per entry."""
+
+    entries: list[Entry]
+    down: Tensor
+    ups: list[Tensor]
+    ranks: Tensor
+    scales: Tensor
+    spans: list[tuple[int, int]]
+    trained: bool
+
+    @classmethod
+    def build(cls, found: list[tuple[Entry, tuple[Tensor, Tensor, float]]], device) -> _Group:
+        downs = [f[0] for _, f in found]
+        ranks = [d.shape[0] for d in downs]
+        starts = [sum(ranks[:i]) for i in range(len(ranks))]
+        scales = torch.cat([torch.full((r,), f[2]) for r, (_, f) in zip(ranks, found, strict=True)])
+        return cls(
+            entries=[e for e, _ in found],
+            down=torch.cat(downs),
+            ups=[f[1] for _, f in found],
+            ranks=torch.tensor(ranks, device=device),
+            scales=scales.to(device=device, dtype=downs[0].dtype),
+            spans=list(zip(starts, ranks, strict=True)),
+            trained=any(d.requires_grad for d in downs),
+        )
+
+
 class ModuleBypass:
     """Everything loraplug runs beside one module, behind a single forward hook."""
 
@@ -35,6 +65,8 @@ class ModuleBypass:
         self.name = name
         self.op = op
         self.entries: list[Entry] = []
+        self.grouping = op.kind == "linear"
+        self._groups: dict[tuple, _Group] = {}
         self._weight_key: tuple | None = None
         self._weight: Tensor | None = None
         self._hook = module.register_forward_hook(self._run, with_kwargs=True)
@@ -85,12 +117,45 @@ class ModuleBypass:
             for e in self.entries
             if e.patch.reads_base
         ]
+        grouped = self._run_grouped(x, y) if self.grouping else set()
         for e in self.entries:
-            if not e.patch.reads_base:
+            if not e.patch.reads_base and id(e) not in grouped:
                 self._slice(e, y).add_(e.patch.output_delta(x, self._view(e), e.strength).to(y.dtype))
         for e, delta in reading:
             self._slice(e, y).add_(delta.to(y.dtype))
         return y
+
+    def _group_for(self, x: Tensor) -> _Group | None:
+        """The low-rank entries of this module stacked for x's device/dtype (cached)."""
+        slot = (x.device, x.dtype)
+        group = self._groups.get(slot)
+        if group is None or group.trained:
+            found = [(e, e.patch.low_rank(x)) for e in self.entries if not e.patch.reads_base]
+            found = [(e, f) for e, f in found if f is not None]
+            if len(found) < 1 or x.dim() < 2:
+                return None
+            group = _Group.build(found, x.device)
+            self._groups[slot] = group
+        return group
+
+    def _run_grouped(self, x: Tensor, y: Tensor) -> set[int]:
+        """All low-rank entries at once: one GEMM x ⋅ [A₁; A₂; …]ᵀ, per-rank scale·strength on the
+        small hidden, then each Bᵢ added into its slice of y in place (addmm_). Returns the ids of
+        the entries it ran."""
+        group = self._group_for(x)
+        if group is None or not y.is_contiguous() or y.shape[:-1] != x.shape[:-1]:
+            return set()
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        hidden = x2 @ group.down.T
+        strengths = torch.stack([e.strength for e in group.entries]).to(device=x.device, dtype=x.dtype)
+        hidden = hidden * (
+            strengths.repeat_interleave(group.ranks, output_size=hidden.shape[1]) * group.scales
+        )
+        for e, (start, rank), up in zip(group.entries, group.spans, group.ups, strict=True):
+            t = e.target
+            out = y2 if t.size is None else y2.narrow(1, t.offset, t.size)
+            out.addmm_(hidden.narrow(1, start, rank), up.T.to(y.dtype) if up.dtype != y.dtype else up.T)
+        return {id(e) for e in group.entries}
 
     def close(self) -> None:
         self._hook.remove()
@@ -105,6 +170,7 @@ def attach(module: nn.Module, name: str, op: LayerOp, entry: Entry) -> None:
     if runner is None:
         runner = _ACTIVE[module] = ModuleBypass(module, name, op)
     runner.entries.append(entry)
+    runner._groups.clear()
 
 
 def detach(module: nn.Module, entry: Entry) -> None:
@@ -113,6 +179,7 @@ def detach(module: nn.Module, entry: Entry) -> None:
     if runner is None:
         return
     runner.entries = [e for e in runner.entries if e is not entry]
+    runner._groups.clear()
     if not runner.entries:
         runner.close()
         del _ACTIVE[module]

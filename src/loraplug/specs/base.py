@@ -72,6 +72,11 @@ class Patch:
         """(W'(s) − W)·x for this slice, in x's dtype (bias diff excluded)."""
         raise NotImplementedError
 
+    def low_rank(self, x: Tensor) -> tuple[Tensor, Tensor, float] | None:
+        """(down (r, in), up (out, r), scale) in x's dtype when this patch is exactly
+        scale · up ⋅ down on a linear layer, so the runtime may run it grouped with others."""
+        return None
+
     def bias_delta(self, strength: float, bias: Tensor | None = None) -> Tensor | None:
         """b'(s) − b for this slice given its float base ``bias``, or None."""
         return None if self.diff_b is None else self.diff_b * strength

@@ -65,6 +65,13 @@ class LohaPatch(DensePatch):
             self.shape,
         )
 
+    def low_rank(self, x: Tensor) -> tuple[Tensor, Tensor, float] | None:
+        if not self.factored or self.op.kind != "linear" or self.diff_b is not None:
+            return None
+        t = self.tensors_like(x)
+        up, down = loha_as_lora(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"])
+        return down, up, self.scale
+
     def bypass(self, x: Tensor, base: BaseView, strength: Tensor) -> Tensor:
         if not self.factored:
             return super().bypass(x, base, strength)

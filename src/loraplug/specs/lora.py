@@ -57,6 +57,12 @@ class LoraPatch(Patch):
     def delta_weight(self, weight: Tensor | None, strength: float) -> Tensor:
         return lora_delta_weight(self.down, self.up, self.mid, self.scale * strength)
 
+    def low_rank(self, x: Tensor) -> tuple[Tensor, Tensor, float] | None:
+        if self.op.kind != "linear" or self.mid is not None or self.diff_b is not None:
+            return None
+        t = self.tensors_like(x)
+        return t["down"], t["up"], self.scale
+
     def bypass(self, x: Tensor, base: BaseView, strength: Tensor) -> Tensor:
         t = self.tensors_like(x)
         scale = strength.to(x.dtype) * self.scale
