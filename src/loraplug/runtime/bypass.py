@@ -132,7 +132,7 @@ class ModuleBypass:
         if group is None or group.trained:
             found = [(e, e.patch.low_rank(x)) for e in self.entries if not e.patch.reads_base]
             found = [(e, f) for e, f in found if f is not None]
-            if len(found) < 1 or x.dim() < 2:
+            if not found:
                 return None
             group = _Group.build(found, x.device)
             self._groups[slot] = group
@@ -157,6 +157,13 @@ class ModuleBypass:
             out.addmm_(hidden.narrow(1, start, rank), up.T.to(y.dtype) if up.dtype != y.dtype else up.T)
         return {id(e) for e in group.entries}
 
+    def warm(self) -> None:
+        """Build the caches for activations in the weight's dtype now, so that a compiled model
+        does not see them appear (and re-trace) on its second call."""
+        w = getattr(self.module_ref(), "weight", None)
+        if self.grouping and w is not None and w.device.type != "meta" and w.is_floating_point():
+            self._group_for(torch.empty(0, device=w.device, dtype=w.dtype))
+
     def close(self) -> None:
         self._hook.remove()
 
@@ -171,6 +178,7 @@ def attach(module: nn.Module, name: str, op: LayerOp, entry: Entry) -> None:
         runner = _ACTIVE[module] = ModuleBypass(module, name, op)
     runner.entries.append(entry)
     runner._groups.clear()
+    runner.warm()
 
 
 def detach(module: nn.Module, entry: Entry) -> None:
@@ -180,6 +188,7 @@ def detach(module: nn.Module, entry: Entry) -> None:
         return
     runner.entries = [e for e in runner.entries if e is not entry]
     runner._groups.clear()
+    runner.warm()
     if not runner.entries:
         runner.close()
         del _ACTIVE[module]
