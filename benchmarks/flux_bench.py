@@ -99,14 +99,6 @@ def main() -> None:
     with torch.device(DEV):
         model = FluxTransformer2DModel(**CFG).to(DT).eval().requires_grad_(False)
     b.time(model, "base")
-    if os.environ.get("PEFT", "1") == "1":
-        from peft import LoraConfig
-
-        names = [t.split(".", 1)[1] if t.startswith("attn.") else t for t in TARGETS]
-        model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=names, init_lora_weights=False), "p")
-        b.time(model, "peft_r16")
-        model.delete_adapters(["p"])
-        b.time(model, "base_after_peft")
     loras = {r: lp.load(diffusers_lora(model, r, seed=r)) for r in (16, 64)}
     second = lp.load(diffusers_lora(model, 16, seed=99))
     for layout in ("split", "fused"):
@@ -129,6 +121,7 @@ def main() -> None:
         merged = lp.merge(model, loras[16])
         b.time(model, f"merged_{layout}_r16")
         merged.remove()
+    compiled = None
     if os.environ.get("COMPILE") == "1":
         t0 = time.time()
         compiled = torch.compile(model)
@@ -144,6 +137,17 @@ def main() -> None:
                 b.time(compiled, f"compiled_loraplug_fused_r16_s{s}")
         b.res["compiled_no_recompile_on_strength"] = True
         handle.remove()
+    if os.environ.get("PEFT", "1") == "1":  # last: PEFT leaves its wrappers in the model
+        from peft import LoraConfig
+
+        del compiled
+        model.unfuse_qkv_projections()
+        names = [t.split(".", 1)[1] if t.startswith("attn.") else t for t in TARGETS]
+        model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=names, init_lora_weights=False), "p")
+        b.time(model, "peft_r16")
+        model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=names, init_lora_weights=False), "q")
+        model.set_adapters(["p", "q"], [1.0, 0.8])
+        b.time(model, "peft_2x_r16")
     base = b.res["base_ms"]
     for key in [k for k in b.res if k.endswith("_ms") and k != "base_ms"]:
         ref = b.res["compiled_base_fused_ms"] if key.startswith("compiled_loraplug") else base
