@@ -38,7 +38,7 @@ def test_grouped_equals_portable(dtype):
     runner = bypass.runners(model[0])
     with torch.no_grad():
         grouped = model(x)
-        assert len(runner._groups) == 1 and len(next(iter(runner._groups.values())).entries) == 2
+        assert len(runner._lowrank) == 1 and len(next(iter(runner._lowrank.values())).entries) == 2
         runner.grouping = bypass.runners(model[2]).grouping = False
         portable = model(x)
     tol = 1e-5 if dtype == torch.float32 else 1e-2

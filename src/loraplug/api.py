@@ -90,16 +90,19 @@ class Handle:
         return self._strengths[index] if self._enabled else 0.0
 
     def _sync(self) -> None:
-        refresh = {}
+        touched = {}
         for b in self._bound:
             value = self._effective(b.set_index)
             if self.mode == "bypass":
                 b.entry.strength.fill_(value)
             else:
                 b.entry.strength = value
-                refresh[id(b.module)] = b.module
-        for module in refresh.values():
-            merge_rt.state_of(module).refresh()
+            touched[id(b.module)] = b.module
+        for module in touched.values():
+            if self.mode == "bypass":
+                bypass.runners(module).refresh_strengths()
+            else:
+                merge_rt.state_of(module).refresh()
 
     def _live(self) -> None:
         if self._removed:

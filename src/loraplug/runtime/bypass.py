@@ -29,32 +29,66 @@ class Entry:
 
 
 @dataclass(eq=False)
-class _Group:
-    """Low-rank entries of one module stacked: down (Σr, in), per-rank scales, ups per entry."""
+class _LowRank:
+    """The low-rank entries of one module, stacked for one (device, dtype).
+
+    down_t (in, Σr) runs every adapter's down projection in one GEMM; rank_scale (Σr,) holds
+    scale·strength per rank column and is rewritten in place when a strength changes (so a
+    compiled graph sees the new value without re-tracing); ups_t[i] (rᵢ, sizeᵢ) adds entry i into
+    its output slice.
+    """
 
     entries: list[Entry]
-    down: Tensor
-    ups: list[Tensor]
-    ranks: Tensor
-    scales: Tensor
-    spans: list[tuple[int, int]]
+    down_t: Tensor
+    ups_t: list[Tensor]
+    spans: list[tuple[int, int, int, int]]  # (rank start, rank, output offset, output size)
+    static_scale: Tensor
+    rank_scale: Tensor
     trained: bool
 
     @classmethod
-    def build(cls, found: list[tuple[Entry, tuple[Tensor, Tensor, float]]], device) -> _Group:
+    def build(cls, found: list[tuple[Entry, tuple[Tensor, Tensor, float]]], out_features: int) -> _LowRank:
         downs = [f[0] for _, f in found]
         ranks = [d.shape[0] for d in downs]
         starts = [sum(ranks[:i]) for i in range(len(ranks))]
         scales = torch.cat([torch.full((r,), f[2]) for r, (_, f) in zip(ranks, found, strict=True)])
-        return cls(
+        spans = [
+            (start, rank, e.target.offset, out_features if e.target.size is None else e.target.size)
+            for start, rank, (e, _) in zip(starts, ranks, found, strict=True)
+        ]
+        static = scales.to(device=downs[0].device, dtype=downs[0].dtype)
+        group = cls(
             entries=[e for e, _ in found],
-            down=torch.cat(downs),
-            ups=[f[1] for _, f in found],
-            ranks=torch.tensor(ranks, device=device),
-            scales=scales.to(device=device, dtype=downs[0].dtype),
-            spans=list(zip(starts, ranks, strict=True)),
-            trained=any(d.requires_grad for d in downs),
+            down_t=torch.cat(downs).T.contiguous(),
+            ups_t=[f[1].T.contiguous() for _, f in found],
+            spans=spans,
+            static_scale=static,
+            rank_scale=torch.empty_like(static),
+            trained=any(
+                d.requires_grad or f[1].requires_grad for d, (_, f) in zip(downs, found, strict=True)
+            ),
         )
+        group.refresh()
+        return group
+
+    def refresh(self) -> None:
+        """rank_scale = static scale × each entry's current strength."""
+        strengths = torch.cat(
+            [
+                e.strength.reshape(1).expand(r)
+                for e, (_, r, _, _) in zip(self.entries, self.spans, strict=True)
+            ]
+        )
+        with torch.no_grad():
+            self.rank_scale.copy_(self.static_scale * strengths.to(self.static_scale))
+
+    def add_into(self, x: Tensor, y: Tensor) -> None:
+        """y += Σ sᵢ·scaleᵢ·(x Aᵢᵀ) Bᵢᵀ, each into its slice, in place."""
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        hidden = torch.mm(x2, self.down_t)
+        hidden = hidden * self.rank_scale if self.trained else hidden.mul_(self.rank_scale)
+        for (start, rank, offset, size), up_t in zip(self.spans, self.ups_t, strict=True):
+            y2.narrow(1, offset, size).addmm_(hidden.narrow(1, start, rank), up_t)
 
 
 class ModuleBypass:
@@ -66,7 +100,7 @@ class ModuleBypass:
         self.op = op
         self.entries: list[Entry] = []
         self.grouping = op.kind == "linear"
-        self._groups: dict[tuple, _Group] = {}
+        self._lowrank: dict[tuple, _LowRank] = {}
         self._weight_key: tuple | None = None
         self._weight: Tensor | None = None
         self._hook = module.register_forward_hook(self._run, with_kwargs=True)
@@ -111,58 +145,50 @@ class ModuleBypass:
             return output
         x = args[0] if args else next(iter(kwargs.values()))
         y = output
+        lowrank = self._lowrank_for(x) if self.grouping and y.is_contiguous() else None
+        if lowrank is not None and len(lowrank.entries) == len(self.entries):  # the common, fast case
+            lowrank.add_into(x, y)
+            return y
         # Adapters that read the base output (DoRA, OFT) see it before anything is added.
         reading = [
             (e, e.patch.output_delta(x, self._view(e, self._slice(e, y)), e.strength))
             for e in self.entries
             if e.patch.reads_base
         ]
-        grouped = self._run_grouped(x, y) if self.grouping else set()
+        done = set()
+        if lowrank is not None:
+            lowrank.add_into(x, y)
+            done = {id(e) for e in lowrank.entries}
         for e in self.entries:
-            if not e.patch.reads_base and id(e) not in grouped:
+            if not e.patch.reads_base and id(e) not in done:
                 self._slice(e, y).add_(e.patch.output_delta(x, self._view(e), e.strength).to(y.dtype))
         for e, delta in reading:
             self._slice(e, y).add_(delta.to(y.dtype))
         return y
 
-    def _group_for(self, x: Tensor) -> _Group | None:
-        """The low-rank entries of this module stacked for x's device/dtype (cached)."""
+    def _lowrank_for(self, x: Tensor) -> _LowRank | None:
+        """The stacked low-rank entries for x's device/dtype (cached unless being trained)."""
         slot = (x.device, x.dtype)
-        group = self._groups.get(slot)
+        group = self._lowrank.get(slot)
         if group is None or group.trained:
             found = [(e, e.patch.low_rank(x)) for e in self.entries if not e.patch.reads_base]
             found = [(e, f) for e, f in found if f is not None]
             if not found:
                 return None
-            group = _Group.build(found, x.device)
-            self._groups[slot] = group
+            group = self._lowrank[slot] = _LowRank.build(found, self.op.out_features)
         return group
 
-    def _run_grouped(self, x: Tensor, y: Tensor) -> set[int]:
-        """All low-rank entries at once: one GEMM x ⋅ [A₁; A₂; …]ᵀ, per-rank scale·strength on the
-        small hidden, then each Bᵢ added into its slice of y in place (addmm_). Returns the ids of
-        the entries it ran."""
-        group = self._group_for(x)
-        if group is None or not y.is_contiguous() or y.shape[:-1] != x.shape[:-1]:
-            return set()
-        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        hidden = x2 @ group.down.T
-        strengths = torch.stack([e.strength for e in group.entries]).to(device=x.device, dtype=x.dtype)
-        hidden = hidden * (
-            strengths.repeat_interleave(group.ranks, output_size=hidden.shape[1]) * group.scales
-        )
-        for e, (start, rank), up in zip(group.entries, group.spans, group.ups, strict=True):
-            t = e.target
-            out = y2 if t.size is None else y2.narrow(1, t.offset, t.size)
-            out.addmm_(hidden.narrow(1, start, rank), up.T.to(y.dtype) if up.dtype != y.dtype else up.T)
-        return {id(e) for e in group.entries}
+    def refresh_strengths(self) -> None:
+        for group in self._lowrank.values():
+            group.refresh()
 
     def warm(self) -> None:
         """Build the caches for activations in the weight's dtype now, so that a compiled model
         does not see them appear (and re-trace) on its second call."""
+        self._lowrank.clear()
         w = getattr(self.module_ref(), "weight", None)
         if self.grouping and w is not None and w.device.type != "meta" and w.is_floating_point():
-            self._group_for(torch.empty(0, device=w.device, dtype=w.dtype))
+            self._lowrank_for(torch.empty(0, device=w.device, dtype=w.dtype))
 
     def close(self) -> None:
         self._hook.remove()
@@ -177,7 +203,6 @@ def attach(module: nn.Module, name: str, op: LayerOp, entry: Entry) -> None:
     if runner is None:
         runner = _ACTIVE[module] = ModuleBypass(module, name, op)
     runner.entries.append(entry)
-    runner._groups.clear()
     runner.warm()
 
 
@@ -187,7 +212,6 @@ def detach(module: nn.Module, entry: Entry) -> None:
     if runner is None:
         return
     runner.entries = [e for e in runner.entries if e is not entry]
-    runner._groups.clear()
     runner.warm()
     if not runner.entries:
         runner.close()
