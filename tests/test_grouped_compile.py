@@ -68,3 +68,32 @@ def test_strength_and_toggle_do_not_recompile():
             handle.enable()
             compiled(x)
     handle.remove()
+
+
+def test_added_memory_is_one_copy_of_the_adapter():
+    """Binding keeps the loaded tensors (no float32 masters); running adds one stacked copy."""
+    model = nn.Sequential(nn.Linear(64, 96)).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    sds = [
+        {
+            "0.lora_A.weight": torch.randn(8, 64, generator=g).bfloat16(),
+            "0.lora_B.weight": torch.randn(96, 8, generator=g).bfloat16(),
+        }
+        for _ in range(2)
+    ]
+    sets = [lp.load(sd) for sd in sds]
+    adapter_bytes = sum(t.numel() * t.element_size() for sd in sds for t in sd.values())
+    handle = lp.apply(model, sets)
+    with torch.no_grad():
+        model(torch.randn(3, 64).bfloat16())
+    runner = bypass.runners(model[0])
+    for entry in runner.entries:
+        assert entry.patch.down.data_ptr() in {t.data_ptr() for sd in sds for t in sd.values()}
+        assert not entry.patch._cache
+    (group,) = runner._lowrank.values()
+    held = sum(
+        t.numel() * t.element_size()
+        for t in [group.down_t, *group.ups_t, group.rank_scale, group.static_scale]
+    )
+    assert held <= 1.05 * adapter_bytes
+    handle.remove()

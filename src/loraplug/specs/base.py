@@ -99,14 +99,17 @@ class Patch:
             out["diff_b"] = self.diff_b
         return out
 
+    def cast(self, x: Tensor) -> dict[str, Tensor]:
+        """The tensors on x's device in x's dtype, not cached (``.to`` copies only if needed)."""
+        return {k: t.to(device=x.device, dtype=x.dtype) for k, t in self.all_tensors().items()}
+
     def tensors_like(self, x: Tensor) -> dict[str, Tensor]:
         """The tensors on x's device in x's dtype; cached unless they are being trained."""
-        tensors = self.all_tensors()
-        if any(t.requires_grad for t in tensors.values()):
-            return {k: t.to(device=x.device, dtype=x.dtype) for k, t in tensors.items()}
+        if any(t.requires_grad for t in self.all_tensors().values()):
+            return self.cast(x)
         slot = (x.device, x.dtype)
         if slot not in self._cache:
-            self._cache[slot] = {k: t.to(device=x.device, dtype=x.dtype) for k, t in tensors.items()}
+            self._cache[slot] = self.cast(x)
         return self._cache[slot]
 
     def check(self, name: str, tensor: Tensor, expected: tuple[int, ...], what: str) -> None:

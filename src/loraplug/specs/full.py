@@ -10,7 +10,7 @@ from torch import Tensor
 from ..adapters import Adapter
 from ..algorithms.op import LayerOp
 from . import AlgorithmSpec, register
-from .base import BaseView, DensePatch, Patch, as_float32, channel_view
+from .base import BaseView, DensePatch, Patch, channel_view
 
 
 class FullPatch(DensePatch):
@@ -22,13 +22,13 @@ class FullPatch(DensePatch):
         diff = adapter.tensors["diff"]
         if diff.shape[0] != out_features or diff.numel() != math.prod(shape):
             self.fail("diff", diff, f"a full diff of this layer needs {shape}")
-        self.diff = as_float32(diff).reshape(shape)
+        self.diff = diff.reshape(shape)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"diff": self.diff}
 
     def unit_delta(self) -> Tensor:
-        return self.diff
+        return self.diff.float()
 
 
 class BiasPatch(Patch):

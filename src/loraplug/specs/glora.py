@@ -11,7 +11,7 @@ from ..algorithms.glora import glora_input_delta
 from ..algorithms.lora import lora_bypass, lora_delta_weight
 from ..algorithms.op import LayerOp
 from . import AlgorithmSpec, register
-from .base import BaseView, Patch, as_float32, squeeze_pointwise
+from .base import BaseView, Patch, squeeze_pointwise
 
 NAMES = {"a1.weight": "a1", "a2.weight": "a2", "b1.weight": "b1", "b2.weight": "b2", "bm.weight": "bm"}
 
@@ -23,7 +23,7 @@ class GloraPatch(Patch):
 
     def __init__(self, adapter: Adapter, op: LayerOp, out_features: int):
         super().__init__(adapter, op, out_features)
-        t = {k: as_float32(v) for k, v in adapter.tensors.items() if k in NAMES.values()}
+        t = {k: v for k, v in adapter.tensors.items() if k in NAMES.values()}
         self.a1, self.a2 = squeeze_pointwise(t["a1"]), squeeze_pointwise(t["a2"])
         self.b1, self.bm = squeeze_pointwise(t["b1"]), t.get("bm")
         self.b2 = squeeze_pointwise(t["b2"]) if self.bm is not None else t["b2"]
@@ -52,8 +52,9 @@ class GloraPatch(Patch):
 
     def delta_weight(self, weight: Tensor | None, strength: float) -> Tensor:
         s = self.scale * strength
-        b = lora_delta_weight(self.b2, self.b1, self.bm, s)
-        return glora_input_delta(weight, self.a1, self.a2) * s + b.reshape(weight.shape)
+        t = {k: v.float() for k, v in self.tensors().items()}
+        b = lora_delta_weight(t["b2"], t["b1"], t.get("bm"), s)
+        return glora_input_delta(weight, t["a1"], t["a2"]) * s + b.reshape(weight.shape)
 
     def bypass(self, x: Tensor, base: BaseView, strength: Tensor) -> Tensor:
         t = self.tensors_like(x)

@@ -11,7 +11,7 @@ from ..algorithms.loha import loha_as_lora, loha_delta_weight
 from ..algorithms.lora import lora_bypass, lora_scale
 from ..algorithms.op import LayerOp
 from . import AlgorithmSpec, register
-from .base import BaseView, DensePatch, Patch, as_float32
+from .base import BaseView, DensePatch, Patch
 from .dora import with_dora
 
 NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -22,7 +22,7 @@ class LohaPatch(DensePatch):
 
     def __init__(self, adapter: Adapter, op: LayerOp, out_features: int):
         super().__init__(adapter, op, out_features)
-        self.t = {n: as_float32(adapter.tensors[n]) for n in NAMES if n in adapter.tensors}
+        self.t = {n: adapter.tensors[n] for n in NAMES if n in adapter.tensors}
         self.tucker = "hada_t1" in self.t
         rank = self.t["hada_w1_b"].shape[0]
         self.shape = (out_features, op.in_features // op.groups, *op.kernel)
@@ -53,7 +53,7 @@ class LohaPatch(DensePatch):
         return self.t
 
     def unit_delta(self) -> Tensor:
-        t = self.t
+        t = {k: v.float() for k, v in self.t.items()}
         return loha_delta_weight(
             t["hada_w1_a"],
             t["hada_w1_b"],
@@ -68,7 +68,7 @@ class LohaPatch(DensePatch):
     def low_rank(self, x: Tensor) -> tuple[Tensor, Tensor, float] | None:
         if not self.factored or self.op.kind != "linear" or self.diff_b is not None:
             return None
-        t = self.tensors_like(x)
+        t = self.cast(x)
         up, down = loha_as_lora(t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"])
         return down, up, self.scale
 

@@ -12,7 +12,7 @@ from ..algorithms.lokr import lokr_bypass, lokr_delta_weight, lokr_factor, lokr_
 from ..algorithms.lora import lora_bypass
 from ..algorithms.op import LayerOp
 from . import AlgorithmSpec, register
-from .base import BaseView, DensePatch, Patch, as_float32
+from .base import BaseView, DensePatch, Patch
 from .dora import with_dora
 
 NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -31,7 +31,7 @@ class LokrPatch(DensePatch):
 
     def __init__(self, adapter: Adapter, op: LayerOp, out_features: int):
         super().__init__(adapter, op, out_features)
-        self.t = {n: as_float32(adapter.tensors[n]) for n in NAMES if n in adapter.tensors}
+        self.t = {n: adapter.tensors[n] for n in NAMES if n in adapter.tensors}
         t = self.t
         w1 = lokr_factor(t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"))
         a, c = w1.shape
@@ -67,7 +67,7 @@ class LokrPatch(DensePatch):
         return self.t
 
     def unit_delta(self) -> Tensor:
-        t = self.t
+        t = {k: v.float() for k, v in self.t.items()}
         w1 = lokr_factor(t.get("lokr_w1"), t.get("lokr_w1_a"), t.get("lokr_w1_b"))
         w2 = lokr_w2_dense(
             t.get("lokr_w2"), t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2"), self.op.kernel

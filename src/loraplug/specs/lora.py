@@ -8,7 +8,7 @@ from ..adapters import Adapter
 from ..algorithms.lora import lora_bypass, lora_delta_weight, lora_scale
 from ..algorithms.op import LayerOp
 from . import AlgorithmSpec, register
-from .base import BaseView, Patch, as_float32, squeeze_pointwise
+from .base import BaseView, Patch, squeeze_pointwise
 from .dora import with_dora
 
 SUFFIXES = {
@@ -44,8 +44,7 @@ class LoraPatch(Patch):
             down = squeeze_pointwise(down)
         if mid is None:
             self.check("down", down, (rank, in_per_group, *op.kernel), "this layer's input")
-        self.down, self.up = as_float32(down), as_float32(up)
-        self.mid = None if mid is None else as_float32(mid)
+        self.down, self.up, self.mid = down, up, mid  # kept in their own dtype: no copies
         self.scale = lora_scale(adapter.alpha, rank, adapter.rslora)
 
     def tensors(self) -> dict[str, Tensor]:
@@ -55,12 +54,13 @@ class LoraPatch(Patch):
         return t
 
     def delta_weight(self, weight: Tensor | None, strength: float) -> Tensor:
-        return lora_delta_weight(self.down, self.up, self.mid, self.scale * strength)
+        mid = None if self.mid is None else self.mid.float()
+        return lora_delta_weight(self.down.float(), self.up.float(), mid, self.scale * strength)
 
     def low_rank(self, x: Tensor) -> tuple[Tensor, Tensor, float] | None:
         if self.op.kind != "linear" or self.mid is not None or self.diff_b is not None:
             return None
-        t = self.tensors_like(x)
+        t = self.cast(x)
         return t["down"], t["up"], self.scale
 
     def bypass(self, x: Tensor, base: BaseView, strength: Tensor) -> Tensor:
