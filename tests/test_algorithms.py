@@ -153,7 +153,7 @@ def test_a_zero_bypass_is_caught(tmp_path, case, monkeypatch):
     adapters = lp.load(lycoris_reference(tmp_path, copy.deepcopy(base), algo, **kwargs)[1])
     index = ModelIndex(base)
     key, adapter = next(iter(adapters.adapters.items()))
-    op = index.ops[index.lookup(key)[0].module]
+    op = index.ops[index.lookup(key)[0][0].module]
     patch = specs.get(adapter.algorithm).build(adapter, op, op.out_features)
     monkeypatch.setattr(type(patch), "bypass", lambda self, x, base, s: torch.zeros((), dtype=x.dtype))
     with pytest.raises(AssertionError):

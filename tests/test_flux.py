@@ -11,7 +11,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 import loraplug as lp
-from loraplug.testing import bfl_layers, flux_inputs, tiny_flux
+from loraplug.testing import FINAL_MOD, bfl_layers, flux_inputs, tiny_flux
 
 TARGETS = [
     "to_q",
@@ -30,6 +30,9 @@ TARGETS = [
     "norm1.linear",
     "norm1_context.linear",
     "norm.linear",
+    "norm_out.linear",
+    "x_embedder",
+    "context_embedder",
 ]
 
 
@@ -101,12 +104,14 @@ def test_bfl_layout_module_by_module(tmp_path, flux):
     assert len(linear1) == 4  # q, k, v and proj_mlp share the fused linear1
     peft_modules = dict(peft_model.named_modules())
     bfl_modules = dict(bfl.named_modules())
-    x = torch.randn(3, 80)
+    x = torch.randn(3, 256)
     for path_, parts in sources.items():
         layer = bfl_modules[path_]
         xin = x[:, : layer.in_features]
         with torch.no_grad():
             want = torch.cat([peft_modules[p](xin) for p in parts], dim=-1)
+            if path_ == FINAL_MOD:  # BFL (shift, scale) vs diffusers (scale, shift)
+                want = want.roll(want.shape[-1] // 2, -1)
             got = layer(xin)
         close(got, want, rtol=1e-5, atol=1e-5)
     handle.remove()

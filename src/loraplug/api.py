@@ -159,7 +159,8 @@ def apply(
                         "module: check the adapter is for this model."
                     )
                 size = op.out_features if target.size is None else target.size
-                patch = spec.build(adapter, op, size)
+                part = adapter if target.rows is None else specs.take_rows(adapter, *target.rows)
+                patch = spec.build(part, op, size)
                 bindings.append((i, target, patch))
                 report.modules.add(target.module)
                 report.parameters += patch.parameters

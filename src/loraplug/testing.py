@@ -59,6 +59,16 @@ DOUBLE_FUSED = {
     "img_mod.lin": ("norm1.linear",),
     "txt_mod.lin": ("norm1_context.linear",),
 }
+GLOBAL_FUSED = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+}
+FINAL_MOD = "final_layer.adaLN_modulation.1"  # diffusers' norm_out.linear with its halves swapped
 SINGLE_FUSED = {
     "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
     "linear2": ("proj_out",),
@@ -66,13 +76,23 @@ SINGLE_FUSED = {
 }
 
 
-def _fuse(parts: list[nn.Linear]) -> nn.Linear:
+def _fuse(parts: list[nn.Linear], swap_halves: bool = False) -> nn.Linear:
     weight = torch.cat([p.weight.detach() for p in parts])
-    fused = nn.Linear(parts[0].in_features, weight.shape[0], bias=parts[0].bias is not None)
-    with torch.no_grad():
-        fused.weight.copy_(weight)
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([p.bias.detach() for p in parts]))
+    bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+    if swap_halves:
+        weight, bias = (
+            weight.roll(weight.shape[0] // 2, 0),
+            None if bias is None else bias.roll(bias.shape[0] // 2),
+        )
+    device, dtype = weight.device, weight.dtype
+    fused = nn.Linear(
+        parts[0].in_features, weight.shape[0], bias=bias is not None, device=device, dtype=dtype
+    )
+    if device.type != "meta":
+        with torch.no_grad():
+            fused.weight.copy_(weight)
+            if bias is not None:
+                fused.bias.copy_(bias)
     return fused
 
 
@@ -80,11 +100,16 @@ def bfl_layers(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, ...]]]
     """The linear layers of a diffusers Flux transformer re-laid in BFL/ComfyUI naming, fused.
 
     Returns the container (``double_blocks.N.img_attn.qkv`` …) and, per BFL name, the diffusers
-    modules whose outputs it concatenates. Only the projections, not a runnable model.
+    modules whose outputs it concatenates (the final modulation: halves swapped). Only the
+    projections, not a runnable model. Works on the meta device.
     """
     root = nn.Module()
     sources: dict[str, tuple[str, ...]] = {}
     modules = dict(model.named_modules())
+    for bfl, name in (*GLOBAL_FUSED.items(), (FINAL_MOD, "norm_out.linear")):
+        if name in modules:
+            _set(root, bfl, _fuse([modules[name]], swap_halves=bfl == FINAL_MOD))
+            sources[bfl] = (name,)
     for kind, blocks, table in (
         ("double_blocks", "transformer_blocks", DOUBLE_FUSED),
         ("single_blocks", "single_transformer_blocks", SINGLE_FUSED),

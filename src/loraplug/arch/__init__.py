@@ -33,11 +33,14 @@ FILE_PREFIXES = (
 @dataclass(frozen=True)
 class Target:
     """A module and the part of its output an adapter writes: rows [offset, offset+size) of the
-    weight's dim 0 (output features); size None means the whole output."""
+    weight's dim 0 (output features); size None means the whole output. ``rows`` (start, size)
+    picks the adapter's own output rows that go there, when one adapter spans several modules
+    (a fused-qkv LoRA on split q/k/v) or lands permuted (Flux's final modulation)."""
 
     module: str
     offset: int = 0
     size: int | None = None
+    rows: tuple[int, int] | None = None
 
     @property
     def slice(self) -> tuple[int, int, int] | None:
@@ -45,22 +48,34 @@ class Target:
         return None if self.size is None else (0, self.offset, self.size)
 
     def __str__(self) -> str:
-        if self.size is None:
-            return self.module
-        return f"{self.module}[{self.offset}:{self.offset + self.size}]"
+        where = (
+            self.module if self.size is None else f"{self.module}[{self.offset}:{self.offset + self.size}]"
+        )
+        if self.rows is None:
+            return where
+        return f"{where} <- rows {self.rows[0]}:{self.rows[0] + self.rows[1]}"
 
 
-def split(fused: str, parts: list[str], sizes: list[int]) -> dict[str, Target]:
+def split(fused: str, parts: list[str], sizes: list[int]) -> dict[str, list[Target]]:
     """Consecutive slices of ``fused``'s output, one per part name."""
     out, offset = {}, 0
     for part, size in zip(parts, sizes, strict=True):
-        out[part] = Target(fused, offset, size)
+        out[part] = [Target(fused, offset, size)]
         offset += size
     return out
 
 
-# An alias provider returns ({alias name: Target}, {real names it shadows}).
-AliasProvider = Callable[[nn.Module, dict[str, LayerOp]], tuple[dict[str, Target], set[str]]]
+def spread(modules: list[str], sizes: list[int]) -> list[Target]:
+    """One adapter over several whole modules: consecutive rows of its output to each."""
+    out, start = [], 0
+    for module, size in zip(modules, sizes, strict=True):
+        out.append(Target(module, rows=(start, size)))
+        start += size
+    return out
+
+
+# An alias provider returns ({alias name: targets}, {real names it shadows}).
+AliasProvider = Callable[[nn.Module, dict[str, LayerOp]], tuple[dict[str, list[Target]], set[str]]]
 PROVIDERS: list[AliasProvider] = []
 
 
@@ -87,14 +102,13 @@ class ModelIndex:
             op = layer_op(module)
             if op is not None and name:
                 self.modules[name], self.ops[name] = module, op
-        self.entries: dict[str, Target] = {}
         shadowed: set[str] = set()
-        aliases: dict[str, Target] = {}
+        aliases: dict[str, list[Target]] = {}
         for fn in PROVIDERS:
             found, hidden = fn(model, self.ops)
             aliases.update(found)
             shadowed |= hidden
-        self.entries = {n: Target(n) for n in self.ops if n not in shadowed}
+        self.entries: dict[str, list[Target]] = {n: [Target(n)] for n in self.ops if n not in shadowed}
         self.entries.update(aliases)
         self.shadowed = shadowed
         self._dotted: dict[str, set[str]] = defaultdict(set)
@@ -105,8 +119,8 @@ class ModelIndex:
                 self._dotted[".".join(parts[i:])].add(name)
                 self._flat["_".join(parts[i:])].add(name)
 
-    def lookup(self, key: str) -> tuple[Target | None, str]:
-        """The target of a logical key, or None and the reason it has none."""
+    def lookup(self, key: str) -> tuple[list[Target] | None, str]:
+        """The targets of a logical key, or None and the reason it has none."""
         ambiguous: set[str] = set()
         for variant in _variants(key):
             if variant in self.entries:
@@ -123,11 +137,11 @@ class ModelIndex:
     def resolve(self, adapters: AdapterSet) -> Plan:
         plan = Plan()
         for key in adapters.adapters:
-            target, reason = self.lookup(key)
-            if target is None:
+            targets, reason = self.lookup(key)
+            if targets is None:
                 plan.unmatched[key] = reason
             else:
-                plan.matched[key] = [target]
+                plan.matched[key] = targets
         return plan
 
 

@@ -19,7 +19,7 @@ FUSIONS = (
 )
 
 
-def fused_slices(fused: str, parts: tuple[str, ...], ops: dict[str, LayerOp]) -> dict[str, Target]:
+def fused_slices(fused: str, parts: tuple[str, ...], ops: dict[str, LayerOp]) -> dict[str, list[Target]]:
     """Each part's slice of ``fused``, sized from the parts' own shapes (or equal thirds)."""
     total = ops[fused].out_features
     sizes = [ops[p].out_features if p in ops else total // len(parts) for p in parts]
@@ -29,8 +29,8 @@ def fused_slices(fused: str, parts: tuple[str, ...], ops: dict[str, LayerOp]) ->
 
 
 @provider
-def fused_attention(model: nn.Module, ops: dict[str, LayerOp]) -> tuple[dict[str, Target], set[str]]:
-    aliases: dict[str, Target] = {}
+def fused_attention(model: nn.Module, ops: dict[str, LayerOp]) -> tuple[dict[str, list[Target]], set[str]]:
+    aliases: dict[str, list[Target]] = {}
     for name, module in model.named_modules():
         if not getattr(module, "fused_projections", False):
             continue

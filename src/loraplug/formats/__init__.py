@@ -15,8 +15,9 @@ from .. import specs
 from ..adapters import Adapter, AdapterSet, pattern_value
 from ..errors import AdapterTensorError, FormatError, sample
 from .io import read_path
+from .variants import rewrite
 
-FORMATS = ("peft", "kohya", "comfy", "diffusers")
+FORMATS = ("peft", "kohya", "comfy", "diffusers", "xlabs")
 _PEFT_ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.weight$")
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te", "lycoris_", "lora_transformer_")
 _COMFY_PREFIXES = ("diffusion_model.", "model.diffusion_model.")
@@ -81,7 +82,7 @@ def _group(tensors: dict[str, Tensor]) -> tuple[dict[str, dict[str, tuple[str, T
     groups: dict[str, dict[str, tuple[str, Tensor]]] = defaultdict(dict)
     unknown = []
     for key, tensor in tensors.items():
-        norm = _PEFT_ADAPTER_NAME.sub(r".\1.weight", key)
+        norm = _PEFT_ADAPTER_NAME.sub(r".\1.weight", rewrite(key)[0])
         for suffix, canonical in suffixes.items():
             if norm.endswith("." + suffix):
                 module_key = norm[: -len(suffix) - 1]
@@ -174,6 +175,8 @@ def _config_for(module_key: str, configs: dict[str, dict]) -> dict | None:
 def _detect(tensors: dict[str, Tensor]) -> str:
     """The key convention's name, for reports (loading does not depend on it)."""
     keys = list(tensors)
+    if any(rewrite(k)[1] for k in keys):
+        return "xlabs"
     if any(k.startswith(_COMFY_PREFIXES) for k in keys):
         return "comfy"
     if any(k.startswith(_KOHYA_PREFIXES) for k in keys):

@@ -3,11 +3,13 @@ layer. Formats and runtime ask the registry; they never branch on an algorithm's
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..adapters import Adapter
 from ..algorithms.op import LayerOp
+from ..errors import UnsupportedModuleError
 from .base import Patch
 
 # Tensor names any algorithm may carry next to its own. DoRA: LyCORIS/kohya ``dora_scale`` (axis
@@ -31,7 +33,9 @@ class AlgorithmSpec:
     (the largest set present wins across algorithms); ``accepts`` can refuse on tensor shapes
     (OFT and BOFT share key names); ``build`` binds an adapter to a layer (LayerOp) and the number
     of output features it writes, validating shapes; ``rank`` reports the adapter's rank;
-    ``layers`` are the LayerOp kinds it can adapt.
+    ``layers`` are the LayerOp kinds it can adapt; ``row_dims`` says along which dim each of its
+    tensors carries output rows (the others are shared by every row), or None where an adapter
+    cannot be cut into row ranges.
     """
 
     name: str
@@ -42,6 +46,7 @@ class AlgorithmSpec:
     accepts: Callable[[dict], bool] = lambda tensors: True
     layers: frozenset[str] = frozenset({"linear", "conv"})
     fallback: bool = False  # chosen only when no other algorithm matches (bias-only diffs)
+    row_dims: Callable[[Adapter], dict[str, int] | None] = lambda adapter: None
 
 
 _REGISTRY: dict[str, AlgorithmSpec] = {}
@@ -82,6 +87,22 @@ def is_weak(names: set[str]) -> bool:
     """True when these names alone say nothing about an adapter (an ``alpha``, a bare ``weight``):
     such keys are reported as unknown rather than as a broken adapter."""
     return names <= WEAK
+
+
+def take_rows(adapter: Adapter, start: int, size: int) -> Adapter:
+    """The part of ``adapter`` that writes its output rows [start, start+size): how one adapter is
+    spread over several modules. Raises UnsupportedModuleError where the algorithm cannot be cut."""
+    dims = get(adapter.algorithm).row_dims(adapter)
+    if dims is None:
+        raise UnsupportedModuleError(
+            f"{adapter.key}: a {adapter.algorithm} adapter spans several modules of this model and cannot "
+            "be cut into per-module rows. Apply it to a model with the layout it was trained on."
+        )
+    dims = {"diff_b": 0, "magnitude": 0, **dims}
+    if "dora_scale" in adapter.tensors and adapter.tensors["dora_scale"].shape[0] != 1:
+        dims["dora_scale"] = 0
+    tensors = {k: t.narrow(dims[k], start, size) if k in dims else t for k, t in adapter.tensors.items()}
+    return dataclasses.replace(adapter, tensors=tensors)
 
 
 def known_algorithms() -> list[str]:

@@ -46,7 +46,13 @@ class BiasPatch(Patch):
 
 
 register(
-    AlgorithmSpec(name="full", suffixes={"diff": "diff"}, identify=(frozenset({"diff"}),), build=FullPatch)
+    AlgorithmSpec(
+        name="full",
+        suffixes={"diff": "diff"},
+        identify=(frozenset({"diff"}),),
+        build=FullPatch,
+        row_dims=lambda a: {"diff": 0},
+    )
 )
 register(
     AlgorithmSpec(
@@ -56,5 +62,6 @@ register(
         build=BiasPatch,
         layers=frozenset({"linear", "conv", "norm"}),
         fallback=True,
+        row_dims=lambda a: {},
     )
 )

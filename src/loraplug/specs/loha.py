@@ -92,5 +92,6 @@ register(
         identify=(frozenset(NAMES[:4]),),
         build=_build,
         rank=lambda a: a.tensors["hada_w1_b"].shape[0],
+        row_dims=lambda a: None if "hada_t1" in a.tensors else {"hada_w1_a": 0, "hada_w2_a": 0},
     )
 )

@@ -83,5 +83,6 @@ register(
         identify=(frozenset({"down", "up"}),),
         build=_build,
         rank=lambda a: a.tensors["down"].shape[0],
+        row_dims=lambda a: {"up": 0},
     )
 )

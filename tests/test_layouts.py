@@ -1,0 +1,162 @@
+"""Every Flux key convention on every Flux layout: BFL/ComfyUI (fused), diffusers split, diffusers
+after fuse_qkv_projections(). A LoRA trained on fused modules spreads its rows over split ones."""
+
+import copy
+
+import pytest
+import torch
+from conftest import close
+
+import loraplug as lp
+from loraplug.testing import FINAL_MOD, bfl_layers, tiny_flux
+
+QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
+ADDED = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_flux()
+
+
+def _fused_sources(sources):
+    """The same BFL view on a fused diffusers model: q/k/v triples read from to_qkv / to_added_qkv."""
+    out = {}
+    for path, names in sources.items():
+        names = list(names)
+        for triple, fused in ((QKV, "attn.to_qkv"), (ADDED, "attn.to_added_qkv")):
+            full = [n for n in names if n.endswith(triple)]
+            if len(full) == 3:
+                prefix = full[0][: -len(triple[0])]
+                i = names.index(full[0])
+                names[i : i + 3] = [prefix + fused]
+        out[path] = tuple(names)
+    return out
+
+
+def _bfl_view(model, sources, x):
+    modules = dict(model.named_modules())
+    view = {}
+    with torch.no_grad():
+        for path, names in sources.items():
+            first = modules[names[0]]
+            y = torch.cat([modules[n](x[:, : first.in_features]) for n in names], -1)
+            view[path] = y.roll(y.shape[-1] // 2, -1) if path == FINAL_MOD else y
+    return view
+
+
+def _outputs(module_root, x):
+    with torch.no_grad():
+        return {
+            p: m(x[:, : m.in_features])
+            for p, m in module_root.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+
+
+def _kohya_lora(bfl, rank=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for path, m in bfl.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            key = "lora_unet_" + path.replace(".", "_")
+            sd[key + ".lora_down.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.3
+            sd[key + ".lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.3
+            sd[key + ".alpha"] = torch.tensor(2.0)
+    return sd
+
+
+def _xlabs_lora(bfl, rank=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    sd, modules = {}, dict(bfl.named_modules())
+    names = {
+        "img_attn.qkv": "qkv_lora1",
+        "txt_attn.qkv": "qkv_lora2",
+        "img_attn.proj": "proj_lora1",
+        "txt_attn.proj": "proj_lora2",
+        "linear2": "proj_lora",
+    }
+    for path, m in modules.items():
+        block, _, rest = path.partition(".")[2].partition(".")
+        kind = path.split(".")[0]
+        src = names.get(rest) if kind == "double_blocks" or rest == "linear2" else None
+        width = m.out_features if isinstance(m, torch.nn.Linear) else 0
+        if kind == "single_blocks" and rest == "linear1":
+            src, width = "qkv_lora", modules[f"single_blocks.{block}.linear2"].out_features * 3
+        if src:
+            key = f"{kind}.{block}.processor.{src}"
+            sd[key + ".down.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.3
+            sd[key + ".up.weight"] = torch.randn(width, rank, generator=g) * 0.3
+    return sd
+
+
+@pytest.mark.parametrize("convention", ["kohya", "xlabs"])
+def test_bfl_named_lora_on_every_layout(flux, convention):
+    bfl, sources = bfl_layers(flux)
+    sd = _kohya_lora(bfl) if convention == "kohya" else _xlabs_lora(bfl)
+    adapters = lp.load(sd)
+    assert adapters.format == convention
+    x = torch.randn(3, 256)
+    plain = _outputs(bfl, x)
+    with lp.apply(bfl, adapters) as handle:
+        assert handle.report.ok
+        want = _outputs(bfl, x)
+    moved = [p for p in want if not torch.allclose(want[p], plain[p])]
+    assert len(moved) == (len(want) if convention == "kohya" else 2 * 4 + 2 * 2)
+    for fused in (False, True):
+        model = copy.deepcopy(flux)
+        if fused:
+            model.fuse_qkv_projections()
+        view_sources = _fused_sources(sources) if fused else sources
+        for mode in ("bypass", "merge"):
+            with lp.apply(model, adapters, mode=mode) as handle:
+                report = handle.report
+                assert report.ok, report.unmatched
+                got = _bfl_view(model, view_sources, x)
+            for path in want:
+                close(got[path], want[path], rtol=1e-5, atol=1e-5)
+        if not fused and convention == "kohya":
+            spread = [str(t) for t in report.matched["lora_unet_single_blocks_0_linear1"]]
+            assert spread == [
+                "single_transformer_blocks.0.attn.to_q <- rows 0:16",
+                "single_transformer_blocks.0.attn.to_k <- rows 16:32",
+                "single_transformer_blocks.0.attn.to_v <- rows 32:48",
+                "single_transformer_blocks.0.proj_mlp <- rows 48:112",
+            ]
+
+
+def test_final_modulation_halves_are_swapped(flux):
+    bfl, _ = bfl_layers(flux)
+    g = torch.Generator().manual_seed(0)
+    up = torch.randn(32, 2, generator=g)
+    sd = {
+        "transformer.norm_out.linear.lora_A.weight": torch.randn(2, 16, generator=g),
+        "transformer.norm_out.linear.lora_B.weight": up,
+    }
+    with lp.apply(bfl, sd) as handle:
+        targets = [str(t) for t in handle.report.matched["transformer.norm_out.linear"]]
+    assert targets == [
+        "final_layer.adaLN_modulation.1[16:32] <- rows 0:16",
+        "final_layer.adaLN_modulation.1[0:16] <- rows 16:32",
+    ]
+
+
+def test_a_loha_spanning_split_modules_is_cut_and_a_lokr_is_refused(flux):
+    bfl, _ = bfl_layers(flux)
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_double_blocks_0_img_attn_qkv"
+    loha = {
+        f"{key}.hada_w{i}_{ab}": torch.randn(*((48, 2) if ab == "a" else (2, 16)), generator=g) * 0.3
+        for i in "12"
+        for ab in "ab"
+    }
+    x = torch.randn(3, 16)
+    with lp.apply(bfl, loha):
+        want = getattr(bfl.double_blocks, "0").img_attn.qkv(x)
+    model = copy.deepcopy(flux)
+    with lp.apply(model, loha), torch.no_grad():
+        attn = model.transformer_blocks[0].attn
+        close(torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], -1), want, rtol=1e-5, atol=1e-5)
+    lokr = {f"{key}.lokr_w1": torch.randn(4, 4), f"{key}.lokr_w2": torch.randn(12, 4)}
+    with pytest.raises(lp.UnsupportedModuleError, match="cannot\nbe cut|cannot be cut"):
+        lp.apply(copy.deepcopy(flux), lokr)
