@@ -66,6 +66,8 @@ GLOBAL_FUSED = {
     "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
     "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
     "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
     "final_layer.linear": "proj_out",
 }
 FINAL_MOD = "final_layer.adaLN_modulation.1"  # diffusers' norm_out.linear with its halves swapped
