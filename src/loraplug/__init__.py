@@ -1,7 +1,7 @@
 """loraplug: LoRA-family adapters on any PyTorch model, in bypass mode or merged exactly."""
 
 from .adapters import Adapter, AdapterSet
-from .api import Handle, apply, load, merge
+from .api import Handle, apply, load, merge, save
 from .arch import Target
 from .errors import (
     AdapterFileError,
@@ -34,4 +34,5 @@ __all__ = [
     "apply",
     "load",
     "merge",
+    "save",
 ]

@@ -14,6 +14,7 @@ from .adapters import AdapterSet
 from .arch import ModelIndex, Target
 from .errors import HandleError, LoraplugError, UnmatchedKeysError, UnsupportedModuleError, sample
 from .formats import load as _load
+from .formats import write
 from .report import Report
 from .runtime import bypass
 from .runtime import merge as merge_rt
@@ -184,6 +185,28 @@ def apply(
         handle.remove()
         raise
     return handle
+
+
+def save(
+    adapters: AdapterLike | Handle,
+    path: str | Path,
+    format: str = "peft",
+    *,
+    model: nn.Module | None = None,
+    component: str = "transformer",
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write adapters as safetensors in ``format`` ("peft" = diffusers/PEFT keys with alpha in
+    ``lora_adapter_metadata``, "kohya" = ``lora_unet_…`` with alpha tensors, "comfy" =
+    ``diffusion_model.…``). ``model`` resolves kohya's flattened names; converting is
+    ``lp.save(lp.load(src), dst, format=...)``."""
+    if isinstance(adapters, Handle):
+        if len(adapters.adapters) != 1:
+            raise HandleError(
+                "this handle holds several adapter sets; save them one by one (handle.adapters)."
+            )
+        adapters = adapters.adapters[0]
+    return write.save(load(adapters), path, format, model=model, component=component, dtype=dtype)
 
 
 def merge(
