@@ -66,3 +66,62 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["handle"].report.ok and len(namespace["handle"].report.fused) > 0
+
+
+def _flux_checkpoint(tmp_path):
+    from loraplug.testing import tiny_flux
+
+    model = tiny_flux()
+    ckpt = tmp_path / "flux.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    return model, ckpt
+
+
+def _rank2_lora(model):
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.proj_mlp"):
+        m = dict(model.named_modules())[name]
+        a, b = torch.randn(2, m.in_features, generator=g), torch.randn(m.out_features, 2, generator=g)
+        sd[f"transformer.{name}.lora_A.weight"] = torch.cat([a, a * 0.5, a * 0.25])  # rank 6 file,
+        sd[f"transformer.{name}.lora_B.weight"] = torch.cat([b, b, b], 1) / 3  # rank-2 update
+    return sd
+
+
+def test_convert_with_model_dtype_and_resize(tmp_path):
+    import loraplug as lp
+    from loraplug.testing import flux_inputs
+
+    model, ckpt = _flux_checkpoint(tmp_path)
+    src = tmp_path / "in.safetensors"
+    save_file(_rank2_lora(model), str(src))
+    inputs = flux_inputs()
+    with lp.apply(model, src), torch.no_grad():
+        want = model(**inputs)[0]
+    kohya = tmp_path / "k.safetensors"
+    result = runner.invoke(app, ["convert", str(src), str(kohya), "--to", "kohya", "--resize-rank", "2"])
+    assert result.exit_code == 0, result.output
+    adapters = lp.load(kohya)
+    assert {a.tensors["down"].shape[0] for a in adapters.adapters.values()} == {2}
+    back = tmp_path / "p.safetensors"
+    result = runner.invoke(
+        app, ["convert", str(kohya), str(back), "--to", "peft", "--model", str(ckpt), "--dtype", "fp32"]
+    )
+    assert result.exit_code == 0, result.output
+    for path in (kohya, back):
+        with lp.apply(model, path), torch.no_grad():
+            torch.testing.assert_close(model(**inputs)[0], want, rtol=1e-4, atol=1e-4)
+    result = runner.invoke(app, ["convert", str(kohya), str(tmp_path / "x.safetensors"), "--to", "peft"])
+    assert result.exit_code == 2 and "model" in result.output
+
+
+def test_inspect_coverage_against_a_checkpoint(tmp_path):
+    model, ckpt = _flux_checkpoint(tmp_path)
+    sd = _rank2_lora(model)
+    sd["transformer.not_a_module.lora_A.weight"] = torch.randn(2, 4)
+    sd["transformer.not_a_module.lora_B.weight"] = torch.randn(4, 2)
+    src = tmp_path / "in.safetensors"
+    save_file(sd, str(src))
+    result = runner.invoke(app, ["inspect", "--json", "--model", str(ckpt), str(src)])
+    data = json.loads(result.output)[0]["coverage"]
+    assert data["matched"] == 2 and list(data["unmatched"]) == ["transformer.not_a_module"]

@@ -7,12 +7,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from . import api, specs
+from .arch import ModelIndex
 from .errors import LoraplugError
+from .formats import write
+from .skeleton import load_skeleton
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="LoRA-family adapters on any PyTorch model."
@@ -86,10 +90,20 @@ def _block_of(key: str) -> str:
 def inspect(
     files: Annotated[list[Path], typer.Argument(help="Adapter files or PEFT directories.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    model: Annotated[
+        Path | None, typer.Option(help="Checkpoint, key list or diffusers dir: coverage.")
+    ] = None,
 ) -> None:
     """Format, algorithms, ranks/alphas, dtypes, size, blocks and metadata of adapter files."""
     try:
         summaries = [_summary(f) for f in files]
+        if model is not None:
+            index = ModelIndex(load_skeleton(model))
+            for s in summaries:
+                plan = index.resolve(api.load(s["file"]))
+                s["coverage"] = {"matched": len(plan.matched), "unmatched": plan.unmatched,
+                                 "fused": sum(any(t.size is not None or t.rows for t in ts)
+                                              for ts in plan.matched.values())}  # fmt: skip
     except LoraplugError as err:
         _fail(err)
     if as_json:
@@ -108,9 +122,49 @@ def inspect(
         )
         for k, v in s["metadata"].items():
             table.add_row(f"meta:{k}", v)
+        if "coverage" in s:
+            c = s["coverage"]
+            table.add_row("coverage", f"{c['matched']} matched ({c['fused']} into fused slices), "
+                          f"{len(c['unmatched'])} unmatched")  # fmt: skip
+            for key, reason in list(c["unmatched"].items())[:8]:
+                table.add_row("[red]unmatched[/red]", f"{key}: {reason}")
         if s["unknown_keys"]:
             table.add_row("[red]unknown keys[/red]", ", ".join(s["unknown_keys"][:8]))
         console.print(table)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="Adapter file or PEFT directory.")],
+    target: Annotated[Path, typer.Argument(help="Output .safetensors file.")],
+    to: Annotated[str, typer.Option("--to", help="peft, kohya or comfy.")] = "peft",
+    model: Annotated[
+        Path | None, typer.Option(help="Checkpoint, key list or diffusers dir (for kohya names).")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32, fp16 or bf16.")] = None,
+    resize_rank: Annotated[
+        int | None, typer.Option("--resize-rank", help="Re-factor LoRAs to this rank (SVD).")
+    ] = None,
+) -> None:
+    """Convert an adapter between key conventions (optionally cast or re-rank it)."""
+    try:
+        if dtype is not None and dtype not in DTYPES:
+            raise LoraplugError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}.")
+        adapters = api.load(source)
+        kept: list[str] = []
+        if resize_rank is not None:
+            adapters, kept = write.resize(adapters, resize_rank)
+        skeleton = load_skeleton(model) if model is not None else None
+        out = api.save(adapters, target, format=to, model=skeleton, dtype=DTYPES.get(dtype))
+    except LoraplugError as err:
+        _fail(err)
+    console.print(
+        f"wrote [green]{out}[/green]: {len(adapters)} modules as {to}"
+        + (f"; {len(kept)} not re-ranked (not plain LoRA)" if kept else "")
+    )
 
 
 if __name__ == "__main__":

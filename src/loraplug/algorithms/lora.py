@@ -47,3 +47,13 @@ def lora_bypass(
     else:
         hidden = op.run(op.pointwise(x, down), mid)
     return op.pointwise(hidden * scale, up)
+
+
+def lora_resize(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(down (rank, in·∏k), up (out, rank)) whose product is the best rank-``rank`` approximation
+    of ``delta`` (out, in, *k) (truncated SVD, singular values split evenly between the factors)."""
+    flat = delta.reshape(delta.shape[0], -1).float()
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    rank = min(rank, s.shape[0])
+    root = s[:rank].sqrt()
+    return root[:, None] * vh[:rank], u[:, :rank] * root

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from .. import specs
 from ..adapters import Adapter, AdapterSet
+from ..algorithms.lora import lora_delta_weight, lora_resize, lora_scale
 from ..arch import FILE_PREFIXES, ModelIndex
 from ..errors import FormatError, LoraplugError
 
@@ -49,6 +51,28 @@ def module_names(adapters: AdapterSet, model: nn.Module | None, dotted: bool) ->
             )
         names[key] = stripped
     return names
+
+
+def resize(adapters: AdapterSet, rank: int) -> tuple[AdapterSet, list[str]]:
+    """LoRAs re-factored to ``rank`` by SVD of their ΔW (alpha = rank, so the scale folds in);
+    returns the new set and the keys left as they were (other algorithms, DoRA)."""
+    out, kept = {}, []
+    for key, adapter in adapters.adapters.items():
+        t = adapter.tensors
+        if adapter.algorithm != "lora" or {"dora_scale", "magnitude"} & set(t):
+            out[key], kept = adapter, [*kept, key]
+            continue
+        down, up, mid = t["down"], t["up"], t.get("mid")
+        kernel = (mid if mid is not None else down).shape[2:]
+        delta = lora_delta_weight(down.float(), up.float(), None if mid is None else mid.float(),
+                                  lora_scale(adapter.alpha, down.shape[0], adapter.rslora))  # fmt: skip
+        new_down, new_up = lora_resize(delta, rank)
+        r = new_down.shape[0]
+        tensors = {k: v for k, v in t.items() if k not in ("down", "up", "mid")}
+        tensors["down"] = new_down.reshape(r, down.shape[1], *kernel).to(down.dtype)
+        tensors["up"] = new_up.reshape(up.shape[0], r, *([1] * len(kernel))).to(up.dtype)
+        out[key] = dataclasses.replace(adapter, tensors=tensors, alpha=float(r), rslora=False, config={})
+    return dataclasses.replace(adapters, adapters=out), kept
 
 
 def _file_tensors(adapter: Adapter, fmt: str) -> dict[str, Tensor]:
