@@ -1,5 +1,8 @@
 import copy
 import os
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,3 +44,27 @@ def randomize_(module, prefix_filter=("lora_",), std=0.1, seed=0):
 @pytest.fixture
 def clone():
     return copy.deepcopy
+
+
+COMFY = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
+
+
+@pytest.fixture(scope="session")
+def comfy_utils(tmp_path_factory):
+    """ComfyUI's comfy.utils (key maps) from ../shared/comfyui, imported from a writable copy."""
+    if not COMFY.exists():
+        pytest.skip("no ComfyUI tree beside the checkout (../shared/comfyui)")
+    root = tmp_path_factory.mktemp("comfy") / "comfyui"
+    shutil.copytree(COMFY, root)
+    sys.path.insert(0, str(root))
+    argv, sys.argv = sys.argv, ["comfy", "--cpu"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.utils
+
+        return comfy.utils
+    finally:
+        sys.argv = argv
+        sys.path.remove(str(root))

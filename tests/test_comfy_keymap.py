@@ -1,38 +1,17 @@
 """ComfyUI's own Flux key map (comfy.utils.flux_to_diffusers, from ../shared/comfyui) as the oracle
 for loraplug's Flux tables, in both directions."""
 
-import shutil
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from loraplug.arch import ModelIndex
 from loraplug.testing import bfl_layers, tiny_flux
 
-COMFY = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
-
 
 @pytest.fixture(scope="module")
-def comfy_flux_map(tmp_path_factory):
-    if not COMFY.exists():
-        pytest.skip("no ComfyUI tree beside the checkout (../shared/comfyui)")
-    root = tmp_path_factory.mktemp("comfy") / "comfyui"
-    shutil.copytree(COMFY, root)  # ComfyUI writes next to itself; the shared tree is read-only
-    sys.path.insert(0, str(root))
-    argv, sys.argv = sys.argv, ["comfy", "--cpu"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.utils
-
-        config = {"depth": 2, "depth_single_blocks": 2, "hidden_size": 16, "guidance_embed": True}
-        return comfy.utils.flux_to_diffusers(config, output_prefix="")
-    finally:
-        sys.argv = argv
-        sys.path.remove(str(root))
+def comfy_flux_map(comfy_utils):
+    config = {"depth": 2, "depth_single_blocks": 2, "hidden_size": 16, "guidance_embed": True}
+    return comfy_utils.flux_to_diffusers(config, output_prefix="")
 
 
 def _weight_entries(key_map, linear_names):
