@@ -139,3 +139,55 @@ def test_sd3_counts_are_not_vacuous(comfy_utils):
     model.fuse_qkv_projections()
     targets, _ = ModelIndex(model).lookup("lora_unet_joint_blocks_0_x_block_attn_qkv")
     assert [str(t) for t in targets] == ["transformer_blocks.0.attn.to_qkv"]
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_unet_ldm_layout(comfy_utils, kind):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=16,
+                  norm_num_groups=4, attention_head_dim=2)  # fmt: skip
+    if kind == "sd15":
+        model = UNet2DConditionModel(block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **common)  # fmt: skip
+        config = {"num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 0],
+                  "transformer_depth_output": [1, 1, 0, 0], "transformer_depth_middle": 1}  # fmt: skip
+    else:  # SDXL-like: no attention at the top level, two transformer blocks deeper, added embeddings
+        common["layers_per_block"] = 2
+        model = UNet2DConditionModel(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+                                     addition_embed_type="text_time", addition_time_embed_dim=4,
+                                     projection_class_embeddings_input_dim=28, use_linear_projection=True, **common)  # fmt: skip
+        config = {"num_res_blocks": [2, 2], "channel_mult": [1, 2], "transformer_depth": [0, 0, 2, 2],
+                  "transformer_depth_output": [0, 0, 0, 2, 2, 2], "transformer_depth_middle": 2}  # fmt: skip
+    key_map = comfy_utils.unet_to_diffusers(config)
+    assert check_layout(model, key_map) > 30
+
+
+def test_real_size_sdxl_kohya_keys_on_diffusers_unet(comfy_utils):
+    """Every Linear/Conv of an SDXL-size UNet (meta device), named the ldm way as kohya SDXL LoRAs
+    name them, resolves onto the diffusers UNet with zero unmatched keys."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        )  # fmt: skip
+    config = {"num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+              "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10}  # fmt: skip
+    key_map = comfy_utils.unet_to_diffusers(config)
+    layers = {n for n, m in model.named_modules() if isinstance(m, LAYERS)}
+    ldm = {
+        v.removesuffix(".weight") for k, v in key_map.items() if k.endswith(".weight") and k[:-7] in layers
+    }
+    assert len(ldm) > 700
+    keys = {
+        f"lora_unet_{n.replace('.', '_')}.{w}" for n in ldm for w in ("lora_down.weight", "lora_up.weight")
+    }
+    plan = ModelIndex(model).resolve(lp.load({k: torch.zeros(1, 1) for k in keys}))
+    assert not plan.unmatched and len(plan.matched) == len(ldm)
