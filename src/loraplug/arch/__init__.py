@@ -158,4 +158,4 @@ def resolve(model: nn.Module, adapters: AdapterSet) -> Plan:
     return ModelIndex(model).resolve(adapters)
 
 
-from . import diffusers, flux, sd3, unet  # noqa: E402,F401  (register their providers)
+from . import diffusers, flux, flux2, sd3, unet, zimage  # noqa: E402,F401  (register their providers)
