@@ -191,3 +191,33 @@ def test_real_size_sdxl_kohya_keys_on_diffusers_unet(comfy_utils):
     }
     plan = ModelIndex(model).resolve(lp.load({k: torch.zeros(1, 1) for k in keys}))
     assert not plan.unmatched and len(plan.matched) == len(ldm)
+
+
+def test_real_size_sd35_medium_both_ways(comfy_utils):
+    """SD3.5-medium size on the meta device: the original joint_blocks names (kohya) resolve onto
+    the diffusers model, and diffusers names onto a joint_blocks skeleton, with zero unmatched."""
+    from diffusers import SD3Transformer2DModel
+
+    from loraplug.skeleton import from_shapes
+
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+            joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+            pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+        )  # fmt: skip
+    key_map = comfy_utils.mmdit_to_diffusers({"depth": 24, "num_blocks": 24}, output_prefix="")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LAYERS)}
+    shapes = {}
+    for key, value in key_map.items():
+        if key.endswith(".weight") and key[:-7] in layers:
+            other = (value if isinstance(value, str) else value[0]).removesuffix(".weight")
+            w = layers[key[:-7]].weight
+            prev = shapes.get(other + ".weight")
+            shapes[other + ".weight"] = (w.shape[0] + (prev[0] if prev else 0), *w.shape[1:])
+    for names, layout in (({k[:-7] for k in shapes}, model), (set(layers), from_shapes(shapes))):
+        keys = {f"lora_unet_{n.replace('.', '_')}.{w}" if layout is model else f"transformer.{n}.{w2}": torch.zeros(1, 1)
+                for n in names for w, w2 in (("lora_down.weight", "lora_A.weight"), ("lora_up.weight", "lora_B.weight"))}  # fmt: skip
+        plan = ModelIndex(layout).resolve(lp.load(keys))
+        assert not plan.unmatched, list(plan.unmatched)[:5]
+        assert len(plan.matched) == len(names) > 250

@@ -160,3 +160,40 @@ def test_a_loha_spanning_split_modules_is_cut_and_a_lokr_is_refused(flux):
     lokr = {f"{key}.lokr_w1": torch.randn(4, 4), f"{key}.lokr_w2": torch.randn(12, 4)}
     with pytest.raises(lp.UnsupportedModuleError, match="cannot\nbe cut|cannot be cut"):
         lp.apply(copy.deepcopy(flux), lokr)
+
+
+def test_text_encoder_keys_go_to_the_text_encoder(flux):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=50, max_position_embeddings=8))  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    sd = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 16, generator=g),
+          "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(48, 2, generator=g),
+          "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(2, 16, generator=g),
+          "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(16, 2, generator=g)}  # fmt: skip
+    model = copy.deepcopy(flux)
+    with pytest.warns(UserWarning, match="text_encoder"):
+        handle = lp.apply(model, sd)
+    assert list(handle.report.other_components) == ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj"]
+    assert "for other components" in str(handle.report)
+    handle.remove()
+    with lp.apply(te, sd, strict=False) as te_handle:
+        assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in te_handle.report.matched
+        assert list(te_handle.report.unmatched) == ["lora_unet_double_blocks_0_img_attn_qkv"]
+
+
+def test_kohya_flattening_is_resolved_against_real_names_or_reported_ambiguous():
+    root = torch.nn.Module()
+    root.a_b = torch.nn.Module()
+    root.a_b.c = torch.nn.Linear(2, 2)
+    root.a = torch.nn.Module()
+    root.a.b_c = torch.nn.Linear(2, 2)
+    root.a.b_d = torch.nn.Linear(2, 2)
+    sd = {f"lora_unet_{k}.{w}": torch.zeros(1, 2) if w.endswith("down.weight") else torch.zeros(2, 1)
+          for k in ("a_b_c", "a_b_d") for w in ("lora_down.weight", "lora_up.weight")}  # fmt: skip
+    handle = lp.apply(root, sd, strict=False)
+    assert [str(t) for t in handle.report.matched["lora_unet_a_b_d"]] == ["a.b_d"]
+    assert handle.report.unmatched["lora_unet_a_b_c"].startswith("ambiguous: matches 2 modules")
+    handle.remove()

@@ -246,3 +246,17 @@ def test_property_slices_bypass_equals_merge_and_reference(in_dim, sizes, ranks,
         assert (got.float() - want).abs().max().item() <= tol * scale
         handle.remove()
         assert_identical(model, snap)
+
+
+def test_layers_wrapped_by_peft_answer_to_their_own_names():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 6))
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    sd = {"0.lora_A.weight": torch.randn(3, 8), "0.lora_B.weight": torch.randn(6, 3)}
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        peft_only = peft(x)
+        mine = base(x) + x @ sd["0.lora_A.weight"].T @ sd["0.lora_B.weight"].T
+        with lp.apply(peft, sd) as handle:
+            assert [str(t) for t in handle.report.matched["0"]] == ["base_model.model.0.base_layer"]
+            close(peft(x), peft_only + mine - base(x), rtol=1e-5, atol=1e-5)

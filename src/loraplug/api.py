@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from torch import nn
 
 from . import specs
 from .adapters import AdapterSet
-from .arch import ModelIndex, Target
+from .arch import ModelIndex, Target, component_of
 from .errors import HandleError, LoraplugError, UnmatchedKeysError, UnsupportedModuleError, sample
 from .formats import load as _load
 from .formats import write
@@ -144,7 +145,11 @@ def apply(
         tag = f"{adapter_set.name}:" if len(sets) > 1 else ""
         plan = index.resolve(adapter_set)
         for key, reason in plan.unmatched.items():
-            report.unmatched[tag + key] = reason
+            component = component_of(key)
+            if component is not None:
+                report.other_components[tag + key] = component
+            else:
+                report.unmatched[tag + key] = reason
         for key in adapter_set.unknown_keys:
             report.unmatched[tag + key] = "no algorithm recognises this tensor name"
         for key, targets in plan.matched.items():
@@ -178,6 +183,13 @@ def apply(
             by_module.setdefault(target.module, []).append(patch)
         for name, patches in by_module.items():
             merge_rt.check_mergeable(index.modules[name], name, patches)
+    if report.other_components:
+        names = ", ".join(sorted(set(report.other_components.values())))
+        warnings.warn(
+            f"{len(report.other_components)} adapter keys are for {names}, not this model; apply the "
+            "file to that component as well (see handle.report.other_components).",
+            stacklevel=2,
+        )
     handle = Handle(mode, sets, strengths, report)
     try:
         _install(handle, index, bindings)

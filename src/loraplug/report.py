@@ -16,11 +16,13 @@ class Report:
 
     matched: logical key -> targets; unmatched: logical or file key -> reason; fused: keys that
     landed in a slice of a fused module; modules: module names touched; parameters: adapter
-    parameters bound.
+    parameters bound; other_components: keys for another pipeline component (a text encoder)
+    that this model is not: not applied, not an error; apply the file to that component too.
     """
 
     matched: dict[str, list[Target]] = field(default_factory=dict)
     unmatched: dict[str, str] = field(default_factory=dict)
+    other_components: dict[str, str] = field(default_factory=dict)
     modules: set[str] = field(default_factory=set)
     parameters: int = 0
 
@@ -42,6 +44,11 @@ class Report:
         t.add_row("  into fused slices", str(len(self.fused)), _example(self.fused))
         t.add_row("modules touched", str(len(self.modules)), "")
         t.add_row("adapter parameters", f"{self.parameters:,}", "")
+        if self.other_components:
+            names = sorted(set(self.other_components.values()))
+            t.add_row(
+                "for other components", str(len(self.other_components)), f"apply to: {', '.join(names)}"
+            )
         t.add_row("unmatched keys", str(len(self.unmatched)), "" if self.ok else "[red]not applied[/red]")
         for key, reason in list(self.unmatched.items())[:limit]:
             t.add_row("", key, reason)

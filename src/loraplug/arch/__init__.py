@@ -18,7 +18,20 @@ from torch import nn
 from ..adapters import AdapterSet
 from ..algorithms.op import LayerOp, layer_op
 
+# Keys of other pipeline components (text encoders): matched when the model is that component,
+# otherwise reported as belonging to it rather than as unmatched.
+COMPONENT_PREFIXES = {
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+    "lora_te3_": "text_encoder_3",
+    "lora_te_": "text_encoder",
+    "text_encoder.": "text_encoder",
+    "text_encoder_2.": "text_encoder_2",
+    "text_encoder_3.": "text_encoder_3",
+}
+INNER_PREFIXES = ("text_model.", "text_model_")
 FILE_PREFIXES = (
+    *COMPONENT_PREFIXES,
     "base_model.model.",
     "transformer.",
     "unet.",
@@ -145,11 +158,20 @@ class ModelIndex:
         return plan
 
 
+def component_of(key: str) -> str | None:
+    """The pipeline component a key's prefix names (text encoders), if any."""
+    return next((c for p, c in COMPONENT_PREFIXES.items() if key.startswith(p)), None)
+
+
 def _variants(key: str) -> list[str]:
+    """The key, then with each known prefix stripped, then with a second one stripped
+    (``lora_te1_`` + ``text_model_`` for text encoders whose modules drop ``text_model``)."""
     out = [key]
     for prefix in FILE_PREFIXES:
         if key.startswith(prefix):
-            out.append(key[len(prefix) :])
+            rest = key[len(prefix) :]
+            out.append(rest)
+            out += [rest[len(inner) :] for inner in INNER_PREFIXES if rest.startswith(inner)]
     return out
 
 

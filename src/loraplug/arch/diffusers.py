@@ -42,3 +42,11 @@ def fused_attention(model: nn.Module, ops: dict[str, LayerOp]) -> tuple[dict[str
             for part, target in fused_slices(prefix + fused, names, ops).items():
                 aliases[part] = target
     return aliases, set(aliases)
+
+
+@provider
+def peft_wrapped(model: nn.Module, ops: dict[str, LayerOp]) -> tuple[dict[str, list[Target]], set[str]]:
+    """Layers already wrapped by PEFT (``x.base_layer``) keep answering to their own name ``x``."""
+    return {
+        name[: -len(".base_layer")]: [Target(name)] for name in ops if name.endswith(".base_layer")
+    }, set()
