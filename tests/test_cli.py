@@ -31,7 +31,10 @@ def test_inspect_table_and_json(tmp_path):
             "lora_unet_blocks_0_attn.alpha": torch.tensor(2.0),
         },
         str(path),
-        metadata={"ss_base_model_version": "flux1", "ss_tag_frequency": "{}"},
+        metadata={
+            "ss_base_model_version": "flux1",
+            "ss_tag_frequency": json.dumps({"10_ohwx": {"ohwx person": 12, "smiling": 3}}),
+        },
     )
     result = runner.invoke(app, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
@@ -39,6 +42,7 @@ def test_inspect_table_and_json(tmp_path):
     result = runner.invoke(app, ["inspect", "--json", str(path)])
     data = json.loads(result.output)
     assert data[0]["ranks"] == {"4": 1} and data[0]["alphas"] == {"2.0": 1}
+    assert data[0]["trigger_words"] == ["ohwx person", "smiling"] and data[0]["base_model"] == "flux1"
 
 
 def test_bad_file_is_one_line_exit_2(tmp_path):
@@ -128,3 +132,26 @@ def test_inspect_coverage_against_a_checkpoint(tmp_path):
     result = runner.invoke(app, ["inspect", "--json", "--model", str(ckpt), str(src)])
     data = json.loads(result.output)[0]["coverage"]
     assert data["matched"] == 2 and list(data["unmatched"]) == ["transformer.not_a_module"]
+
+
+def _entry_point():
+    exe = Path(sys.executable).with_name("loraplug")
+    assert exe.exists(), "the loraplug entry point is installed with the package"
+    return str(exe)
+
+
+def test_installed_entry_point_runs_the_readme_demo_command():
+    """The README's first command ends with `loraplug demo`: run it as a user would."""
+    readme = (ROOT / "README.md").read_text()
+    first = re.search(r"```bash\n(.*?)\n", readme).group(1)
+    assert first.endswith("&& loraplug demo")
+    proc = subprocess.run([_entry_point(), "demo"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "demo passed" in proc.stdout
+
+
+def test_installed_entry_point_errors_are_one_line(tmp_path):
+    proc = subprocess.run(
+        [_entry_point(), "inspect", str(tmp_path / "nope.safetensors")], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such file" in proc.stderr

@@ -33,7 +33,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on
 def _fail(err: Exception) -> None:
     if _state["debug"]:
         raise err
-    Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {err}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -61,7 +61,7 @@ def _summary(path: Path) -> dict:
         ranks[str(specs.get(adapter.algorithm).rank(adapter))] += 1
         alphas[str(adapter.alpha)] += 1
         dtypes |= {str(t.dtype).replace("torch.", "") for t in adapter.tensors.values()}
-    meta = {k: v for k, v in ad.metadata.items() if len(v) < 200}
+    meta = {k: v for k, v in ad.metadata.items() if len(v) < 200 and k != "lora_adapter_metadata"}
     return {
         "file": str(path),
         "format": ad.format,
@@ -75,7 +75,31 @@ def _summary(path: Path) -> dict:
         "blocks": dict(blocks),
         "unknown_keys": ad.unknown_keys,
         "metadata": meta,
+        "trigger_words": _trigger_words(ad.metadata),
+        "base_model": _base_model(ad.metadata),
     }
+
+
+def _trigger_words(metadata: dict[str, str], limit: int = 8) -> list[str]:
+    """Trigger words as trainers record them: modelspec.trigger_phrase, else kohya's most frequent tags."""
+    if metadata.get("modelspec.trigger_phrase"):
+        return [w.strip() for w in metadata["modelspec.trigger_phrase"].split(",") if w.strip()]
+    try:
+        frequencies = json.loads(metadata.get("ss_tag_frequency", "{}"))
+    except json.JSONDecodeError:
+        return []
+    counts: dict[str, int] = defaultdict(int)
+    for tags in frequencies.values() if isinstance(frequencies, dict) else []:
+        for tag, n in tags.items():
+            counts[tag.strip()] += int(n)
+    return [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:limit]]
+
+
+def _base_model(metadata: dict[str, str]) -> str | None:
+    for key in ("modelspec.architecture", "ss_base_model_version", "base_model", "ss_sd_model_name"):
+        if metadata.get(key):
+            return metadata[key]
+    return None
 
 
 def _block_of(key: str) -> str:
@@ -115,6 +139,10 @@ def inspect(
         table.add_column("value", overflow="fold")
         for field in ("format", "algorithms", "modules", "parameters", "bytes", "ranks", "alphas", "dtypes"):
             table.add_row(field, str(s[field]))
+        if s["base_model"]:
+            table.add_row("base model", s["base_model"])
+        if s["trigger_words"]:
+            table.add_row("trigger words", ", ".join(s["trigger_words"]))
         table.add_row(
             "blocks",
             ", ".join(f"{b}×{n}" for b, n in list(s["blocks"].items())[:12])
@@ -165,6 +193,72 @@ def convert(
         f"wrote [green]{out}[/green]: {len(adapters)} modules as {to}"
         + (f"; {len(kept)} not re-ranked (not plain LoRA)" if kept else "")
     )
+
+
+@app.command()
+def merge(
+    base: Annotated[Path, typer.Argument(help="Base checkpoint (.safetensors).")],
+    adapters: Annotated[list[Path], typer.Argument(help="Adapter files or PEFT directories.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Merged checkpoint to write.")],
+    strength: Annotated[list[float] | None, typer.Option(help="One per adapter, or one for all.")] = None,
+    strict: Annotated[bool, typer.Option(help="Refuse adapters with keys the checkpoint lacks.")] = True,
+) -> None:
+    """Bake adapters into a checkpoint, streamed tensor by tensor (float and fp8 with scales)."""
+    from .checkpoint import merge_checkpoint
+
+    try:
+        sets = [api.load(a) for a in adapters]
+        values = strength or [1.0]
+        if len(values) not in (1, len(sets)):
+            raise LoraplugError(
+                f"{len(values)} --strength values for {len(sets)} adapters; give one, or one each."
+            )
+        values = values * len(sets) if len(values) == 1 else values
+        if output.resolve() == base.resolve():
+            raise LoraplugError(
+                f"{output}: the output would overwrite the base checkpoint; choose another path."
+            )
+        summary = merge_checkpoint(base, sets, values, output, strict=strict)
+    except LoraplugError as err:
+        _fail(err)
+    console.print(
+        f"wrote [green]{output}[/green]: {summary.keys} adapter keys into {summary.modules} modules"
+        + (f", {len(summary.requantized)} fp8 weights requantized" if summary.requantized else "")
+        + (f"; [yellow]{len(summary.unmatched)} keys unmatched[/yellow]" if summary.unmatched else "")
+    )
+
+
+@app.command()
+def bench(
+    results: Annotated[Path | None, typer.Option(help="Show a saved run (JSON) instead of running.")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="Also time torch.compile variants.")] = False,
+    blocks: Annotated[
+        tuple[int, int] | None, typer.Option(help="Double and single blocks (default 19 38).")
+    ] = None,
+) -> None:
+    """The GPU benchmark: Flux-dev-size transformer, loraplug bypass vs base, PEFT and merged."""
+    import os
+
+    if results is not None:
+        from .bench import table
+
+        try:
+            data = json.loads(results.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            _fail(LoraplugError(f"{results}: not a benchmark result ({err})."))
+        console.print(table(data))
+        return
+    if not torch.cuda.is_available():
+        _fail(LoraplugError("loraplug bench needs a CUDA GPU; use --results FILE to show a saved run."))
+    if blocks:
+        os.environ["ND"], os.environ["NS"] = str(blocks[0]), str(blocks[1])
+    os.environ["COMPILE"] = "1" if compile else "0"
+    from .bench import main as run_bench
+    from .bench import table
+
+    run_bench()
+    out = Path(os.environ.get("OUT", ".")) / os.environ.get("NAME", "flux_bench.json")
+    console.print(table(json.loads(out.read_text())))
 
 
 if __name__ == "__main__":
