@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import specs
 from .adapters import AdapterSet
@@ -19,6 +19,7 @@ from .formats import write
 from .report import Report
 from .runtime import bypass
 from .runtime import merge as merge_rt
+from .runtime.masks import Mask, token_stream
 from .specs.base import Patch
 
 AdapterLike = AdapterSet | str | Path | dict
@@ -50,6 +51,7 @@ class Handle:
         self._enabled = True
         self._bound: list[_Bound] = []
         self._removed = False
+        self.masks = [Mask() for _ in sets]
 
     @property
     def strength(self) -> list[float]:
@@ -64,6 +66,27 @@ class Handle:
         self._live()
         self._strengths = _strengths(strength, len(self.adapters))
         self._sync()
+
+    def set_mask(
+        self,
+        mask: Tensor | Sequence[Tensor | None] | None,
+        text_value: float = 1.0,
+        tokens: bool | None = None,
+        image_tokens: int | None = None,
+    ) -> None:
+        """Weight each adapter set's output per token: a spatial mask (H×W or B×H×W, any size) is
+        mapped onto every module's layout (conv maps, image tokens; text tokens get
+        ``text_value``), a token mask ((T,) or (B, T); ``tokens=True`` for a 2-D one) is used as
+        is. One mask for every set, or a list with one (or None) per set; None clears."""
+        self._live()
+        if self.mode != "bypass":
+            raise HandleError("masks weight tokens of the output: they need mode='bypass'.")
+        values = list(mask) if isinstance(mask, (list, tuple)) else [mask] * len(self.adapters)
+        if len(values) != len(self.adapters):
+            raise HandleError(f"{len(values)} masks for {len(self.adapters)} adapter sets; give one per set.")
+        for holder, value in zip(self.masks, values, strict=True):
+            holder.set(value, text_value, tokens)
+            holder.image_tokens = image_tokens
 
     def enable(self) -> None:
         self._live()
@@ -238,7 +261,8 @@ def _install(handle: Handle, index: ModelIndex, bindings: list[tuple[int, Target
         value = handle._effective(i)
         if handle.mode == "bypass":
             device = module.weight.device if module.weight.device.type != "meta" else None
-            entry = bypass.Entry(patch, target, torch.tensor(value, dtype=torch.float32, device=device))
+            strength = torch.tensor(value, dtype=torch.float32, device=device)
+            entry = bypass.Entry(patch, target, strength, handle.masks[i], token_stream(target.module))
             bypass.attach(module, target.module, index.ops[target.module], entry)
         else:
             entry = merge_rt.MergeEntry(patch, target, value)

@@ -16,16 +16,24 @@ from torch import Tensor, nn
 from ..algorithms.op import LayerOp
 from ..arch import Target
 from ..specs.base import BaseView, Patch, channel_view
+from .masks import Mask
 from .quant import float_bias, float_weight, is_float_weight
 
 
 @dataclass(eq=False)
 class Entry:
-    """One adapter bound to one module slice; ``strength`` is a 0-d float32 tensor (0 = off)."""
+    """One adapter bound to one module slice; ``strength`` is a 0-d float32 tensor (0 = off);
+    ``mask`` (shared by the adapter set's entries) weights the output tokens, ``stream`` says which
+    tokens this module's output holds (see runtime.masks)."""
 
     patch: Patch
     target: Target
     strength: Tensor
+    mask: Mask | None = None
+    stream: str | None = None
+
+    def mask_for(self, y: Tensor, channel_dim: int) -> Tensor | None:
+        return None if self.mask is None else self.mask.weights(y, channel_dim, self.stream)
 
 
 @dataclass(eq=False)
@@ -82,13 +90,17 @@ class _LowRank:
         with torch.no_grad():
             self.rank_scale.copy_(self.static_scale * strengths.to(self.static_scale))
 
-    def add_into(self, x: Tensor, y: Tensor) -> None:
-        """y += Σ sᵢ·scaleᵢ·(x Aᵢᵀ) Bᵢᵀ, each into its slice, in place."""
+    def add_into(self, x: Tensor, y: Tensor, masks: list[Tensor | None] | None = None) -> None:
+        """y += Σ mᵢ·sᵢ·scaleᵢ·(x Aᵢᵀ) Bᵢᵀ, each into its slice, in place; a token mask mᵢ scales
+        the rows of the small hidden activation (exact, since Bᵢ acts per row)."""
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         hidden = torch.mm(x2, self.down_t)
         hidden = hidden * self.rank_scale if self.trained else hidden.mul_(self.rank_scale)
-        for (start, rank, offset, size), up_t in zip(self.spans, self.ups_t, strict=True):
-            y2.narrow(1, offset, size).addmm_(hidden.narrow(1, start, rank), up_t)
+        for i, ((start, rank, offset, size), up_t) in enumerate(zip(self.spans, self.ups_t, strict=True)):
+            part = hidden.narrow(1, start, rank)
+            if masks is not None and masks[i] is not None:
+                part = part * masks[i].expand(*y.shape[:-1], 1).reshape(-1, 1)
+            y2.narrow(1, offset, size).addmm_(part, up_t)
 
 
 class ModuleBypass:
@@ -146,8 +158,10 @@ class ModuleBypass:
         x = args[0] if args else next(iter(kwargs.values()))
         y = output
         lowrank = self._lowrank_for(x) if self.grouping and y.is_contiguous() else None
+        masked = any(e.mask is not None and e.mask.value is not None for e in self.entries)
+        masks = [e.mask_for(y, self.op.channel_dim) for e in lowrank.entries] if masked and lowrank else None
         if lowrank is not None and len(lowrank.entries) == len(self.entries):  # the common, fast case
-            lowrank.add_into(x, y)
+            lowrank.add_into(x, y, masks)
             return y
         # Adapters that read the base output (DoRA, OFT) see it before anything is added.
         reading = [
@@ -157,14 +171,18 @@ class ModuleBypass:
         ]
         done = set()
         if lowrank is not None:
-            lowrank.add_into(x, y)
+            lowrank.add_into(x, y, masks)
             done = {id(e) for e in lowrank.entries}
         for e in self.entries:
             if not e.patch.reads_base and id(e) not in done:
-                self._slice(e, y).add_(e.patch.output_delta(x, self._view(e), e.strength).to(y.dtype))
+                self._add(e, y, e.patch.output_delta(x, self._view(e), e.strength))
         for e, delta in reading:
-            self._slice(e, y).add_(delta.to(y.dtype))
+            self._add(e, y, delta)
         return y
+
+    def _add(self, entry: Entry, y: Tensor, delta: Tensor) -> None:
+        weights = entry.mask_for(y, self.op.channel_dim)
+        self._slice(entry, y).add_((delta if weights is None else delta * weights).to(y.dtype))
 
     def _lowrank_for(self, x: Tensor) -> _LowRank | None:
         """The stacked low-rank entries for x's device/dtype (cached unless being trained)."""
