@@ -73,19 +73,22 @@ class Handle:
         text_value: float = 1.0,
         tokens: bool | None = None,
         image_tokens: int | None = None,
+        text: Tensor | Sequence[Tensor | None] | None = None,
     ) -> None:
         """Weight each adapter set's output per token: a spatial mask (H×W or B×H×W, any size) is
         mapped onto every module's layout (conv maps, image tokens; text tokens get
         ``text_value``), a token mask ((T,) or (B, T); ``tokens=True`` for a 2-D one) is used as
-        is. One mask for every set, or a list with one (or None) per set; None clears."""
+        is; ``text`` weights the text tokens one by one (FreeFuse zeroes the other subjects' words).
+        One mask (and text mask) for every set, or a list with one (or None) per set; None clears."""
         self._live()
         if self.mode != "bypass":
             raise HandleError("masks weight tokens of the output: they need mode='bypass'.")
         values = list(mask) if isinstance(mask, (list, tuple)) else [mask] * len(self.adapters)
         if len(values) != len(self.adapters):
             raise HandleError(f"{len(values)} masks for {len(self.adapters)} adapter sets; give one per set.")
-        for holder, value in zip(self.masks, values, strict=True):
-            holder.set(value, text_value, tokens)
+        texts = list(text) if isinstance(text, (list, tuple)) else [text] * len(self.adapters)
+        for holder, value, words in zip(self.masks, values, texts, strict=True):
+            holder.set(value, text_value, tokens, words)
             holder.image_tokens = image_tokens
 
     def enable(self) -> None:

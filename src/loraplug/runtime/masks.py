@@ -21,7 +21,8 @@ from torch import Tensor
 from ..errors import HandleError
 
 TEXT = re.compile(
-    r"(add_[qkv]_proj|to_add_out|to_added_qkv|ff_context\.|norm1_context|txt_attn|txt_mlp|txt_mod|context_block\.)"
+    r"(add_[qkv]_proj|to_add_out|to_added_qkv|ff_context\.|norm1_context|txt_attn|txt_mlp|txt_mod|context_block\."
+    r"|attentions\.\d+\.transformer_blocks\.\d+\.attn2\.to_[kv]$)"  # UNet cross-attention keys/values
 )
 JOINT = re.compile(r"(?:^|\.)(single_transformer_blocks|single_blocks)\.\d+\.")
 IMAGE = re.compile(r"(?:^|\.)(transformer_blocks|double_blocks|joint_blocks)\.\d+\.")
@@ -61,13 +62,25 @@ class Mask:
     value: Tensor | None = None
     spatial: bool = False
     text_value: float = 1.0
+    text: Tensor | None = None
     image_tokens: int | None = None
     _cache: dict = field(default_factory=dict)
 
-    def set(self, value: Tensor | None, text_value: float = 1.0, tokens: bool | None = None) -> None:
-        """A new mask (kept as float32); ``tokens`` forces the reading of a 2-D mask as (B, T)."""
+    def set(
+        self,
+        value: Tensor | None,
+        text_value: float = 1.0,
+        tokens: bool | None = None,
+        text: Tensor | None = None,
+    ) -> None:
+        """A new mask (kept as float32); ``tokens`` forces the reading of a 2-D mask as (B, T);
+        ``text`` ((T_txt,) or (B, T_txt)) weights text tokens one by one instead of ``text_value``."""
         self._cache.clear()
         self.text_value = float(text_value)
+        if text is not None:
+            text = torch.as_tensor(text).float()
+            text = text[None] if text.dim() == 1 else text
+        self.text = text
         if value is None:
             self.value = None
             return
@@ -107,13 +120,22 @@ class Mask:
             return None  # no token axis (modulation vectors, pooled embeddings)
         tokens = y.shape[1]
         if stream == "text":
-            return torch.full((1, 1, 1), self.text_value)
+            return self._text(tokens)[..., None]
         if stream == "joint":
             image = self._image(self.image_tokens or self._token_count(tokens))
-            text = torch.full((image.shape[0], tokens - image.shape[1]), self.text_value)
-            return torch.cat([text, image], 1)[..., None]
+            text = self._text(tokens - image.shape[1])
+            batch = max(image.shape[0], text.shape[0])
+            return torch.cat([text.expand(batch, -1), image.expand(batch, -1)], 1)[..., None]
         self.image_tokens = tokens
         return self._image(tokens)[..., None]
+
+    def _text(self, tokens: int) -> Tensor:
+        """(B|1, tokens) text-token weights."""
+        if self.text is None:
+            return torch.full((1, tokens), self.text_value)
+        if self.text.shape[-1] != tokens:
+            raise HandleError(f"a text mask of {self.text.shape[-1]} tokens met {tokens} text tokens.")
+        return self.text
 
     def _token_count(self, tokens: int) -> int:
         if self.spatial:
