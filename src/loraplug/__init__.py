@@ -14,6 +14,7 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .report import Report
+from .train import TrainHandle, TrainResult, create, flow_matching_loss, train
 
 __version__ = "0.1.0"
 
@@ -35,4 +36,9 @@ __all__ = [
     "load",
     "merge",
     "save",
+    "create",
+    "train",
+    "flow_matching_loss",
+    "TrainHandle",
+    "TrainResult",
 ]

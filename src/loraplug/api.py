@@ -233,18 +233,24 @@ def save(
     model: nn.Module | None = None,
     component: str = "transformer",
     dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write adapters as safetensors in ``format`` ("peft" = diffusers/PEFT keys with alpha in
     ``lora_adapter_metadata``, "kohya" = ``lora_unet_…`` with alpha tensors, "comfy" =
     ``diffusion_model.…``). ``model`` resolves kohya's flattened names; converting is
-    ``lp.save(lp.load(src), dst, format=...)``."""
+    ``lp.save(lp.load(src), dst, format=...)``. A Handle or a TrainResult saves its adapters;
+    ``metadata`` (e.g. a base-model hint) joins loraplug's own (version, algorithm, rank)."""
     if isinstance(adapters, Handle):
         if len(adapters.adapters) != 1:
             raise HandleError(
                 "this handle holds several adapter sets; save them one by one (handle.adapters)."
             )
         adapters = adapters.adapters[0]
-    return write.save(load(adapters), path, format, model=model, component=component, dtype=dtype)
+    if isinstance(getattr(adapters, "adapters", None), AdapterSet):  # a TrainResult
+        adapters = adapters.adapters
+    return write.save(
+        load(adapters), path, format, model=model, component=component, dtype=dtype, metadata=metadata
+    )
 
 
 def merge(

@@ -107,6 +107,7 @@ def to_state_dict(
     model: nn.Module | None = None,
     component: str = "transformer",
     dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, safetensors metadata) of ``adapters`` in convention ``fmt``."""
     if fmt not in WRITE_FORMATS:
@@ -119,6 +120,7 @@ def to_state_dict(
         prefix = f"{component}.{name}." if fmt == "peft" else _PREFIX[fmt] + (
             name.replace(".", "_") if fmt == "kohya" else name) + "."  # fmt: skip
         for suffix, tensor in _file_tensors(adapter, fmt).items():
+            tensor = tensor.detach()
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             tensors[prefix + suffix] = tensor.contiguous()
@@ -132,10 +134,17 @@ def to_state_dict(
             alpha = _kohya_alpha(adapter, rank)
             if alpha is not None:
                 tensors[prefix + "alpha"] = torch.tensor(float(alpha))
-    metadata = {"format": "pt", "loraplug_format": fmt}
+    from .. import __version__
+
+    extra = metadata or {}
+    metadata = {"format": "pt", "loraplug_format": fmt, "loraplug_version": __version__}
     metadata.update(
         {k: v for k, v in adapters.metadata.items() if k not in ("lora_adapter_metadata", "format")}
     )
+    metadata.update({k: str(v) for k, v in extra.items()})
+    metadata.setdefault("loraplug_algo", ",".join(sorted(adapters.algorithms)))
+    if ranks:
+        metadata.setdefault("loraplug_rank", str(max(set(ranks.values()), key=list(ranks.values()).count)))
     if fmt == "peft" and ranks:
         metadata["lora_adapter_metadata"] = json.dumps(_peft_config(ranks, alphas, rslora, component))
     return tensors, metadata
@@ -164,9 +173,10 @@ def save(
     model: nn.Module | None = None,
     component: str = "transformer",
     dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write ``adapters`` to a safetensors file in convention ``fmt``."""
-    tensors, metadata = to_state_dict(adapters, fmt, model, component, dtype)
+    tensors, metadata = to_state_dict(adapters, fmt, model, component, dtype, metadata)
     path = Path(path)
     save_file(tensors, str(path), metadata=metadata)
     return path

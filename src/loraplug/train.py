@@ -1,0 +1,261 @@
+"""Bypass training: fresh adapters beside a frozen (possibly quantized) base, trained in place.
+
+``create`` binds new trainable adapters (standard inits: LoRA B = 0, OFT/BOFT identity, LoHa and
+LoKr as LyCORIS starts them) to the chosen modules — on a fused module one adapter per slice, so
+the result saves under the split names users share; ``train`` runs the loop; ``save`` writes any
+format loraplug reads. No copy of a base weight is made; only adapter tensors require grad.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import cycle
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .adapters import Adapter, AdapterSet
+from .api import Handle, apply
+from .arch import ModelIndex, Target
+from .errors import LoraplugError
+from .runtime.quant import float_weight
+
+ATTN = r"(^|\.)(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out|q_proj|k_proj|v_proj|out_proj|o_proj|qkv|proj)$"
+MLP = (r"(^|\.)(ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|proj_mlp|proj_out|linear1|"
+       r"linear2|fc1|fc2|w1|w2|w3|linear_in|linear_out|(img_|txt_)?mlp\.\d)$")  # fmt: skip
+PRESETS = {"attn": [ATTN], "mlp": [MLP], "attn+mlp": [ATTN, MLP], "all-linear": [r".*"]}
+
+
+class TrainHandle(Handle):
+    """A Handle whose adapters were created for training: ``parameters()`` are what to optimise."""
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [t for a in self.adapters[0].adapters.values() for t in a.tensors.values() if t.requires_grad]
+
+
+@dataclass
+class TrainResult:
+    """What training returns: the adapters (as a peft-format state dict and as an AdapterSet to
+    ``lp.save`` in any format) and the loss of every step."""
+
+    adapters: AdapterSet
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def state_dict(self) -> dict[str, Tensor]:
+        from .formats.write import to_state_dict
+
+        return to_state_dict(_detached(self.adapters), "peft")[0]
+
+
+def _detached(adapters: AdapterSet) -> AdapterSet:
+    out = {k: dataclasses.replace(a, tensors={n: t.detach().clone() for n, t in a.tensors.items()})
+           for k, a in adapters.adapters.items()}  # fmt: skip
+    return dataclasses.replace(adapters, adapters=out)
+
+
+def select_targets(model: nn.Module, targets: str | list[str]) -> dict[str, list[Target]]:
+    """Module names (and fused-slice aliases) matching a preset or regexes, one name per target:
+    a module's own name before its aliases, slices of a fused module instead of the whole module
+    (to_q/to_k/to_v, not to_qkv), never a name that spreads over several modules."""
+    patterns = PRESETS.get(targets, [targets]) if isinstance(targets, str) else list(targets)
+    index = ModelIndex(model)
+    chosen = {n: ts for n, ts in index.entries.items()
+              if any(re.search(p, n) for p in patterns) and all(t.rows is None for t in ts)
+              and (n in index.ops or any(t.size is not None for t in ts))  # own names, or fused slices
+              and all(index.ops[t.module].kind in ("linear", "conv") for t in ts)}  # fmt: skip
+    sliced = {t.module for ts in chosen.values() for t in ts if t.size is not None}
+    seen: dict[tuple, str] = {}
+    for name in sorted(chosen, key=lambda n: (n not in index.ops, n)):  # a module's own name first
+        ts = chosen[name]
+        if any(t.size is None and t.module in sliced for t in ts):
+            continue
+        seen.setdefault(tuple(ts), name)
+    if not seen:
+        raise LoraplugError(f"targets={targets!r} match no Linear/Conv module of this model.")
+    return {name: list(ts) for ts, name in seen.items()}
+
+
+def _factor(dim: int, limit: int | None = None) -> tuple[int, int]:
+    """dim = m·n with m ≤ n as balanced as possible (m ≤ limit when given)."""
+    m = max(d for d in range(1, int(math.isqrt(dim)) + 1) if dim % d == 0 and (limit is None or d <= limit))
+    return m, dim // m
+
+
+def _kaiming(shape, generator) -> Tensor:
+    t = torch.empty(shape)
+    bound = 1 / math.sqrt(math.prod(shape[1:]))  # kaiming_uniform(a=√5)
+    return t.uniform_(-bound, bound, generator=generator)
+
+
+def init_tensors(algo: str, op, size: int, rank: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """Fresh tensors for one target (``size`` output rows) with the algorithm's standard init."""
+    fan_in = op.in_features // op.groups
+    kernel = op.kernel
+    if algo == "lora":
+        return {
+            "down": _kaiming((rank, fan_in, *kernel), generator),
+            "up": torch.zeros(size, rank, *([1] * len(kernel))),
+        }
+    if algo == "loha":
+        flat = fan_in * math.prod(kernel)
+        return {"hada_w1_a": torch.zeros(size, rank), "hada_w1_b": torch.randn(rank, flat, generator=generator),
+                "hada_w2_a": torch.randn(size, rank, generator=generator) * 0.1,
+                "hada_w2_b": torch.randn(rank, flat, generator=generator)}  # fmt: skip
+    if algo == "lokr":
+        (a, b), (c, d) = _factor(size), _factor(fan_in)
+        out = {"lokr_w1": _kaiming((a, c), generator)}
+        if rank < max(b, d) / 2:
+            out.update(
+                lokr_w2_a=_kaiming((b, rank), generator), lokr_w2_b=torch.zeros(rank, d * math.prod(kernel))
+            )
+        else:
+            out["lokr_w2"] = torch.zeros(b, d, *kernel)
+        return out
+    if algo == "oft":
+        block = _factor(size, rank)[0] if size % rank else rank
+        return {"oft_blocks": torch.zeros(size // block, block, block)}
+    if algo == "boft":
+        for block in range(rank - rank % 2, 1, -2):
+            n = size // block
+            if size % block == 0 and n & (n - 1) == 0:
+                stages = bin(n - 1).count("1") + 1
+                return {"oft_blocks": torch.zeros(stages, n, block, block)}
+        raise LoraplugError(
+            f"BOFT needs an even block size ≤ {rank} with a power-of-two number of blocks of {size} rows."
+        )
+    raise LoraplugError(
+        f"algo={algo!r}: loraplug trains lora, loha, lokr, oft and boft (dora=True for DoRA)."
+    )
+
+
+def create(
+    model: nn.Module,
+    algo: str = "lora",
+    rank: int = 16,
+    alpha: float | None = None,
+    targets: str | list[str] = "attn",
+    *,
+    dora: bool = False,
+    seed: int = 0,
+) -> TrainHandle:
+    """Trainable adapters in bypass mode on ``model`` (frozen, any weight type).
+
+    ``targets``: a preset ("attn", "mlp", "attn+mlp", "all-linear") or regexes on module names;
+    fused modules get one adapter per slice. ``alpha`` defaults to the rank (scale 1).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    index = ModelIndex(model)
+    adapters = {}
+    for name, ts in select_targets(model, targets).items():
+        target = ts[0]
+        op = index.ops[target.module]
+        size = op.out_features if target.size is None else target.size
+        tensors = init_tensors(algo, op, size, rank, generator)
+        if dora:
+            if algo not in ("lora", "loha", "lokr"):
+                raise LoraplugError("dora=True goes with lora, loha or lokr.")
+            weight = float_weight(index.modules[target.module], target.module)
+            weight = weight if target.size is None else weight.narrow(0, target.offset, target.size)
+            tensors["magnitude"] = weight.reshape(size, -1).norm(dim=1)
+        params = {k: nn.Parameter(v.float()) for k, v in tensors.items()}
+        adapters[name] = Adapter(name, algo, params, alpha=float(alpha if alpha is not None else rank))
+    adapter_set = AdapterSet(
+        adapters, "loraplug", {"loraplug_algo": algo, "loraplug_rank": str(rank)}, name=algo
+    )
+    model.requires_grad_(False)
+    handle = apply(model, adapter_set)
+    handle.__class__ = TrainHandle
+    return handle
+
+
+def train(
+    handle: TrainHandle,
+    batches: Iterable,
+    loss_fn: Callable[[object], Tensor],
+    steps: int,
+    lr: float = 1e-4,
+    *,
+    optimizer: str | Callable = "adamw",
+    weight_decay: float = 0.0,
+    grad_accum: int = 1,
+    schedule: str = "constant",
+    autocast_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    resume: str | Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Optimise the handle's adapters for ``steps`` steps of ``grad_accum`` batches each.
+
+    ``loss_fn(batch)`` runs the model and returns a scalar; ``schedule`` is "constant" or "cosine"
+    (to zero over ``steps``); ``autocast_dtype`` runs the loss in mixed precision. Deterministic for a seed; with
+    ``checkpoint`` the adapters, optimiser state and losses are saved at the end (and loaded
+    again with ``resume=`` to continue).
+    """
+    torch.manual_seed(seed)
+    params = handle.parameters()
+    opt = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
+           else torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else optimizer(params))  # fmt: skip
+    if schedule not in ("constant", "cosine"):
+        raise LoraplugError(f"schedule={schedule!r}; use 'constant' or 'cosine'.")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+        if schedule == "cosine"
+        else (lambda step: 1.0),
+    )
+    losses: list[float] = []
+    start = 0
+    if resume is not None:
+        state = torch.load(str(resume), map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"], strict=True):
+                p.copy_(saved)
+        opt.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        losses, start = list(state["losses"]), int(state["step"])
+    data = cycle(batches) if not hasattr(batches, "__next__") else batches
+    for _ in range(start * grad_accum):  # a resumed run continues where the data left off
+        next(data)
+    bar = tqdm(range(start, steps), desc="training", disable=not progress, initial=start, total=steps)
+    device = params[0].device.type if params else "cpu"
+    for _ in bar:
+        total = 0.0
+        for _ in range(grad_accum):
+            with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = loss_fn(next(data)) / grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        opt.step()
+        scheduler.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+        bar.set_postfix(loss=f"{total:.4g}")
+    if checkpoint is not None:
+        state = {"params": [p.detach() for p in params], "optimizer": opt.state_dict(), "losses": losses,
+                 "step": steps, "scheduler": scheduler.state_dict()}  # fmt: skip
+        torch.save(state, str(checkpoint))
+    return TrainResult(handle.adapters[0], losses)
+
+
+def flow_matching_loss(
+    transformer: nn.Module,
+    latents: Tensor,
+    generator: torch.Generator | None = None,
+    **conditioning,
+) -> Tensor:
+    """Rectified-flow loss of a Flux-style transformer: x_t = (1 − t)·x₀ + t·ε, target v = ε − x₀,
+    t ~ logit-normal (as Flux trainers sample it); ``conditioning`` goes to the transformer
+    (encoder_hidden_states, pooled_projections, img_ids, txt_ids, guidance…)."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    t = torch.sigmoid(torch.randn(latents.shape[0], generator=generator)).to(latents)
+    x_t = (1 - t[:, None, None]) * latents + t[:, None, None] * noise
+    prediction = transformer(hidden_states=x_t, timestep=t, return_dict=False, **conditioning)[0]
+    return torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())

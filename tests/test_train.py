@@ -1,0 +1,158 @@
+"""Bypass training: planted changes recovered (loss ÷100) for every algorithm; the saved file
+reproduces the trained model in the reference tools; quantized bases; determinism and resume."""
+
+import copy
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_identical, close, snapshot
+from torch import nn
+
+import loraplug as lp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+
+CASES = {  # algo, create kwargs, planted noise, steps, lr
+    "lora": ("lora", {}, 0.3, 600, 2e-2),
+    "dora": ("lora", {"dora": True}, 0.3, 600, 2e-2),
+    "loha": ("loha", {}, 0.1, 1500, 5e-2),
+    "lokr": ("lokr", {}, 0.2, 600, 2e-2),
+    "oft": ("oft", {}, 0.1, 600, 2e-2),
+    "boft": ("boft", {}, 0.1, 600, 2e-2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_planted_change_is_recovered(case):
+    algo, kwargs, noise, steps, lr = CASES[case]
+    teacher = _mlp()
+    planted = lp.create(teacher, algo, rank=4, targets="all-linear", seed=1, **kwargs)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in planted.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * noise)
+        xs = [torch.randn(64, 16, generator=g) for _ in range(8)]
+        data = [(x, teacher(x)) for x in xs]
+    student = _mlp()
+    snap = snapshot(student)
+    handle = lp.create(student, algo, rank=4, targets="all-linear", seed=3, **kwargs)
+    assert all(not p.requires_grad for p in student.parameters())  # base frozen, nothing copied
+    result = lp.train(handle, data, lambda b: nn.functional.mse_loss(student(b[0]), b[1]),
+                      steps=steps, lr=lr, schedule="cosine", progress=False)  # fmt: skip
+    assert result.losses[0] / min(result.losses[-10:]) >= 100, (result.losses[0], result.losses[-1])
+    handle.remove()
+    assert_identical(student, snap)
+
+
+def test_fused_flux_lora_saves_split_and_loads_in_diffusers(tmp_path):
+    result = runpy.run_path(str(ROOT / "examples" / "train_tiny_flux.py"))["main"](
+        steps=20, out=str(tmp_path / "trained.safetensors")
+    )
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    names = list(result.adapters.adapters)
+    assert "transformer_blocks.0.attn.to_q" in names and "transformer_blocks.0.attn.add_k_proj" in names
+    from loraplug.testing import flux_inputs, tiny_flux
+
+    inputs = flux_inputs(image_tokens=16, text_tokens=6)
+    trained = tiny_flux()
+    trained.fuse_qkv_projections()
+    with lp.apply(trained, tmp_path / "trained.safetensors") as handle, torch.no_grad():
+        assert handle.report.ok and len(handle.report.fused) > 0
+        want = trained(**inputs)[0]
+    reference = tiny_flux()  # split layout, through diffusers + PEFT
+    reference.load_lora_adapter(str(tmp_path), weight_name="trained.safetensors", prefix="transformer")
+    with torch.no_grad():
+        close(reference(**inputs)[0], want, rtol=1e-5, atol=1e-5)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "trained.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (
+        meta["base_model"] == "tiny-flux" and meta["loraplug_algo"] == "lora" and "loraplug_version" in meta
+    )
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr", "oft"])
+def test_trained_lycoris_algorithms_load_in_lycoris(tmp_path, algo):
+    from lycoris import create_lycoris_from_weights
+    from lycoris.wrapper import LycorisNetwork
+
+    model = _mlp()
+    handle = lp.create(model, algo, rank=4, targets="all-linear")
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g))]
+    result = lp.train(handle, data, lambda b: nn.functional.mse_loss(model(b[0]), b[1]), steps=20, lr=1e-2,
+                      progress=False)  # fmt: skip
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        want = model(x)
+    handle.remove()
+    path = lp.save(result, tmp_path / "t.safetensors", format="kohya")
+    reference = copy.deepcopy(model)
+    prefix, LycorisNetwork.LORA_PREFIX = LycorisNetwork.LORA_PREFIX, "lora_unet"
+    try:
+        network, _ = create_lycoris_from_weights(1.0, str(path), reference)
+        network.apply_to()
+    finally:
+        LycorisNetwork.LORA_PREFIX = prefix
+    with torch.no_grad():
+        close(reference(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_training_on_an_int8_base(tmp_path):
+    torchao = pytest.importorskip("torchao.quantization")
+    model = _mlp()
+    torchao.quantize_(model, torchao.Int8WeightOnlyConfig())
+    weights = [m.weight.qdata.clone() for m in (model[0], model[2])]
+    handle = lp.create(model, "lora", rank=4, targets="all-linear")
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g))]
+    result = lp.train(handle, data, lambda b: nn.functional.mse_loss(model(b[0]), b[1]), steps=30, lr=1e-2,
+                      progress=False)  # fmt: skip
+    assert result.losses[-1] < result.losses[0]
+    for m, w in zip((model[0], model[2]), weights, strict=True):
+        assert torch.equal(m.weight.qdata, w)
+    handle.remove()
+
+
+def test_deterministic_and_resumable(tmp_path):
+    def run(steps, resume=None, checkpoint=None):
+        model = _mlp()
+        handle = lp.create(model, "lora", rank=2, targets="all-linear")
+        g = torch.Generator().manual_seed(0)
+        data = [(torch.randn(16, 16, generator=g), torch.randn(16, 16, generator=g)) for _ in range(3)]
+        return lp.train(handle, data, lambda b: nn.functional.mse_loss(model(b[0]), b[1]), steps=steps, lr=1e-2,
+                        resume=resume, checkpoint=checkpoint, progress=False).losses  # fmt: skip
+
+    def same(a, b):  # up to the order of float reductions
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=0)
+
+    straight = run(20)
+    same(straight, run(20))
+    ckpt = tmp_path / "state.pt"
+    same(run(10, checkpoint=ckpt), straight[:10])
+    same(run(20, resume=ckpt), straight)
+
+
+def test_targets_presets_and_errors():
+    from loraplug.testing import tiny_flux
+
+    model = tiny_flux()
+    model.fuse_qkv_projections()
+    handle = lp.create(model, "lora", rank=2, targets="attn")
+    names = set(handle.adapters[0].adapters)
+    assert "transformer_blocks.0.attn.to_q" in names and "transformer_blocks.0.attn.to_qkv" not in names
+    assert not any("proj_mlp" in n for n in names)
+    handle.remove()
+    with pytest.raises(lp.LoraplugError, match="match no"):
+        lp.create(model, "lora", targets=[r"nothing_like_this$"])
+    with pytest.raises(lp.LoraplugError, match="algo"):
+        lp.create(model, "glora", targets="attn")
