@@ -164,7 +164,9 @@ def create(
             weight = float_weight(index.modules[target.module], target.module)
             weight = weight if target.size is None else weight.narrow(0, target.offset, target.size)
             tensors["magnitude"] = weight.reshape(size, -1).norm(dim=1)
-        params = {k: nn.Parameter(v.float()) for k, v in tensors.items()}
+        device = index.modules[target.module].weight.device
+        device = torch.device("cpu") if device.type == "meta" else device
+        params = {k: nn.Parameter(v.float().to(device)) for k, v in tensors.items()}  # float32 masters
         adapters[name] = Adapter(name, algo, params, alpha=float(alpha if alpha is not None else rank))
     adapter_set = AdapterSet(
         adapters, "loraplug", {"loraplug_algo": algo, "loraplug_rank": str(rank)}, name=algo

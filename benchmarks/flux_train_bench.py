@@ -1,0 +1,104 @@
+"""GPU training benchmark: one step on the full Flux-dev-size transformer (random weights, bf16,
+512x512 = 1024 image + 512 text tokens, batch 1, AdamW), ratios to the frozen forward+backward
+measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 (fused layout, one
+adapter per q/k/v slice), peak memory of each. Writes $OUT/flux_train_bench.json."""
+
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import loraplug as lp  # noqa: E402
+from loraplug.bench import CFG  # noqa: E402
+
+DEV, DT = "cuda", torch.bfloat16
+ITERS = int(os.environ.get("ITERS", 6))
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+           "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]  # fmt: skip
+T_IMG, T_TXT = 1024, 512
+torch.backends.cuda.enable_cudnn_sdp(False)  # its backward failed on torch 2.11 there (anchors)
+res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+g = torch.Generator(device=DEV).manual_seed(0)
+INP = dict(hidden_states=torch.randn(1, T_IMG, 64, device=DEV, dtype=DT, generator=g),
+           encoder_hidden_states=torch.randn(1, T_TXT, 4096, device=DEV, dtype=DT, generator=g),
+           pooled_projections=torch.randn(1, 768, device=DEV, dtype=DT, generator=g),
+           timestep=torch.tensor([0.5], device=DEV, dtype=DT), guidance=torch.tensor([3.5], device=DEV, dtype=DT),
+           img_ids=torch.zeros(T_IMG, 3, device=DEV), txt_ids=torch.zeros(T_TXT, 3, device=DEV), return_dict=False)  # fmt: skip
+TARGET = torch.randn(1, T_IMG, 64, device=DEV, dtype=DT, generator=g)
+
+
+def build():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = FluxTransformer2DModel(**CFG)
+    return model.to(DT).requires_grad_(False).train()
+
+
+def time_steps(model, params, name, input_grad=False):
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    x = INP["hidden_states"].clone().requires_grad_(input_grad)
+
+    def step():
+        out = model(**{**INP, "hidden_states": x})[0]
+        (out.float() - TARGET.float()).pow(2).mean().backward()
+        if opt:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(ITERS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    res[name + "_ms"] = statistics.median(times)
+    res[name + "_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    print(f"{name:24s} {res[name + '_ms']:8.1f} ms  peak {res[name + '_peak_GB']:.1f} GB", flush=True)
+
+
+def main():
+    from peft import LoraConfig
+
+    model = build()
+    time_steps(model, [], "frozen_fwd_bwd", input_grad=True)
+    model.add_adapter(
+        LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights="gaussian"), "a"
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    res["peft_trainable_M"] = sum(p.numel() for p in params) / 1e6
+    time_steps(model, params, "peft_r16_step")
+    del model, params
+    torch.cuda.empty_cache()
+    model = build()
+    model.fuse_qkv_projections()
+    handle = lp.create(model, "lora", rank=16, alpha=16, targets="attn+mlp")
+    params = handle.parameters()
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.01)
+    res["loraplug_trainable_M"] = sum(p.numel() for p in params) / 1e6
+    time_steps(model, params, "loraplug_r16_step")
+    for key in [k for k in res if k.endswith("_ms")]:
+        res[key.replace("_ms", "_ratio")] = round(res[key] / res["frozen_fwd_bwd_ms"], 4)
+    res["loraplug_vs_peft_peak_memory"] = round(
+        res["loraplug_r16_step_peak_GB"] / res["peft_r16_step_peak_GB"], 4
+    )
+    out = Path(os.environ.get("OUT", ".")) / "flux_train_bench.json"
+    out.write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if "ratio" in k or "M" in k or "memory" in k}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
