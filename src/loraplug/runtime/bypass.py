@@ -11,6 +11,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..algorithms.op import LayerOp
@@ -90,17 +91,30 @@ class _LowRank:
         with torch.no_grad():
             self.rank_scale.copy_(self.static_scale * strengths.to(self.static_scale))
 
-    def add_into(self, x: Tensor, y: Tensor, masks: list[Tensor | None] | None = None) -> None:
-        """y += Σ mᵢ·sᵢ·scaleᵢ·(x Aᵢᵀ) Bᵢᵀ, each into its slice, in place; a token mask mᵢ scales
-        the rows of the small hidden activation (exact, since Bᵢ acts per row)."""
+    def add_into(self, x: Tensor, y: Tensor, masks: list[Tensor | None] | None = None) -> Tensor:
+        """y + Σ mᵢ·sᵢ·scaleᵢ·(x Aᵢᵀ) Bᵢᵀ, each into its slice; a token mask mᵢ scales the rows of
+        the small hidden activation (exact, since Bᵢ acts per row).
+
+        Inference adds in place, slice by slice (no copy of y, no extra memory). Training builds the
+        ups into one block matrix and adds out of place: in-place writes into slices of an output
+        autograd tracks would copy its whole gradient once per slice in the backward pass.
+        """
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         hidden = torch.mm(x2, self.down_t)
+        training = self.trained and torch.is_grad_enabled()
         hidden = hidden * self.rank_scale if self.trained else hidden.mul_(self.rank_scale)
-        for i, ((start, rank, offset, size), up_t) in enumerate(zip(self.spans, self.ups_t, strict=True)):
-            part = hidden.narrow(1, start, rank)
-            if masks is not None and masks[i] is not None:
-                part = part * masks[i].expand(*y.shape[:-1], 1).reshape(-1, 1)
-            y2.narrow(1, offset, size).addmm_(part, up_t)
+        if masks is not None:
+            rows = [None if m is None else m.expand(*y.shape[:-1], 1).reshape(-1, 1) for m in masks]
+            parts = [hidden.narrow(1, s, r) * m if m is not None else hidden.narrow(1, s, r)
+                     for (s, r, _, _), m in zip(self.spans, rows, strict=True)]  # fmt: skip
+            hidden = torch.cat(parts, 1)
+        if training:
+            width = y2.shape[1]
+            blocks = [F.pad(up_t, (offset, width - offset - size)) for (_, _, offset, size), up_t in zip(self.spans, self.ups_t, strict=True)]  # fmt: skip
+            return torch.addmm(y2, hidden, torch.cat(blocks)).view(y.shape)
+        for (start, rank, offset, size), up_t in zip(self.spans, self.ups_t, strict=True):
+            y2.narrow(1, offset, size).addmm_(hidden.narrow(1, start, rank), up_t)
+        return y
 
 
 class ModuleBypass:
@@ -161,8 +175,7 @@ class ModuleBypass:
         masked = any(e.mask is not None and e.mask.value is not None for e in self.entries)
         masks = [e.mask_for(y, self.op.channel_dim) for e in lowrank.entries] if masked and lowrank else None
         if lowrank is not None and len(lowrank.entries) == len(self.entries):  # the common, fast case
-            lowrank.add_into(x, y, masks)
-            return y
+            return lowrank.add_into(x, y, masks)
         # Adapters that read the base output (DoRA, OFT) see it before anything is added.
         reading = [
             (e, e.patch.output_delta(x, self._view(e, self._slice(e, y)), e.strength))
@@ -171,7 +184,7 @@ class ModuleBypass:
         ]
         done = set()
         if lowrank is not None:
-            lowrank.add_into(x, y, masks)
+            y = lowrank.add_into(x, y, masks)
             done = {id(e) for e in lowrank.entries}
         for e in self.entries:
             if not e.patch.reads_base and id(e) not in done:
