@@ -81,15 +81,19 @@ def main():
     time_steps(model, params, "peft_r16_step")
     del model, params
     torch.cuda.empty_cache()
-    model = build()
-    model.fuse_qkv_projections()
-    handle = lp.create(model, "lora", rank=16, alpha=16, targets="attn+mlp")
-    params = handle.parameters()
-    with torch.no_grad():
-        for p in params:
-            p.normal_(0, 0.01)
-    res["loraplug_trainable_M"] = sum(p.numel() for p in params) / 1e6
-    time_steps(model, params, "loraplug_r16_step")
+    for layout in ("split", "fused"):  # fused: diffusers keeps the split weights too (+ their memory)
+        model = build()
+        if layout == "fused":
+            model.fuse_qkv_projections()
+        handle = lp.create(model, "lora", rank=16, alpha=16, targets="attn+mlp")
+        params = handle.parameters()
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, 0.01)
+        res["loraplug_trainable_M"] = sum(p.numel() for p in params) / 1e6
+        time_steps(model, params, f"loraplug_{layout}_r16_step")
+        del model, params, handle
+        torch.cuda.empty_cache()
     for key in [k for k in res if k.endswith("_ms")]:
         res[key.replace("_ms", "_ratio")] = round(res[key] / res["frozen_fwd_bwd_ms"], 4)
     res["loraplug_vs_peft_peak_memory"] = round(
