@@ -80,6 +80,13 @@ class _LowRank:
         group.refresh()
         return group
 
+    def retensor(self, found: list[tuple[Entry, tuple[Tensor, Tensor, float]]]) -> None:
+        """Point a trained group at its adapters' current tensors (views: no copies, and autograd
+        reaches the parameters); spans and scales stay."""
+        downs = [f[0] for _, f in found]
+        self.down_t = (downs[0] if len(downs) == 1 else torch.cat(downs)).T
+        self.ups_t = [f[1].T for _, f in found]
+
     def refresh(self) -> None:
         """rank_scale = static scale × each entry's current strength."""
         strengths = torch.cat(
@@ -206,7 +213,12 @@ class ModuleBypass:
             found = [(e, f) for e, f in found if f is not None]
             if not found:
                 return None
+            if group is not None:  # trained: same structure, new tensors
+                group.retensor(found)
+                return group
             group = self._lowrank[slot] = _LowRank.build(found, self.op.out_features)
+            if group.trained:
+                group.retensor(found)
         return group
 
     def refresh_strengths(self) -> None:
