@@ -156,3 +156,37 @@ def test_targets_presets_and_errors():
         lp.create(model, "lora", targets=[r"nothing_like_this$"])
     with pytest.raises(lp.LoraplugError, match="algo"):
         lp.create(model, "glora", targets="attn")
+
+
+def test_gradient_checkpointing_and_autocast():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _mlp()
+
+        def forward(self, x):
+            return checkpoint(self.inner, x, use_reentrant=False)
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 16, generator=g), torch.randn(16, 16, generator=g))]
+    losses = {}
+    for name, wrap in (("plain", False), ("checkpointed", True)):
+        model = Checkpointed() if wrap else _mlp()
+        net = model.inner if wrap else model
+        handle = lp.create(net, "lora", rank=2, targets="all-linear")
+        with torch.no_grad():
+            for p in handle.parameters():
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        losses[name] = lp.train(handle, data, lambda b, m=model: nn.functional.mse_loss(m(b[0]), b[1]), steps=5,
+                                lr=1e-2, progress=False).losses  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(losses["plain"]), torch.tensor(losses["checkpointed"]), rtol=1e-5, atol=0
+    )
+    model = _mlp()
+    handle = lp.create(model, "lora", rank=2, targets="all-linear")
+    result = lp.train(handle, data, lambda b: nn.functional.mse_loss(model(b[0]).float(), b[1]), steps=5, lr=1e-2,
+                      autocast_dtype=torch.bfloat16, progress=False)  # fmt: skip
+    assert all(p.dtype == torch.float32 and p.grad is None for p in handle.parameters())
+    assert len(result.losses) == 5
