@@ -20,6 +20,7 @@ from .report import Report
 from .runtime import bypass
 from .runtime import merge as merge_rt
 from .runtime.masks import Mask, token_stream
+from .runtime.quant import is_float_weight
 from .specs.base import Patch
 
 AdapterLike = AdapterSet | str | Path | dict
@@ -193,6 +194,12 @@ def apply(
                 size = op.out_features if target.size is None else target.size
                 part = adapter if target.rows is None else specs.take_rows(adapter, *target.rows)
                 patch = spec.build(part, op, size)
+                if (
+                    patch.reads_base
+                    and mode == "bypass"
+                    and not is_float_weight(index.modules[target.module])
+                ):
+                    report.dequantized.add(target.module)
                 bindings.append((i, target, patch))
                 report.modules.add(target.module)
                 report.parameters += patch.parameters

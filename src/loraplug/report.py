@@ -17,13 +17,16 @@ class Report:
     matched: logical key -> targets; unmatched: logical or file key -> reason; fused: keys that
     landed in a slice of a fused module; modules: module names touched; parameters: adapter
     parameters bound; other_components: keys for another pipeline component (a text encoder)
-    that this model is not: not applied, not an error; apply the file to that component too.
+    that this model is not: not applied, not an error; apply the file to that component too;
+    dequantized: quantized modules whose weight an adapter reads (DoRA, OFT…), dequantized once and
+    cached beside the quantized weight.
     """
 
     matched: dict[str, list[Target]] = field(default_factory=dict)
     unmatched: dict[str, str] = field(default_factory=dict)
     other_components: dict[str, str] = field(default_factory=dict)
     modules: set[str] = field(default_factory=set)
+    dequantized: set[str] = field(default_factory=set)
     parameters: int = 0
 
     @property
@@ -44,6 +47,10 @@ class Report:
         t.add_row("  into fused slices", str(len(self.fused)), _example(self.fused))
         t.add_row("modules touched", str(len(self.modules)), "")
         t.add_row("adapter parameters", f"{self.parameters:,}", "")
+        if self.dequantized:
+            t.add_row(
+                "quantized weights read in float", str(len(self.dequantized)), "dequantized once, cached"
+            )
         if self.other_components:
             names = sorted(set(self.other_components.values()))
             t.add_row(

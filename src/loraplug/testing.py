@@ -133,3 +133,23 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
             node.add_module(p, nn.Module())
         node = getattr(node, p)
     node.add_module(leaf, module)
+
+
+class ScaledFP8Linear(nn.Linear):
+    """A Linear holding its weight in fp8 with a per-tensor ``scale_weight``, computing in the input's
+    dtype: the ComfyUI "scaled fp8" layout."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype = torch.float8_e4m3fn) -> ScaledFP8Linear:
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        w = linear.weight.detach().float()
+        scale = w.abs().max() / torch.finfo(dtype).max
+        layer.weight = nn.Parameter((w / scale).to(dtype), requires_grad=False)
+        layer.register_buffer("scale_weight", scale.reshape(1))
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype) * self.scale_weight.to(x.dtype)
+        return torch.nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))

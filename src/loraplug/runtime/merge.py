@@ -1,7 +1,9 @@
 """Merge mode: W = W₀ + Σ sᵢ · ΔWᵢ(W₀), always recomputed from the original bytes W₀.
 
 The original weight is kept once per module; removing the last merge copies those bytes back, so
-``remove()`` restores the model bit-identically (nothing is ever subtracted back).
+``remove()`` restores the model bit-identically (nothing is ever subtracted back). A quantized weight
+is dequantized, merged and requantized in its own scheme (runtime.quant), and on removal the
+original tensor objects are put back.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import Tensor, nn
 from ..arch import Target
 from ..errors import UnsupportedModuleError
 from ..specs.base import Patch
-from .quant import is_float_weight
+from .quant import backend_of
 
 
 @dataclass(eq=False)
@@ -31,7 +33,13 @@ class ModuleMerge:
     def __init__(self, module: nn.Module, name: str):
         self.module_ref = weakref.ref(module)
         self.name = name
-        self.original = module.weight.detach().clone()
+        self.backend = backend_of(module)
+        self.in_place = self.backend.name == "float"
+        if self.in_place:
+            self.original = module.weight.detach().clone()
+        else:  # quantized: keep the very objects to put back, merge from their dequantized values
+            self.saved = {a: getattr(module, a) for a in ("weight", "scale_weight") if hasattr(module, a)}
+            self.original = self.backend.dequantize(module)
         bias = getattr(module, "bias", None)
         self.original_bias = None if bias is None else bias.detach().clone()
         self.entries: list[MergeEntry] = []
@@ -42,7 +50,11 @@ class ModuleMerge:
         active = [e for e in self.entries if e.strength != 0]
         with torch.no_grad():
             if not active:
-                module.weight.copy_(self.original)
+                if self.in_place:
+                    module.weight.copy_(self.original)
+                else:
+                    for attr, value in self.saved.items():
+                        setattr(module, attr, value)
                 if self.original_bias is not None:
                     module.bias.copy_(self.original_bias)
                 return
@@ -57,7 +69,11 @@ class ModuleMerge:
                 bias_delta = e.patch.bias_delta(e.strength, base_bias)
                 if bias_delta is not None:
                     _narrow(bias, e.target).add_(bias_delta.to(bias.device))
-            module.weight.copy_(merged.to(module.weight.dtype))
+            if self.in_place:
+                module.weight.copy_(merged.to(module.weight.dtype))
+            else:
+                for attr, value in self.backend.requantize(module, merged).items():
+                    setattr(module, attr, value)
             if bias is not None:
                 module.bias.copy_(bias.to(module.bias.dtype))
 
@@ -76,11 +92,13 @@ def check_mergeable(module: nn.Module, name: str, patches: list[Patch]) -> None:
             f"{name}: the adapter carries a bias diff (diff_b) but the layer has no bias to merge it "
             "into. Use mode='bypass', which adds it to the output."
         )
-    if not is_float_weight(module):
+    backend = backend_of(module)
+    if backend is None or (backend.name != "float" and backend.requantize is None):
         w = module.weight
+        kind = backend.name if backend else f"{type(w).__name__}/{w.dtype}"
         raise UnsupportedModuleError(
-            f"{name}: merge mode needs a float weight, this one is {type(w).__name__}/{w.dtype}. "
-            "Use mode='bypass', which runs adapters beside quantized weights."
+            f"{name}: a {kind} weight cannot be requantized after merging. Use mode='bypass', which runs "
+            "adapters beside quantized weights without touching them."
         )
 
 
