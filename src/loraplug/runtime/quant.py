@@ -1,19 +1,5 @@
 """Quantized base weights: how to read each kind in float, and how to write a merged weight back in
-the same scheme. Bypass needs neither (the base runs its own kernel); DoRA/OFT-style adapters read
-the weight once (dequantized, cached); merge mode dequantizes, adds and requantizes, and keeps the
-original tensors to put back on ``remove()``.
-
-| backend | bypass | reads W (DoRA, OFT) | merge |
-|---|---|---|---|
-| float (fp32/fp16/bf16) | yes | yes | in place |
-| torchao Int8Tensor / Float8Tensor (weight-only or dynamic activation) | yes | dequantize | requantized (same granularity and activation scheme) |
-| optimum-quanto qint8 / qfloat8 (``WeightQBytesTensor``) | yes | dequantize | requantized (same qtype and axis) |
-| optimum-quanto qint4 (``WeightQBitsTensor``) | yes | dequantize | refused: use bypass |
-| GGUF (diffusers ``GGUFParameter``) | yes | dequantize | requantized with ``gguf`` (same type) |
-| fp8 with ``scale_weight`` (ComfyUI "scaled fp8") | yes | weight × scale | requantized, new scale |
-| plain fp8 | yes | upcast | requantized, saturating |
-| bitsandbytes 8-bit / 4-bit | yes | bitsandbytes' dequantize | refused: use bypass |
-"""
+the same scheme (the support table is in ``loraplug.quant``)."""
 
 from __future__ import annotations
 
