@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .arch import flux as flux_tables
+
 
 def tiny_flux(seed: int = 0, layers: int = 2, single_layers: int = 2, heads: int = 2, head_dim: int = 8):
     """A small diffusers FluxTransformer2DModel with random weights (needs diffusers)."""
@@ -47,35 +49,11 @@ def flux_inputs(batch: int = 1, image_tokens: int = 16, text_tokens: int = 6, se
     }
 
 
-DOUBLE_FUSED = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "img_attn.proj": ("attn.to_out.0",),
-    "txt_attn.proj": ("attn.to_add_out",),
-    "img_mlp.0": ("ff.net.0.proj",),
-    "img_mlp.2": ("ff.net.2",),
-    "txt_mlp.0": ("ff_context.net.0.proj",),
-    "txt_mlp.2": ("ff_context.net.2",),
-    "img_mod.lin": ("norm1.linear",),
-    "txt_mod.lin": ("norm1_context.linear",),
-}
-GLOBAL_FUSED = {
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer.linear": "proj_out",
-}
+# The Flux tables of loraplug.arch.flux (ComfyUI's own key map checks them in the tests).
+DOUBLE_FUSED = flux_tables.DOUBLE
+SINGLE_FUSED = {k: v for k, v in flux_tables.SINGLE.items() if k != "attn_qkv"}
+GLOBAL_FUSED = flux_tables.GLOBAL
 FINAL_MOD = "final_layer.adaLN_modulation.1"  # diffusers' norm_out.linear with its halves swapped
-SINGLE_FUSED = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation.lin": ("norm.linear",),
-}
 
 
 def _fuse(parts: list[nn.Linear], swap_halves: bool = False) -> nn.Linear:
