@@ -1,0 +1,73 @@
+"""The loraplug loader inside a real ComfyUI: bypass output equals ComfyUI's own merge
+(load_lora_for_models + patch_model) for diffusers- and kohya-format files, chained loaders stack,
+unpatching restores the model bit-identically."""
+
+import torch
+from conftest import run, tiny_flux_patcher
+from safetensors.torch import save_file
+
+
+def _files(env, model):
+    """A diffusers-format LoRA (split q/k/v names) and a kohya-format one (BFL names)."""
+    g = torch.Generator().manual_seed(1)
+    diffusers_sd, kohya_sd = {}, {}
+    names = {
+        "transformer_blocks.0.attn.to_q": (32, 32), "transformer_blocks.0.attn.to_v": (32, 32),
+        "transformer_blocks.0.attn.add_k_proj": (32, 32), "single_transformer_blocks.0.proj_mlp": (32, 128),
+        "transformer_blocks.0.ff.net.0.proj": (32, 128),
+    }  # fmt: skip
+    for name, (i, o) in names.items():
+        diffusers_sd[f"transformer.{name}.lora_A.weight"] = torch.randn(2, i, generator=g) * 0.3
+        diffusers_sd[f"transformer.{name}.lora_B.weight"] = torch.randn(o, 2, generator=g) * 0.3
+    modules = dict(model.model.diffusion_model.named_modules())
+    for name in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "double_blocks.0.txt_mlp.0"):
+        m = modules[name]
+        key = "lora_unet_" + name.replace(".", "_")
+        kohya_sd[key + ".lora_down.weight"] = torch.randn(3, m.in_features, generator=g) * 0.3
+        kohya_sd[key + ".lora_up.weight"] = torch.randn(m.out_features, 3, generator=g) * 0.3
+        kohya_sd[key + ".alpha"] = torch.tensor(1.5)
+    save_file(diffusers_sd, str(env["loras"] / "diffusers.safetensors"))
+    save_file(kohya_sd, str(env["loras"] / "kohya.safetensors"))
+    return diffusers_sd, kohya_sd
+
+
+def _comfy_merged(env, patcher, sds_strengths):
+    comfy = env["comfy"]
+    model = patcher
+    for sd, strength in sds_strengths:
+        model, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0)
+    model.patch_model()
+    out = run(model)
+    model.unpatch_model()
+    return out
+
+
+def test_bypass_loader_equals_comfy_merge_and_stacks(comfy):
+    from comfyui_loraplug.nodes import LoraplugLoraLoader
+
+    patcher = tiny_flux_patcher(comfy)
+    diffusers_sd, kohya_sd = _files(comfy, patcher)
+    before = {k: v.clone() for k, v in patcher.model.state_dict().items()}
+    plain = run(patcher)
+    loader = LoraplugLoraLoader()
+    for name, sd in (("diffusers.safetensors", diffusers_sd), ("kohya.safetensors", kohya_sd)):
+        result = loader.load(patcher, name, 0.8)
+        loaded = result["result"][0]
+        assert "matched" in result["ui"]["text"][0] and "unmatched" not in result["ui"]["text"][0]
+        loaded.patch_model()
+        got = run(loaded)
+        loaded.unpatch_model()
+        want = _comfy_merged(comfy, patcher, [(sd, 0.8)])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, plain, atol=1e-4)
+    first = loader.load(patcher, "diffusers.safetensors", 1.0)["result"][0]
+    second = loader.load(first, "kohya.safetensors", 0.5)["result"][0]
+    second.patch_model()
+    got = run(second)
+    second.unpatch_model()
+    want = _comfy_merged(comfy, patcher, [(diffusers_sd, 1.0), (kohya_sd, 0.5)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    after = patcher.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert torch.equal(run(patcher), plain)
+    assert not any(m._forward_hooks for m in patcher.model.modules())
