@@ -25,6 +25,7 @@ def comfy(tmp_path_factory):
     comfy.options.enable_args_parsing()
     import comfy.model_base
     import comfy.model_patcher
+    import comfy.sample
     import comfy.sd
     import comfy.supported_models
     import folder_paths

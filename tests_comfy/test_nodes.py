@@ -71,3 +71,62 @@ def test_bypass_loader_equals_comfy_merge_and_stacks(comfy):
     assert all(torch.equal(v, after[k]) for k, v in before.items())
     assert torch.equal(run(patcher), plain)
     assert not any(m._forward_hooks for m in patcher.model.modules())
+
+
+def test_sampling_through_comfy_with_the_loader(comfy):
+    sampling = comfy["comfy"].sample
+
+    from comfyui_loraplug.nodes import LoraplugLoraLoader
+
+    patcher = tiny_flux_patcher(comfy)
+    _files(comfy, patcher)
+    loaded = LoraplugLoraLoader().load(patcher, "kohya.safetensors", 1.0)["result"][0]
+    g = torch.Generator().manual_seed(0)
+    positive = [[torch.randn(1, 5, 16, generator=g), {"pooled_output": torch.randn(1, 8, generator=g)}]]
+    negative = [[torch.zeros(1, 5, 16), {"pooled_output": torch.zeros(1, 8)}]]
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = sampling.prepare_noise(latent, 0)
+
+    def sample(model):
+        return sampling.sample(model, noise, 3, 1.0, "euler", "simple", positive, negative, latent, seed=0)
+
+    with_lora, without = sample(loaded), sample(patcher)
+    assert with_lora.shape == latent.shape and torch.isfinite(with_lora).all()
+    assert not torch.allclose(with_lora, without, atol=1e-4)
+    assert not any(m._forward_hooks for m in patcher.model.modules())  # ejected after sampling
+
+
+def test_fp8_weights_through_comfy_ops_run_in_bypass(comfy):
+    """fp8 storage with ComfyUI's manual-cast ops: the adapter runs beside the fp8 weights (left as
+    they are, adapters stay float) and matches ComfyUI's merge on the dequantized float model."""
+    from conftest import UNET
+
+    from comfyui_loraplug.nodes import LoraplugLoraLoader
+
+    env = comfy["comfy"]
+    reference = tiny_flux_patcher(comfy)
+    _, kohya_sd = _files(comfy, reference)
+    config = env.supported_models.Flux(dict(UNET))
+    config.set_inference_dtype(torch.float8_e4m3fn, torch.float32)
+    fp8_model = env.model_base.Flux(config, device="cpu")
+    with torch.no_grad():
+        ref_params = dict(reference.model.named_parameters())
+        for name, p in fp8_model.named_parameters():
+            p.copy_(ref_params[name].to(p.dtype))
+            ref_params[name].copy_(p.to(torch.float32))  # the reference holds exactly the fp8 values
+    cpu = torch.device("cpu")
+    fp8 = env.model_patcher.ModelPatcher(fp8_model, load_device=cpu, offload_device=cpu)
+    qkv = fp8_model.diffusion_model.double_blocks[0].img_attn.qkv
+    assert qkv.weight.dtype == torch.float8_e4m3fn
+    stored = qkv.weight.detach().clone()
+    loaded = LoraplugLoraLoader().load(fp8, "kohya.safetensors", 1.0)["result"][0]
+    loaded.patch_model()
+    got = run(loaded)
+    from loraplug.runtime import bypass
+
+    entry = bypass.runners(qkv).entries[0]
+    assert all(t.dtype == torch.float32 for t in entry.patch.all_tensors().values())
+    loaded.unpatch_model()
+    want = _comfy_merged(comfy, reference, [(kohya_sd, 1.0)])
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    assert torch.equal(qkv.weight.view(torch.uint8), stored.view(torch.uint8))
