@@ -130,3 +130,35 @@ def test_fp8_weights_through_comfy_ops_run_in_bypass(comfy):
     want = _comfy_merged(comfy, reference, [(kohya_sd, 1.0)])
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     assert torch.equal(qkv.weight.view(torch.uint8), stored.view(torch.uint8))
+
+
+def test_stack_with_masks(comfy):
+    from comfyui_loraplug.nodes import LoraplugLoraLoader, LoraplugLoraStack
+
+    patcher = tiny_flux_patcher(comfy)
+    diffusers_sd, kohya_sd = _files(comfy, patcher)
+
+    def out(model):
+        model.patch_model()
+        try:
+            return run(model)
+        finally:
+            model.unpatch_model()
+
+    stacked = LoraplugLoraStack().load(patcher, lora_1="diffusers.safetensors", strength_1=1.0,
+                                       lora_2="kohya.safetensors", strength_2=0.5)["result"][0]  # fmt: skip
+    torch.testing.assert_close(out(stacked), _comfy_merged(comfy, patcher, [(diffusers_sd, 1.0), (kohya_sd, 0.5)]),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    plain = run(patcher)
+    zero = LoraplugLoraLoader().load(patcher, "kohya.safetensors", 1.0, mask=torch.zeros(1, 16, 16))[
+        "result"
+    ][0]
+    masked = out(zero)
+    full = out(LoraplugLoraLoader().load(patcher, "kohya.safetensors", 1.0)["result"][0])
+    assert not torch.allclose(full, plain, atol=1e-4)
+    # image tokens untouched by a zero mask; text tokens (mask's text value 1) still carry the LoRA
+    left = torch.zeros(1, 16, 16)
+    left[..., :8] = 1.0
+    half = out(LoraplugLoraLoader().load(patcher, "kohya.safetensors", 1.0, mask=left)["result"][0])
+    assert masked.shape == half.shape == full.shape
+    assert not torch.allclose(half, full, atol=1e-5) and not torch.allclose(half, masked, atol=1e-5)
