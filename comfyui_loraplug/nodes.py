@@ -126,8 +126,125 @@ class LoraplugLoraStack:
         return {"ui": {"text": [text]}, "result": (new_model, text)}
 
 
-NODE_CLASS_MAPPINGS = {"LoraplugLoraLoader": LoraplugLoraLoader, "LoraplugLoraStack": LoraplugLoraStack}
+class LoraplugTrainLora:
+    """Train LoRA (bypass, loraplug): fresh adapters beside the loaded (possibly fp8) model, trained
+    on latents and one conditioning with the model's own noise schedule (denoised-prediction loss).
+    Returns the adapters and the loss list, not a trained MODEL: load the saved file to use it."""
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's API)
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "latents": ("LATENT",),
+                "positive": ("CONDITIONING",),
+                "algorithm": (["lora", "loha", "lokr", "oft", "boft"],),
+                "rank": ("INT", {"default": 16, "min": 1, "max": 256}),
+                "targets": (["attn", "attn+mlp", "all-linear"],),
+                "steps": ("INT", {"default": 200, "min": 1, "max": 100000}),
+                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            }
+        }
+
+    RETURN_TYPES = ("LORAPLUG_ADAPTERS", "LOSS_LIST")
+    RETURN_NAMES = ("adapters", "losses")
+    FUNCTION = "train"
+    CATEGORY = "training/loraplug"
+
+    def train(self, model, latents, positive, algorithm, rank, targets, steps, learning_rate, seed):
+        import torch
+
+        base = model.model
+        diffusion = base.diffusion_model
+        x0 = base.process_latent_in(latents["samples"]).to(torch.float32)
+        cond, extras = positive[0][0], positive[0][1]
+        pooled = extras.get("pooled_output")
+        sampling = base.model_sampling
+        generator = torch.Generator().manual_seed(seed)
+        handle = lp.create(diffusion, algorithm, rank=rank, targets=targets, seed=seed)
+
+        def loss_fn(batch):
+            u = torch.rand(batch.shape[0], generator=generator).clamp(0.02, 0.98)
+            sigma = torch.stack([torch.as_tensor(sampling.percent_to_sigma(float(v))) for v in u]).to(batch)
+            noise = torch.randn(batch.shape, generator=generator).to(batch)
+            noisy = sampling.noise_scaling(sigma.reshape(-1, *([1] * (batch.dim() - 1))), noise, batch)
+            kwargs = {"y": pooled} if pooled is not None else {}
+            denoised = base.apply_model(noisy, sigma, c_crossattn=cond, **kwargs)
+            return torch.nn.functional.mse_loss(denoised.float(), batch)
+
+        blocks = [
+            m for child in diffusion.children() if isinstance(child, torch.nn.ModuleList) for m in child
+        ]
+        originals = [b.forward for b in blocks]
+        for block, forward in zip(blocks, originals, strict=True):  # checkpointed, as ComfyUI trains
+            block.forward = _checkpointed(forward)
+        try:
+            with torch.inference_mode(False):
+                result = lp.train(handle, [x0], loss_fn, steps=steps, lr=learning_rate, seed=seed)
+        finally:
+            handle.remove()
+            for block in blocks:
+                del block.forward
+        return ({"result": result, "model": diffusion}, result.losses)
+
+
+def _checkpointed(forward):
+    """The block recomputed in the backward pass, on copies of its tensor inputs (ComfyUI's blocks
+    add into their inputs in place, which autograd cannot otherwise differentiate)."""
+    import torch
+    import torch.utils.checkpoint
+
+    def on_copies(*args, **kwargs):
+        args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return forward(*args, **kwargs)
+
+    def run(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(on_copies, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+class LoraplugSaveLora:
+    """Save LoRA (loraplug): ``comfy`` (ComfyUI's own loader reads it; per-slice LoRAs of a fused
+    module are written as one exact fused LoRA), ``kohya`` or ``peft``, into ComfyUI's loras folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's API)
+        return {
+            "required": {
+                "adapters": ("LORAPLUG_ADAPTERS",),
+                "filename_prefix": ("STRING", {"default": "loraplug"}),
+                "format": (["comfy", "kohya", "peft"],),
+            }
+        }
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "training/loraplug"
+
+    def save(self, adapters, filename_prefix, format):
+        import os
+
+        folder = folder_paths.get_folder_paths("loras")[0]
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{filename_prefix}.safetensors")
+        lp.save(adapters["result"], path, format=format, model=adapters["model"])
+        return {"ui": {"text": [path]}, "result": (path,)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "LoraplugLoraLoader": LoraplugLoraLoader,
+    "LoraplugLoraStack": LoraplugLoraStack,
+    "LoraplugTrainLora": LoraplugTrainLora,
+    "LoraplugSaveLora": LoraplugSaveLora,
+}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraplugLoraLoader": "Load LoRA (bypass, loraplug)",
     "LoraplugLoraStack": "LoRA stack with masks (bypass, loraplug)",
+    "LoraplugTrainLora": "Train LoRA (bypass, loraplug)",
+    "LoraplugSaveLora": "Save LoRA (loraplug)",
 }

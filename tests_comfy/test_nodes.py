@@ -162,3 +162,29 @@ def test_stack_with_masks(comfy):
     half = out(LoraplugLoraLoader().load(patcher, "kohya.safetensors", 1.0, mask=left)["result"][0])
     assert masked.shape == half.shape == full.shape
     assert not torch.allclose(half, full, atol=1e-5) and not torch.allclose(half, masked, atol=1e-5)
+
+
+def test_train_in_comfy_and_save_for_comfys_own_loader(comfy):
+    from safetensors.torch import load_file
+
+    from comfyui_loraplug.nodes import LoraplugSaveLora, LoraplugTrainLora
+
+    patcher = tiny_flux_patcher(comfy)
+    g = torch.Generator().manual_seed(0)
+    latents = {"samples": torch.randn(1, 4, 8, 8, generator=g)}
+    positive = [[torch.randn(1, 5, 16, generator=g), {"pooled_output": torch.randn(1, 8, generator=g)}]]
+    before = {k: v.clone() for k, v in patcher.model.state_dict().items()}
+    adapters, losses = LoraplugTrainLora().train(patcher, latents, positive, "lora", 4, "attn", 30, 1e-2, 0)
+    assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])
+    assert all(torch.equal(v, patcher.model.state_dict()[k]) for k, v in before.items())  # base untouched
+    assert not any(m._forward_hooks for m in patcher.model.modules())
+    names = list(adapters["result"].adapters.adapters)
+    assert any(n.endswith("attn.to_q") for n in names)  # per-slice adapters on the fused qkv
+    path = LoraplugSaveLora().save(adapters, "trained", "comfy")["result"][0]
+    sd = load_file(path)
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight" in sd  # one fused LoRA
+    import loraplug as lp
+
+    with lp.apply(patcher.model.diffusion_model, adapters["result"].adapters):
+        want = run(patcher)
+    torch.testing.assert_close(_comfy_merged(comfy, patcher, [(sd, 1.0)]), want, rtol=1e-5, atol=1e-5)

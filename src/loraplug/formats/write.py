@@ -101,6 +101,44 @@ def _kohya_alpha(adapter: Adapter, rank: int | None) -> float | None:
     return alpha * math.sqrt(rank) if adapter.rslora else alpha
 
 
+def fuse_slices(adapters: AdapterSet, model: nn.Module) -> AdapterSet:
+    """Plain LoRAs that land in slices of one fused module (q/k/v of img_attn.qkv, linear1) become
+    one exact LoRA of that module: downs stacked, ups block-placed with their scales folded in
+    (alpha = rank), so tools that only know the fused names (ComfyUI, kohya) load them."""
+    index = ModelIndex(model)
+    groups: dict[str, list[tuple[Adapter, int, int]]] = {}
+    out = {}
+    for key, adapter in adapters.adapters.items():
+        targets, _ = index.lookup(key)
+        plain = adapter.algorithm == "lora" and not {"mid", "dora_scale", "magnitude", "diff_b"} & set(
+            adapter.tensors
+        )
+        if (
+            plain
+            and targets
+            and len(targets) == 1
+            and targets[0].size is not None
+            and targets[0].rows is None
+        ):
+            groups.setdefault(targets[0].module, []).append((adapter, targets[0].offset, targets[0].size))
+        else:
+            out[key] = adapter
+    for module, parts in groups.items():
+        downs = [
+            a.tensors["down"].detach().float().reshape(a.tensors["down"].shape[0], -1) for a, _, _ in parts
+        ]
+        up = torch.zeros(index.ops[module].out_features, sum(d.shape[0] for d in downs))
+        start = 0
+        for (a, offset, size), down in zip(parts, downs, strict=True):
+            r = down.shape[0]
+            up[offset : offset + size, start : start + r] = a.tensors["up"].detach().float().reshape(
+                size, r
+            ) * lora_scale(a.alpha, r, a.rslora)
+            start += r
+        out[module] = Adapter(module, "lora", {"down": torch.cat(downs), "up": up}, alpha=float(start))
+    return dataclasses.replace(adapters, adapters=out)
+
+
 def to_state_dict(
     adapters: AdapterSet,
     fmt: str,
@@ -112,6 +150,8 @@ def to_state_dict(
     """(tensors, safetensors metadata) of ``adapters`` in convention ``fmt``."""
     if fmt not in WRITE_FORMATS:
         raise LoraplugError(f"format={fmt!r}; loraplug writes {', '.join(WRITE_FORMATS)}.")
+    if model is not None and fmt in ("kohya", "comfy"):
+        adapters = fuse_slices(adapters, model)
     names = module_names(adapters, model, dotted=fmt != "kohya")
     tensors: dict[str, Tensor] = {}
     alphas, ranks, rslora = {}, {}, False

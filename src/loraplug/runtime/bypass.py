@@ -189,6 +189,11 @@ class ModuleBypass:
             for e in self.entries
             if e.patch.reads_base
         ]
+        if torch.is_grad_enabled() and (
+            y.requires_grad
+            or any(t.requires_grad for e in self.entries for t in e.patch.all_tensors().values())
+        ):
+            y = y.clone()  # the adds below are in place: never on a tensor autograd saved
         done = set()
         if lowrank is not None:
             y = lowrank.add_into(x, y, masks)
