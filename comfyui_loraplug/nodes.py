@@ -13,7 +13,7 @@ import loraplug as lp
 LOG = logging.getLogger("loraplug")
 
 
-def _attach(patcher, key: str, adapters, strength, target: str, masks=None) -> list[str]:
+def _attach(patcher, key: str, adapters, strength, target: str, masks=None, texts=None) -> list[str]:
     """Register an injection on ``patcher`` that applies ``adapters`` (one set or a list) in bypass
     mode on inject, with optional per-set image-space masks, and removes them on eject. Returns
     the keys that matched nothing (also logged)."""
@@ -27,7 +27,7 @@ def _attach(patcher, key: str, adapters, strength, target: str, masks=None) -> l
         root = mp.model.diffusion_model if target == "unet" else mp.model
         handle = lp.apply(root, adapters, strength=strength, strict=False)
         if masks is not None and any(m is not None for m in masks):
-            handle.set_mask([None if m is None else m.float() for m in masks])
+            handle.set_mask([None if m is None else m.float() for m in masks], text=texts)
         handles[id(mp)] = handle
 
     def eject(mp) -> None:
@@ -236,7 +236,11 @@ class LoraplugSaveLora:
         return {"ui": {"text": [path]}, "result": (path,)}
 
 
+from .freefuse import LoraplugFreeFuseApply, LoraplugFreeFuseMasks  # noqa: E402
+
 NODE_CLASS_MAPPINGS = {
+    "LoraplugFreeFuseMasks": LoraplugFreeFuseMasks,
+    "LoraplugFreeFuseApply": LoraplugFreeFuseApply,
     "LoraplugLoraLoader": LoraplugLoraLoader,
     "LoraplugLoraStack": LoraplugLoraStack,
     "LoraplugTrainLora": LoraplugTrainLora,
@@ -247,4 +251,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraplugLoraStack": "LoRA stack with masks (bypass, loraplug)",
     "LoraplugTrainLora": "Train LoRA (bypass, loraplug)",
     "LoraplugSaveLora": "Save LoRA (loraplug)",
+    "LoraplugFreeFuseMasks": "FreeFuse masks (loraplug)",
+    "LoraplugFreeFuseApply": "FreeFuse apply (loraplug)",
 }

@@ -188,3 +188,29 @@ def test_train_in_comfy_and_save_for_comfys_own_loader(comfy):
     with lp.apply(patcher.model.diffusion_model, adapters["result"].adapters):
         want = run(patcher)
     torch.testing.assert_close(_comfy_merged(comfy, patcher, [(sd, 1.0)]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_freefuse_node_pair(comfy):
+    from comfyui_loraplug.freefuse import LoraplugFreeFuseApply, LoraplugFreeFuseMasks
+
+    patcher = tiny_flux_patcher(comfy)
+    _files(comfy, patcher)
+    g = torch.Generator().manual_seed(0)
+    positive = [[torch.randn(1, 5, 16, generator=g), {"pooled_output": torch.randn(1, 8, generator=g)}]]
+    negative = [[torch.zeros(1, 5, 16), {"pooled_output": torch.zeros(1, 8)}]]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    masks, freefuse = LoraplugFreeFuseMasks().collect(
+        patcher, positive, negative, latent, 0, 6, 3, "1,2;3", 1.0, 0.1
+    )
+    assert masks.shape == (2, 4, 4) and torch.all(masks.sum(0) <= 1)  # disjoint (the rest is background)
+    assert freefuse["text"][0].tolist() == [1, 1, 1, 0, 1] and freefuse["text"][1].tolist() == [1, 0, 0, 1, 1]
+    applied = LoraplugFreeFuseApply().apply(
+        patcher, freefuse, "diffusers.safetensors", "kohya.safetensors", 1.0
+    )[0]
+    applied.patch_model()
+    try:
+        got = run(applied)
+    finally:
+        applied.unpatch_model()
+    assert torch.isfinite(got).all() and not torch.allclose(got, run(patcher), atol=1e-5)
+    assert not any(m._forward_hooks for m in patcher.model.modules())
