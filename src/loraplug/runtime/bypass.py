@@ -108,7 +108,9 @@ class _LowRank:
         """
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         hidden = torch.mm(x2, self.down_t)
-        training = self.trained and torch.is_grad_enabled()
+        # training: no in-place writes into tracked outputs; compiled: one out-of-place addmm that
+        # inductor can fuse, instead of in-place writes into views of the output
+        training = (self.trained and torch.is_grad_enabled()) or torch.compiler.is_compiling()
         hidden = hidden * self.rank_scale if self.trained else hidden.mul_(self.rank_scale)
         if masks is not None:
             rows = [None if m is None else m.expand(*y.shape[:-1], 1).reshape(-1, 1) for m in masks]
