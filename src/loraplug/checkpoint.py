@@ -19,10 +19,9 @@ from .adapters import AdapterSet
 from .arch import ModelIndex, Target
 from .errors import UnmatchedKeysError, UnsupportedModuleError, sample
 from .formats import stream
+from .runtime.quant import FP8, fp8_saturated, fp8_scaled
 from .skeleton import from_shapes
 from .specs.base import Patch
-
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass
@@ -81,12 +80,6 @@ def _merged(weight: Tensor, entries, bias: bool) -> Tensor:
     return out
 
 
-def _quantize(weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """fp8 weight and its per-tensor scale (max |w| maps to the format's largest value)."""
-    scale = weight.abs().max().clamp(min=1e-12) / torch.finfo(dtype).max
-    return (weight / scale).to(dtype), scale
-
-
 def merge_checkpoint(
     base: str | Path,
     adapters: list[AdapterSet],
@@ -109,14 +102,11 @@ def merge_checkpoint(
             scale_key = f"{module}.scale_weight"
             if weight.dtype in FP8 and scale_key in reader.entries:  # scaled fp8: a new scale
                 merged = _merged(weight.float() * reader.tensor(scale_key).float(), entries, bias=False)
-                pending[key], scale = _quantize(merged, weight.dtype)
+                pending[key], scale = fp8_scaled(merged, weight.dtype)
                 pending[scale_key] = scale.reshape(reader.shape(scale_key)).to(dtypes[scale_key])
                 summary.requantized.append(module)
             elif weight.dtype in FP8:  # plain fp8: no scale to change, saturate at the format's range
-                limit = torch.finfo(weight.dtype).max
-                pending[key] = (
-                    _merged(weight.float(), entries, bias=False).clamp(-limit, limit).to(weight.dtype)
-                )
+                pending[key] = fp8_saturated(_merged(weight.float(), entries, bias=False), weight.dtype)
                 summary.requantized.append(module)
             elif weight.is_floating_point():
                 dtype = weight.dtype

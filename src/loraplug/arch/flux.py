@@ -52,6 +52,7 @@ _BLOCK = re.compile(
     r"\.(?P<n>\d+)\."
 )
 _DIFFUSERS_KIND = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
+_BFL_KIND = {v: k for k, v in _DIFFUSERS_KIND.items()}
 
 
 def flux_groups(ops: dict[str, LayerOp]) -> list[Group]:
@@ -60,7 +61,7 @@ def flux_groups(ops: dict[str, LayerOp]) -> list[Group]:
     for name in ops:
         m = _BLOCK.match(name)
         if m:
-            kind = {v: k for k, v in _DIFFUSERS_KIND.items()}.get(m["kind"], m["kind"])
+            kind = _BFL_KIND.get(m["kind"], m["kind"])
             blocks.add((m["root"], kind, m["n"]))
     groups = []
     for root, kind, n in sorted(blocks):

@@ -72,18 +72,28 @@ def _gguf_requantize(module: nn.Module, merged: Tensor) -> dict[str, Tensor]:
     return {"weight": GGUFParameter(torch.from_numpy(data).to(module.weight.device), quant_type=qtype)}
 
 
+def fp8_scaled(weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """fp8 weight and its per-tensor scale (max |w| maps to the format's largest value)."""
+    scale = weight.abs().max().clamp(min=1e-12) / torch.finfo(dtype).max
+    return (weight / scale).to(dtype), scale
+
+
+def fp8_saturated(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp8 weight with no scale to change: values beyond the format's range saturate."""
+    limit = torch.finfo(dtype).max
+    return weight.clamp(-limit, limit).to(dtype)
+
+
 def _scaled_fp8_requantize(module: nn.Module, merged: Tensor) -> dict[str, Tensor]:
-    dtype = module.weight.dtype
-    scale = merged.abs().max().clamp(min=1e-12) / torch.finfo(dtype).max
+    weight, scale = fp8_scaled(merged, module.weight.dtype)
     old = module.scale_weight
     new_scale = scale.reshape(old.shape).to(old.dtype)
-    return {"weight": nn.Parameter((merged / scale).to(dtype), requires_grad=False),
+    return {"weight": nn.Parameter(weight, requires_grad=False),
             "scale_weight": nn.Parameter(new_scale, requires_grad=False) if isinstance(old, nn.Parameter) else new_scale}  # fmt: skip
 
 
 def _plain_fp8_requantize(module: nn.Module, merged: Tensor) -> dict[str, Tensor]:
-    limit = torch.finfo(module.weight.dtype).max
-    return {"weight": nn.Parameter(merged.clamp(-limit, limit).to(module.weight.dtype), requires_grad=False)}
+    return {"weight": nn.Parameter(fp8_saturated(merged, module.weight.dtype), requires_grad=False)}
 
 
 def _bnb_dequantize(module: nn.Module) -> Tensor:
