@@ -13,6 +13,7 @@ from .errors import (
     UnmatchedKeysError,
     UnsupportedModuleError,
 )
+from .fp8 import Fp8Linear, quantize_fp8
 from .report import Report
 from .train import TrainHandle, TrainResult, create, flow_matching_loss, train
 
@@ -41,4 +42,6 @@ __all__ = [
     "flow_matching_loss",
     "TrainHandle",
     "TrainResult",
+    "Fp8Linear",
+    "quantize_fp8",
 ]

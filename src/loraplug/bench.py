@@ -1,16 +1,23 @@
-"""GPU benchmark (``loraplug bench``): loraplug bypass on the full diffusers FluxTransformer2DModel
-at Flux-dev size.
+"""GPU benchmarks (``loraplug bench``), Flux-dev size (19 double + 38 single blocks, hidden 3072,
+1024x1024: 4096 image + 512 text tokens), random weights, bf16, one GPU.
 
-Random weights, bf16, 1024x1024 (4096 image + 512 text tokens), one GPU. Every variant is timed in
-this one process with CUDA events (3 warm-ups, median of ITERS) and reported as a ratio to the base
-measured in the same run. Writes JSON to $OUT (or .).
+- ``main``: the full diffusers FluxTransformer2DModel (split and fused layouts; base, merged, PEFT,
+  loraplug portable and fused, two LoRAs, fp8 base, torch.compile).
+- ``linear_stack``: only its linear layers in BFL layout (fused qkv / linear1), the issue's
+  micro-benchmark: cuBLAS base, the Triton GEMM alone per tile configuration, loraplug portable and
+  fused with r16 / r64 / two r16, fp8 base with and without a LoRA, PEFT on the split layers.
+
+Every variant is timed in one process with CUDA events (warm-ups, median of ITERS) and reported as a
+ratio to the base measured in the same run. Writes JSON to $OUT (or .).
 
     loraplug bench [--compile] [--blocks 2 4]       # or: python benchmarks/flux_bench.py
+    loraplug bench --suite linear                   # or: python benchmarks/linear_stack.py
     loraplug bench --results results.json           # a saved run as a table
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
@@ -88,6 +95,213 @@ class Bench:
 
     def memory(self, name: str) -> None:
         self.res[name + "_GB"] = torch.cuda.memory_allocated() / 1e9
+
+
+H, MLP = 3072, 12288
+# (BFL module, in, out, stream) per double block, then per single block; stream picks the tokens
+DOUBLE = [
+    (f"{s}_{m}", i, o, s)
+    for s in ("img", "txt")
+    for m, i, o in (("attn.qkv", H, 3 * H), ("attn.proj", H, H), ("mlp.0", H, MLP), ("mlp.2", MLP, H))
+]
+SINGLE = [("linear1", H, 3 * H + MLP, "all"), ("linear2", H + MLP, H, "all")]
+# the diffusers (split) names of each BFL module's parts, with their widths
+DIFFUSERS_PARTS = {
+    "img_attn.qkv": [("attn.to_q", H), ("attn.to_k", H), ("attn.to_v", H)],
+    "txt_attn.qkv": [("attn.add_q_proj", H), ("attn.add_k_proj", H), ("attn.add_v_proj", H)],
+    "img_attn.proj": [("attn.to_out.0", H)], "txt_attn.proj": [("attn.to_add_out", H)],
+    "img_mlp.0": [("ff.net.0.proj", MLP)], "img_mlp.2": [("ff.net.2", H)],
+    "txt_mlp.0": [("ff_context.net.0.proj", MLP)], "txt_mlp.2": [("ff_context.net.2", H)],
+    "linear1": [("attn.to_q", H), ("attn.to_k", H), ("attn.to_v", H), ("proj_mlp", MLP)],
+    "linear2": [("proj_out", H)],
+}  # fmt: skip
+TOKENS = {"img": T_IMG, "txt": T_TXT, "all": T_IMG + T_TXT}
+
+
+def stack_layers(nd: int, ns: int) -> list[tuple[str, str, int, int, str]]:
+    """(BFL name, diffusers block prefix, in, out, stream) for every linear layer of the stack."""
+    return [(f"double_blocks.{b}.{n}", f"transformer_blocks.{b}", i, o, s) for b in range(nd) for n, i, o, s in DOUBLE] + [
+        (f"single_blocks.{b}.{n}", f"single_transformer_blocks.{b}", i, o, s) for b in range(ns) for n, i, o, s in SINGLE
+    ]  # fmt: skip
+
+
+def stack_lora(layers: list, rank: int, seed: int) -> dict:
+    """A diffusers-format (split q/k/v) LoRA on every layer of the stack."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    sd = {}
+    for name, prefix, i, _, _ in layers:
+        for part, width in DIFFUSERS_PARTS[name.split(".", 2)[2]]:
+            key = f"transformer.{prefix}.{part}"
+            sd[f"{key}.lora_A.weight"] = torch.randn(rank, i, device=DEV, dtype=DT, generator=g) * 0.01
+            sd[f"{key}.lora_B.weight"] = torch.randn(width, rank, device=DEV, dtype=DT, generator=g) * 0.01
+    return sd
+
+
+def _time_fn(fn, iters: int = ITERS) -> float:
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+BF16_TILES = [
+    (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 4),
+    (128, 128, 64, 4, 4),
+    (128, 128, 64, 8, 4),
+    (256, 128, 64, 8, 3),
+]
+FP8_TILES = [
+    (128, 256, 128, 8, 3),
+    (128, 256, 128, 8, 4),
+    (128, 128, 128, 4, 4),
+    (128, 128, 128, 8, 4),
+    (256, 128, 128, 8, 3),
+]
+
+
+@torch.no_grad()
+def linear_stack() -> dict:
+    """The linear-layer micro-benchmark; returns (and writes) the results."""
+    from . import fp8 as fp8_mod
+    from .runtime import kernels
+
+    tk = importlib.import_module("loraplug.runtime.triton_kernels") if kernels.available() else None
+
+    nd, ns = int(os.environ.get("ND", 19)), int(os.environ.get("NS", 38))
+    layers = stack_layers(nd, ns)
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "suite": "linear_stack"}
+    g = torch.Generator(device=DEV).manual_seed(0)
+    root = torch.nn.Module()
+    for name, _, i, o, _ in layers:
+        lin = torch.nn.Linear(i, o, bias=True, device=DEV, dtype=DT)
+        torch.nn.init.normal_(lin.weight, std=0.02, generator=g)
+        torch.nn.init.normal_(lin.bias, std=0.02, generator=g)
+        _set_module(root, name, lin)
+    root.requires_grad_(False)
+    xs = {(i, s): torch.randn(TOKENS[s], i, device=DEV, dtype=DT, generator=g) for _, _, i, _, s in layers}
+    plan = [(root.get_submodule(name), xs[(i, s)]) for name, _, i, _, s in layers]
+
+    def record(key: str, ms: float) -> None:
+        res[key + "_ms"] = ms
+        print(f"{key:40s} {ms:8.2f} ms", flush=True)
+
+    def run() -> None:
+        for mod, x in plan:
+            mod(x)
+
+    record("base", _time_fn(run))
+    res["lora_flop_fraction_r16"] = sum(
+        16 * len(DIFFUSERS_PARTS[n.split(".", 2)[2]]) * i + 16 * o for n, _, i, o, _ in layers
+    ) / sum(i * o for _, _, i, o, _ in layers)
+    if kernels.available():
+        for tiles in BF16_TILES:  # the Triton GEMM alone, no adapter: how close to cuBLAS
+            kernels.CONFIGS["bf16"] = tiles
+            record("triton_base_" + "x".join(map(str, tiles)),
+                   _time_fn(lambda: [tk.lora_linear(x, m.weight, m.bias, None) for m, x in plan]))  # fmt: skip
+        best = min(BF16_TILES, key=lambda t: res["triton_base_" + "x".join(map(str, t)) + "_ms"])
+        kernels.CONFIGS["bf16"] = best
+        res["bf16_tiles"] = best
+    loras = {"r16": lp.load(stack_lora(layers, 16, 1)), "r64": lp.load(stack_lora(layers, 64, 2))}
+    second = lp.load(stack_lora(layers, 16, 3))
+    res["adapter_GB_r16"] = loras["r16"].parameters * 2 / 1e9
+    modes = ("portable", "fused") if kernels.available() else ("portable",)
+    for mode in modes:
+        os.environ["LORAPLUG_KERNELS"] = "1" if mode == "fused" else "0"
+        for key, adapters in (
+            ("r16", loras["r16"]),
+            ("r64", loras["r64"]),
+            ("2x_r16", [loras["r16"], second]),
+        ):
+            before = torch.cuda.memory_allocated()
+            handle = lp.apply(root, adapters)
+            assert handle.report.ok, handle.report.unmatched
+            record(f"loraplug_{mode}_{key}", _time_fn(run))
+            res[f"loraplug_{mode}_{key}_added_GB"] = (torch.cuda.memory_allocated() - before) / 1e9
+            handle.remove()
+    os.environ.pop("LORAPLUG_KERNELS", None)
+    res["check"] = _check_paths(root, layers[0][0], xs, loras["r16"], second)
+    # fp8 base: e4m3 weights per row, activations per token
+    fp8_mod.quantize_fp8(root)
+    plan = [(root.get_submodule(name), xs[(i, s)]) for name, _, i, _, s in layers]
+    record("fp8_base", _time_fn(run))
+    if kernels.available():
+        for tiles in FP8_TILES:
+            kernels.CONFIGS["fp8"] = tiles
+
+            def triton_fp8() -> None:
+                for m, x in plan:
+                    q, sx, _ = tk.quantize_rows(x, None)
+                    tk.lora_linear(q, m.weight, m.bias, None, (sx, m.weight_scale), x.dtype)
+
+            record("triton_fp8_base_" + "x".join(map(str, tiles)), _time_fn(triton_fp8))
+        kernels.CONFIGS["fp8"] = min(
+            FP8_TILES, key=lambda t: res["triton_fp8_base_" + "x".join(map(str, t)) + "_ms"]
+        )
+        res["fp8_tiles"] = kernels.CONFIGS["fp8"]
+    for mode in modes:
+        os.environ["LORAPLUG_KERNELS"] = "1" if mode == "fused" else "0"
+        handle = lp.apply(root, loras["r16"])
+        record(f"fp8_loraplug_{mode}_r16", _time_fn(run))
+        handle.remove()
+    os.environ.pop("LORAPLUG_KERNELS", None)
+    for key in [k for k in res if k.endswith("_ms") and k != "base_ms"]:
+        res[key.replace("_ms", "_ratio")] = round(res[key] / res["base_ms"], 4)
+    out = Path(os.environ.get("OUT", ".")) / os.environ.get("NAME", "linear_stack.json")
+    out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def _set_module(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    node = root
+    for p in parents:
+        if not hasattr(node, p):
+            node.add_module(p, torch.nn.Module())
+        node = getattr(node, p)
+    node.add_module(leaf, module)
+
+
+def _check_paths(root, name: str, xs: dict, first, second) -> dict:
+    """Relative error of the portable and fused paths against float32, on one fused qkv layer."""
+    mod = root.get_submodule(name)
+    x = xs[(mod.in_features, "img")]
+    out = {}
+    for mode in ("portable", "fused"):
+        os.environ["LORAPLUG_KERNELS"] = "1" if mode == "fused" else "0"
+        handle = lp.apply(root, [first, second], strength=[0.7, 1.2])
+        y, ref = mod(x).float(), _float_reference(mod, x)
+        handle.remove()
+        out[mode] = ((y - ref).norm() / ref.norm()).item()
+    os.environ.pop("LORAPLUG_KERNELS", None)
+    return out
+
+
+def _float_reference(mod, x):
+    """The module with its adapters, computed in float32 (portable path on float copies)."""
+    from .runtime.bypass import runners
+
+    runner = runners(mod)
+    clone = torch.nn.Linear(mod.in_features, mod.out_features, device=x.device, dtype=torch.float32)
+    clone.weight.copy_(mod.weight.float())
+    clone.bias.copy_(mod.bias.float())
+    y = clone(x.float())
+    for e in runner.entries:
+        down, up, scale = e.patch.low_rank(x.float())
+        t = e.target
+        size = mod.out_features if t.size is None else t.size
+        y[:, t.offset : t.offset + size] += (
+            (x.float() @ down.float().T) @ up.float().T * scale * e.strength.item()
+        )
+    return y
 
 
 def table(results: dict) -> Table:

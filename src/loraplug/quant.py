@@ -15,6 +15,7 @@ an error naming the module and suggesting bypass.
 | optimum-quanto qint8 / qfloat8 | yes | dequantized once | requantized (same qtype and axis) |
 | optimum-quanto qint4 | yes | dequantized once | refused: use bypass |
 | GGUF (diffusers ``GGUFParameter``: Q8_0, Q4_0, …) | yes | dequantized once | requantized with ``gguf`` (same type) |
+| fp8 per-row + ``weight_scale`` (``loraplug.Fp8Linear``, fp8 compute) | yes (fused kernels on CUDA) | weight × row scale | requantized per row |
 | fp8 + ``scale_weight`` (ComfyUI "scaled fp8") | yes | weight × scale | requantized with a new scale |
 | plain fp8 | yes | upcast | requantized, saturating at the format's range |
 | bitsandbytes Linear8bitLt, Linear4bit (nf4, fp4) | yes (GPU) | dequantized once | refused: use bypass |

@@ -8,7 +8,7 @@ them (or disabling an adapter) re-traces nothing under torch.compile.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from ..algorithms.op import LayerOp
 from ..arch import Target
+from ..fp8 import Fp8Linear, fp8_matmul_on
 from ..specs.base import BaseView, Patch, channel_view
+from . import kernels
 from .masks import Mask
 from .quant import float_bias, float_weight, is_float_weight
 
@@ -54,6 +56,8 @@ class _LowRank:
     static_scale: Tensor
     rank_scale: Tensor
     trained: bool
+    width: int
+    packs: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, found: list[tuple[Entry, tuple[Tensor, Tensor, float]]], out_features: int) -> _LowRank:
@@ -76,6 +80,7 @@ class _LowRank:
             trained=any(
                 d.requires_grad or f[1].requires_grad for d, (_, f) in zip(downs, found, strict=True)
             ),
+            width=out_features,
         )
         group.refresh()
         return group
@@ -86,6 +91,12 @@ class _LowRank:
         downs = [f[0] for _, f in found]
         self.down_t = (downs[0] if len(downs) == 1 else torch.cat(downs)).T
         self.ups_t = [f[1].T for _, f in found]
+
+    def packed(self, block_n: int) -> tuple[Tensor, Tensor]:
+        """The up projections packed per output tile for the fused kernel (built once per width)."""
+        if block_n not in self.packs:
+            self.packs[block_n] = kernels.pack_ups(self.spans, self.ups_t, self.width, block_n)
+        return self.packs[block_n]
 
     def refresh(self) -> None:
         """rank_scale = static scale × each entry's current strength."""
@@ -138,7 +149,15 @@ class ModuleBypass:
         self._lowrank: dict[tuple, _LowRank] = {}
         self._weight_key: tuple | None = None
         self._weight: Tensor | None = None
-        self._hook = module.register_forward_hook(self._run, with_kwargs=True)
+        # Where the fused kernels may run, the runner takes the module's forward (an instance
+        # attribute, removed again by close()) so that it can replace the base GEMM; elsewhere it is
+        # a forward hook after the module's own forward.
+        self.fused = self.grouping and _fusable(module)
+        if self.fused:
+            module.forward = self._forward
+            self._hook = None
+        else:
+            self._hook = module.register_forward_hook(self._run, with_kwargs=True)
 
     def _float_weight(self) -> Tensor:
         """The whole weight in float32, computed once per weight version (DoRA/OFT need it)."""
@@ -158,7 +177,7 @@ class ModuleBypass:
         def run(u: Tensor) -> Tensor:
             if is_float_weight(module):
                 return self.op.run(u, narrow(module.weight, 0).to(u.dtype))
-            y = module.forward(u)  # the class's forward: no hooks, any weight type
+            y = type(module).forward(module, u)  # the class's forward: no adapters, any weight type
             bias = float_bias(module)
             if bias is not None:
                 y = y - channel_view(bias.to(y.dtype), y, self.op.channel_dim)
@@ -174,6 +193,48 @@ class ModuleBypass:
     def _slice(self, entry: Entry, y: Tensor) -> Tensor:
         t = entry.target
         return y if t.size is None else y.narrow(self.op.channel_dim, t.offset, t.size)
+
+    def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """The module's forward while fused kernels may run: the fused path where it applies,
+        otherwise the module's own forward followed by the portable path."""
+        module = self.module_ref()
+        y = self._fused_output(module, x) if not args and not kwargs else None
+        if y is None:
+            y = self._run(module, (x, *args), kwargs, type(module).forward(module, x, *args, **kwargs))
+        return y
+
+    def _fused_output(self, module: nn.Module, x: Tensor) -> Tensor | None:
+        """y = base(x) + every low-rank adapter, in one Triton GEMM (None: not applicable here)."""
+        if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and kernels.supports(x.shape[-1])):
+            return None
+        if any(e.mask is not None and e.mask.value is not None for e in self.entries):
+            return None
+        w = module.weight
+        if torch.is_grad_enabled() and (
+            x.requires_grad or w.requires_grad or any(g.trained for g in self._lowrank.values())
+        ):
+            return None  # the kernels have no backward: training takes the portable path
+        lowrank = self._lowrank_for(x)
+        if lowrank is None or len(lowrank.entries) != len(self.entries) or lowrank.trained:
+            return None
+        if w.stride(-1) != 1:
+            return None
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        bias = None if module.bias is None else module.bias.to(x.dtype)
+        if isinstance(module, Fp8Linear):
+            if not fp8_matmul_on(x.device):
+                return None
+            a, a_scale, h = kernels.ops().quantize_rows(x2, lowrank.down_t)
+            w_scale = module.weight_scale
+        elif w.dtype == x.dtype:
+            a, a_scale, w_scale, h = x2, None, None, torch.mm(x2, lowrank.down_t)
+        else:
+            return None
+        idx, packed = lowrank.packed(kernels.config(a_scale is not None)[1])
+        y = kernels.ops().lora_linear(
+            a, w, bias, h, idx, lowrank.rank_scale, packed, a_scale, w_scale, x.dtype
+        )
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def _run(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
         if not self.entries:
@@ -237,11 +298,31 @@ class ModuleBypass:
         does not see them appear (and re-trace) on its second call."""
         self._lowrank.clear()
         w = getattr(self.module_ref(), "weight", None)
-        if self.grouping and w is not None and w.device.type != "meta" and w.is_floating_point():
-            self._lowrank_for(torch.empty(0, device=w.device, dtype=w.dtype))
+        if (
+            self.grouping
+            and w is not None
+            and w.device.type != "meta"
+            and (w.is_floating_point() or self.fused)
+        ):
+            dtype = w.dtype if w.is_floating_point() else torch.bfloat16
+            group = self._lowrank_for(torch.empty(0, device=w.device, dtype=dtype))
+            if group is not None and self.fused and w.is_cuda:
+                kernels.ops()  # imported now, not inside a compiled region
+                for fp8 in (False, True):
+                    group.packed(kernels.config(fp8)[1])
 
     def close(self) -> None:
-        self._hook.remove()
+        module = self.module_ref()
+        if self._hook is not None:
+            self._hook.remove()
+        elif module is not None and module.__dict__.get("forward") == self._forward:
+            del module.forward
+
+
+def _fusable(module: nn.Module) -> bool:
+    """A layer whose forward the fused kernels can stand in for: a plain Linear (float weight) or an
+    Fp8Linear, with no other wrapper already on its forward, where Triton and CUDA are present."""
+    return kernels.available() and type(module) in (nn.Linear, Fp8Linear) and "forward" not in module.__dict__
 
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, ModuleBypass] = weakref.WeakKeyDictionary()

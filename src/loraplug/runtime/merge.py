@@ -38,7 +38,11 @@ class ModuleMerge:
         if self.in_place:
             self.original = module.weight.detach().clone()
         else:  # quantized: keep the very objects to put back, merge from their dequantized values
-            self.saved = {a: getattr(module, a) for a in ("weight", "scale_weight") if hasattr(module, a)}
+            self.saved = {
+                a: getattr(module, a)
+                for a in ("weight", "scale_weight", "weight_scale")
+                if hasattr(module, a)
+            }
             self.original = self.backend.dequantize(module)
         bias = getattr(module, "bias", None)
         self.original_bias = None if bias is None else bias.detach().clone()

@@ -92,6 +92,20 @@ def _scaled_fp8_requantize(module: nn.Module, merged: Tensor) -> dict[str, Tenso
             "scale_weight": nn.Parameter(new_scale, requires_grad=False) if isinstance(old, nn.Parameter) else new_scale}  # fmt: skip
 
 
+def _rowwise_fp8_requantize(module: nn.Module, merged: Tensor) -> dict[str, Tensor]:
+    w = merged.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / torch.finfo(module.weight.dtype).max
+    return {"weight": nn.Parameter((w / scale[:, None]).to(module.weight.dtype), requires_grad=False),
+            "weight_scale": scale.to(module.weight_scale.dtype)}  # fmt: skip
+
+
+def _rowwise_fp8(m: nn.Module) -> bool:
+    s = getattr(m, "weight_scale", None)
+    return (
+        _plain(m.weight) and m.weight.dtype in FP8 and isinstance(s, Tensor) and s.shape == m.weight.shape[:1]
+    )
+
+
 def _plain_fp8_requantize(module: nn.Module, merged: Tensor) -> dict[str, Tensor]:
     return {"weight": nn.Parameter(fp8_saturated(merged, module.weight.dtype), requires_grad=False)}
 
@@ -115,6 +129,8 @@ def _plain(w) -> bool:
 
 BACKENDS = [
     Backend("float", lambda m: _plain(m.weight) and float_dtype(m.weight.dtype), lambda m: m.weight.detach().float(), None),
+    Backend("fp8 per-row", _rowwise_fp8, lambda m: m.weight.detach().float() * m.weight_scale.detach().float()[:, None],
+            _rowwise_fp8_requantize),
     Backend("scaled fp8", lambda m: _plain(m.weight) and m.weight.dtype in FP8 and isinstance(getattr(m, "scale_weight", None), Tensor),
             lambda m: m.weight.detach().float() * m.scale_weight.detach().float(), _scaled_fp8_requantize),
     Backend("fp8", lambda m: _plain(m.weight) and m.weight.dtype in FP8, lambda m: m.weight.detach().float(), _plain_fp8_requantize),

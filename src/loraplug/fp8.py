@@ -1,0 +1,124 @@
+"""fp8 base layers: e4m3 weights with one scale per output row, activations quantized per token at
+run time (dynamic), the product in fp8 on the tensor cores (``torch._scaled_mm``, Hopper/Ada).
+
+``quantize_fp8(model)`` swaps the ``nn.Linear`` layers it selects for ``Fp8Linear``; bypass adapters
+then run beside them, and on CUDA with Triton the down projection joins the activation quantization
+and the up projection the fp8 GEMM (one read of x, one write of y). On the CPU, or a GPU without fp8
+matrix units, the same arithmetic is emulated in float32 (slow, for tests).
+
+    >>> import torch, loraplug as lp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    >>> lp.quantize_fp8(model)
+    1
+    >>> type(model[0]).__name__
+    'Fp8Linear'
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from .errors import LoraplugError
+from .runtime import kernels
+
+E4M3 = torch.float8_e4m3fn
+
+
+def quantize_per_row(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(e4m3 values, float32 scale per row): each row's max |w| maps to 448."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / kernels.E4M3_MAX
+    return (w / scale[:, None]).to(E4M3), scale
+
+
+def fp8_matmul_on(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class Fp8Linear(nn.Linear):
+    """y = (x quantized per token) · (W quantized per row)ᵀ in fp8, rescaled, + bias, in x's dtype.
+
+    A Linear (so every tool that looks for Linear layers finds it) whose ``weight`` is e4m3 with a
+    float32 ``weight_scale`` per output row."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__(in_features, out_features, bias=bias, device="meta")
+        self.weight = nn.Parameter(
+            torch.zeros(out_features, in_features, dtype=E4M3, device=device), requires_grad=False
+        )
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        q, s = quantize_per_row(linear.weight)
+        layer.weight = nn.Parameter(q, requires_grad=False)
+        layer.weight_scale = s
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def dequantized(self) -> Tensor:
+        return self.weight.float() * self.weight_scale[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if fp8_matmul_on(x.device):
+            q, s = quantize_activations(x2)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = torch._scaled_mm(
+                q,
+                self.weight.t(),
+                scale_a=s,
+                scale_b=self.weight_scale[None, :],
+                bias=bias,
+                out_dtype=x.dtype,
+            )
+        else:
+            y = fp8_linear_reference(x2, self.weight, self.weight_scale, self.bias).to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8=e4m3 per-row"
+
+
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x in e4m3, float32 scale per row (M, 1)) for 2-D x: one Triton pass where it can."""
+    if kernels.available() and kernels.supports(x.shape[1]):
+        q, s, _ = kernels.ops().quantize_rows(x.contiguous(), None)
+        return q, s[:, None]
+    s = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / kernels.E4M3_MAX
+    return (x.float() / s).clamp(-kernels.E4M3_MAX, kernels.E4M3_MAX).to(E4M3), s
+
+
+def fp8_linear_reference(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """The fp8 layer's arithmetic in float32 (the oracle for the kernels, and the CPU path)."""
+    s = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / kernels.E4M3_MAX
+    xq = (x.float() / s).clamp(-kernels.E4M3_MAX, kernels.E4M3_MAX).to(E4M3).float() * s
+    y = xq @ (weight.float() * weight_scale[:, None]).T
+    return y if bias is None else y + bias.float()
+
+
+def quantize_fp8(model: nn.Module, targets: str | None = None) -> int:
+    """Replace the ``nn.Linear`` layers of ``model`` whose qualified names match the regular
+    expression ``targets`` (default: every Linear) by ``Fp8Linear``; returns how many."""
+    pattern = re.compile(targets) if targets else None
+    swaps = [
+        (parent, child_name, child)
+        for parent_name, parent in model.named_modules()
+        for child_name, child in parent.named_children()
+        if type(child) is nn.Linear
+        and (pattern is None or pattern.search(f"{parent_name}.{child_name}".lstrip(".")))
+    ]
+    for parent, child_name, child in swaps:
+        if child.weight.device.type == "meta":
+            raise LoraplugError(
+                f"{child_name}: weights are on the meta device; load them before quantize_fp8."
+            )
+        setattr(parent, child_name, Fp8Linear.from_linear(child))
+    return len(swaps)

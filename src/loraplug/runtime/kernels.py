@@ -1,0 +1,84 @@
+"""Triton kernels for the bypass fast path on CUDA (optional: used only where Triton is installed).
+
+``lora_linear`` computes, in one pass over the output,
+
+    y = (x Wᵀ) [· sx ⊗ sw for fp8 operands] + (h · s)[:, idx] P + bias
+
+where h = x·Aᵀ is the stacked down projection of every low-rank adapter of the module (M × Σr),
+s the per-rank scale·strength, and P the packed up projections: for each output tile of width BN,
+``idx[tile]`` lists the ranks whose adapters cover that tile and ``P[:, tile]`` their up rows (zero
+where a rank's slice does not cover a column). The up projection thus joins the base GEMM's
+accumulator: y is written once, never read back.
+
+``quantize_rows`` quantizes activations to fp8 per row (dynamic per-token scale) and, in the same
+pass over x, computes the down projection h = x·Aᵀ (the Nunchaku fusion: x is read once for both).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+
+
+def available() -> bool:
+    """Triton installed and a CUDA device present (or the Triton interpreter asked for);
+    ``LORAPLUG_KERNELS=0`` turns the fused kernels off (bypass then runs the portable path)."""
+    if os.environ.get("LORAPLUG_KERNELS") == "0" or importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def ops():
+    """The ``torch.ops.loraplug`` namespace with the Triton kernels registered (imports Triton)."""
+    from . import triton_kernels  # noqa: F401  (registers the custom ops)
+
+    return torch.ops.loraplug
+
+
+# (BM, BN, BK, warps, stages), measured on an H200 by ``loraplug bench --suite linear``
+CONFIGS = {"bf16": (128, 256, 64, 8, 3), "fp8": (128, 256, 128, 8, 3)}
+
+
+def config(fp8: bool) -> tuple[int, int, int, int, int]:
+    """The tile configuration for bf16/fp16 or fp8 operands (benchmarks may rewrite CONFIGS)."""
+    return CONFIGS["fp8" if fp8 else "bf16"]
+
+
+def supports(k: int) -> bool:
+    """Shapes the kernel covers: the reduction length a multiple of every BK used."""
+    return k % 128 == 0
+
+
+def pack_ups(
+    spans: list[tuple[int, int, int, int]], ups_t: list[Tensor], out_features: int, bn: int
+) -> tuple[Tensor, Tensor]:
+    """(idx (tiles, RC) int32, P (RC, N)): for each output tile of width ``bn`` the ranks whose
+    adapter slice covers some of its columns, and their up rows (zero outside each slice)."""
+    tiles = -(-out_features // bn)
+    covering = [
+        [
+            i
+            for i, (_, _, off, size) in enumerate(spans)
+            if off < min((t + 1) * bn, out_features) and off + size > t * bn
+        ]
+        for t in range(tiles)
+    ]
+    rc = max(1, max(sum(spans[i][1] for i in cover) for cover in covering))
+    ups = [u.detach().cpu() for u in ups_t]
+    idx = torch.zeros(tiles, rc, dtype=torch.int32)
+    packed = torch.zeros(rc, out_features, dtype=ups[0].dtype)
+    for t, cover in enumerate(covering):
+        lo, hi, row = t * bn, min((t + 1) * bn, out_features), 0
+        for i in cover:
+            start, rank, off, size = spans[i]
+            idx[t, row : row + rank] = torch.arange(start, start + rank, dtype=torch.int32)
+            c0, c1 = max(lo, off), min(hi, off + size)
+            packed[row : row + rank, c0:c1] = ups[i][:, c0 - off : c1 - off]
+            row += rank
+    return idx.to(ups_t[0].device), packed.to(ups_t[0].device)

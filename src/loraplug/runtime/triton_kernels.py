@@ -1,0 +1,192 @@
+"""The Triton kernels behind ``runtime.kernels`` (imported only when they are about to run)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .kernels import E4M3, E4M3_MAX, config
+
+
+@triton.jit
+def _lora_linear_kernel(
+    a_ptr, w_ptr, out_ptr, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
+    M, N, K, RC,
+    stride_am, stride_wn, stride_om, stride_hm, stride_pr, stride_it,
+    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_in = rm < M
+    n_in = rn < N
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(0, K, BK):  # K is a multiple of BK (checked by the launcher)
+        a = tl.load(a_ptrs, mask=m_in[:, None], other=0.0)
+        w = tl.load(w_ptrs, mask=n_in[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BK
+        w_ptrs += BK
+    if FP8:
+        sa = tl.load(sa_ptr + rm, mask=m_in, other=0.0)
+        sw = tl.load(sw_ptr + rn, mask=n_in, other=0.0)
+        acc = acc * sa[:, None] * sw[None, :]
+    if HAS_LORA:
+        rr = tl.arange(0, BR)
+        r_in = rr < RC
+        idx = tl.load(idx_ptr + pid_n * stride_it + rr, mask=r_in, other=0)
+        rs = tl.load(rs_ptr + idx, mask=r_in, other=0.0).to(tl.float32)
+        h = tl.load(
+            h_ptr + rm[:, None].to(tl.int64) * stride_hm + idx[None, :],
+            mask=m_in[:, None] & r_in[None, :],
+            other=0.0,
+        )
+        h = (h.to(tl.float32) * rs[None, :]).to(p_ptr.dtype.element_ty)
+        p = tl.load(
+            p_ptr + rr[:, None] * stride_pr + rn[None, :], mask=r_in[:, None] & n_in[None, :], other=0.0
+        )
+        acc = tl.dot(h, p, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, s_ptr, d_ptr, h_ptr, M, K, R, stride_xm, stride_qm, stride_dk, stride_hm,
+    HAS_DOWN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, FMAX: tl.constexpr,
+):  # fmt: skip
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rk = tl.arange(0, BK)
+    m_in = rm < M
+    rows = rm[:, None].to(tl.int64)
+    amax = tl.zeros((BM,), dtype=tl.float32)
+    rr = tl.arange(0, BR)
+    r_in = rr < R
+    h = tl.zeros((BM, BR), dtype=tl.float32)
+    for k in range(0, K, BK):  # pass 1: row max and the down projection
+        x = tl.load(x_ptr + rows * stride_xm + (k + rk)[None, :], mask=m_in[:, None], other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        if HAS_DOWN:
+            d = tl.load(d_ptr + (k + rk)[:, None] * stride_dk + rr[None, :], mask=r_in[None, :], other=0.0)
+            h = tl.dot(x, d, h)
+    scale = tl.maximum(amax, 1e-12) / FMAX
+    tl.store(s_ptr + rm, scale, mask=m_in)
+    if HAS_DOWN:
+        tl.store(
+            h_ptr + rows * stride_hm + rr[None, :],
+            h.to(h_ptr.dtype.element_ty),
+            mask=m_in[:, None] & r_in[None, :],
+        )
+    for k in range(0, K, BK):  # pass 2 (rows still in cache): quantize
+        x = tl.load(x_ptr + rows * stride_xm + (k + rk)[None, :], mask=m_in[:, None], other=0.0)
+        q = tl.clamp(x.to(tl.float32) / scale[:, None], -FMAX, FMAX)
+        tl.store(
+            q_ptr + rows * stride_qm + (k + rk)[None, :], q.to(q_ptr.dtype.element_ty), mask=m_in[:, None]
+        )
+
+
+def _rank_block(rc: int) -> int:
+    return max(16, triton.next_power_of_2(rc)) if rc else 16
+
+
+def lora_linear(
+    a: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+    scales: tuple[Tensor, Tensor] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """y = a·weightᵀ (+ fp8 scales) + LoRA tail + bias for a 2-D ``a``; ``lora`` is
+    (h, idx, rank_scale, P) as built by ``pack_ups``; ``scales`` (sa (M,), sw (N,)) for fp8."""
+    fp8 = scales is not None
+    M, K = a.shape
+    N = weight.shape[0]
+    BM, BN, BK, warps, stages = config(fp8)
+    out = torch.empty(M, N, device=a.device, dtype=out_dtype or a.dtype)
+    if lora is not None:
+        h, idx, rank_scale, packed = lora
+        if idx.shape[0] != triton.cdiv(N, BN):
+            raise ValueError(f"packed for tile width {N // max(idx.shape[0], 1)}, kernel uses {BN}")
+        rc = idx.shape[1]
+    else:
+        h = idx = rank_scale = packed = a  # unused
+        rc = 0
+    sa, sw = scales if fp8 else (a, a)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    _lora_linear_kernel[grid](
+        a, weight, out, bias if bias is not None else a, sa, sw, h, idx, rank_scale, packed,
+        M, N, K, rc,
+        a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0), idx.stride(0),
+        HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None,
+        BM=BM, BN=BN, BK=BK, BR=_rank_block(rc), GROUP_M=8, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+def quantize_rows(x: Tensor, down_t: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(x in e4m3, per-row scales (M,) float32, x·down_t or None) in one pass over 2-D ``x``."""
+    M, K = x.shape
+    q = torch.empty(M, K, device=x.device, dtype=E4M3)
+    s = torch.empty(M, device=x.device, dtype=torch.float32)
+    R = 0 if down_t is None else down_t.shape[1]
+    h = None if down_t is None else torch.empty(M, R, device=x.device, dtype=x.dtype)
+    BM, BK = 64, 128
+    _quantize_rows_kernel[(triton.cdiv(M, BM),)](
+        x, q, s, down_t if down_t is not None else x, h if h is not None else x,
+        M, K, R, x.stride(0), q.stride(0), down_t.stride(0) if down_t is not None else 0,
+        h.stride(0) if h is not None else 0,
+        HAS_DOWN=down_t is not None, BM=BM, BK=BK, BR=_rank_block(R), FMAX=E4M3_MAX, num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return q, s, h
+
+
+@torch.library.custom_op("loraplug::lora_linear", mutates_args=())
+def lora_linear_op(
+    a: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    h: Tensor | None,
+    idx: Tensor | None,
+    rank_scale: Tensor | None,
+    packed: Tensor | None,
+    a_scale: Tensor | None,
+    w_scale: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    lora = None if h is None else (h, idx, rank_scale, packed)
+    scales = None if a_scale is None else (a_scale, w_scale)
+    return lora_linear(a, weight, bias, lora, scales, out_dtype)
+
+
+@lora_linear_op.register_fake
+def _(a, weight, bias, h, idx, rank_scale, packed, a_scale, w_scale, out_dtype):
+    return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("loraplug::quantize_rows", mutates_args=())
+def quantize_rows_op(x: Tensor, down_t: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    q, s, h = quantize_rows(x, down_t)
+    return q, s, h if h is not None else s.new_empty(0)
+
+
+@quantize_rows_op.register_fake
+def _(x, down_t):
+    r = 0 if down_t is None else down_t.shape[1]
+    h = x.new_empty(x.shape[0], r) if r else x.new_empty(0, dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=E4M3), x.new_empty(x.shape[0], dtype=torch.float32), h

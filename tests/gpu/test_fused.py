@@ -1,0 +1,159 @@
+"""The fused Triton path (runtime.kernels) against float32 references and the portable path, on the
+GPU: bf16/fp16 Linear and Fp8Linear bases, slices that do and do not align with the tiles, several
+adapters, strength changes, torch.compile, and the cases that must fall back."""
+
+import pytest
+import torch
+from torch import nn
+
+import loraplug as lp
+from loraplug.fp8 import fp8_linear_reference
+from loraplug.runtime import kernels
+from loraplug.runtime.bypass import runners
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and kernels.available()), reason="needs CUDA + Triton"
+)
+
+
+def _layer(i, o, dtype, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(i, o, bias=bias, device="cuda", dtype=dtype).requires_grad_(False)
+    nn.init.normal_(lin.weight, std=0.05)
+    return lin
+
+
+def _lora(i, slices, rank, seed):
+    """(down, up) in float32 per (offset, size) output slice."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        (off, size): (torch.randn(rank, i, generator=g) * 0.1, torch.randn(size, rank, generator=g) * 0.1)
+        for off, size in slices
+    }
+
+
+@pytest.fixture(autouse=True)
+def slice_names(monkeypatch):
+    """Let a test name arbitrary output slices of ``holder.layer`` (``holder.slices``)."""
+    from loraplug import arch
+
+    def provider(model, ops):
+        slices = getattr(model, "slices", {})
+        return {name: [arch.Target("layer", off, size)] for name, (off, size) in slices.items()}, set()
+
+    monkeypatch.setattr(arch, "PROVIDERS", [*arch.PROVIDERS, provider])
+
+
+def _apply(layer, parts, strengths, dtype):
+    holder = nn.Module()
+    holder.layer = layer
+    holder.slices = {}
+    adapters = []
+    for k, part in enumerate(parts):
+        sd = {}
+        for n, ((off, size), (a, b)) in enumerate(part.items()):
+            name = f"a{k}s{n}"
+            sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = a.to(dtype), b.to(dtype)
+            holder.slices[name] = (off, size)
+        adapters.append(lp.load(sd, name=f"a{k}"))
+    handle = lp.apply(holder, adapters, strength=strengths)
+    assert handle.report.ok, handle.report.unmatched
+    return handle
+
+
+def _reference(layer, x, parts, strengths, base=None):
+    y = (x.float() @ layer.weight.float().T if base is None else base.float()).clone()
+    if base is None and layer.bias is not None:
+        y += layer.bias.float()
+    for part, s in zip(parts, strengths, strict=True):
+        for (off, size), (a, b) in part.items():
+            y[:, off : off + size] += s * (x.float() @ a.cuda().T) @ b.cuda().T
+    return y
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "m, i, o, slices",
+    [
+        (4096, 3072, 3 * 3072, [(0, 3072), (3072, 3072), (6144, 3072)]),  # Flux qkv
+        (333, 256, 640, [(0, 200), (200, 150), (350, 290)]),  # ragged rows, slices across tiles
+        (77, 128, 96, [(0, 96)]),  # narrower than one tile
+    ],
+)
+def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, monkeypatch):
+    layer = _layer(i, o, dtype)
+    parts = [_lora(i, slices, 16, 1), _lora(i, [(0, o)], 8, 2)]
+    x = torch.randn(m, i, device="cuda", dtype=dtype)
+    handle = _apply(layer, parts, [0.7, 1.3], dtype)
+    runner = runners(layer)
+    assert runner.fused and "forward" in layer.__dict__
+    fused = runner._fused_output(layer, x)
+    assert fused is not None and torch.isfinite(fused).all()
+    assert torch.equal(layer(x), fused)
+    ref = _reference(layer, x, parts, [0.7, 1.3])
+    monkeypatch.setenv("LORAPLUG_KERNELS", "0")
+    portable = type(layer).forward(layer, x)
+    portable = runner._run(layer, (x,), {}, portable)
+    assert _rel(fused, ref) <= max(1.5 * _rel(portable, ref), 2e-3)
+    monkeypatch.delenv("LORAPLUG_KERNELS")
+    handle.set_strength([0.0, 2.0])  # in-place scale: no repack
+    assert _rel(layer(x), _reference(layer, x, parts, [0.0, 2.0])) < 1e-2
+    handle.remove()
+    assert "forward" not in layer.__dict__ and runners(layer) is None
+
+
+def test_fp8_base_with_lora_matches_reference():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 matmul needs sm_89+")
+    layer = _layer(3072, 3 * 3072, torch.bfloat16)
+    model = nn.Sequential(layer)
+    lp.quantize_fp8(model)
+    fp8 = model[0]
+    x = torch.randn(1000, 3072, device="cuda", dtype=torch.bfloat16)
+    base = fp8_linear_reference(x, fp8.weight, fp8.weight_scale, fp8.bias)
+    assert _rel(fp8(x), base) < 2e-3
+    slices = [(0, 3072), (3072, 3072), (6144, 3072)]
+    parts = [_lora(3072, slices, 16, 3)]
+    handle = _apply(fp8, parts, [1.0], torch.bfloat16)
+    assert runners(fp8)._fused_output(fp8, x) is not None
+    ref = _reference(fp8, x, parts, [1.0], base=base)
+    assert _rel(fp8(x), ref) < 3e-3
+    handle.remove()
+    assert _rel(fp8(x), base) < 2e-3
+
+
+def test_compiled_fused_path_does_not_recompile_on_strength():
+    layer = _layer(512, 1536, torch.bfloat16)
+    parts = [_lora(512, [(0, 512), (512, 512), (1024, 512)], 16, 4)]
+    handle = _apply(layer, parts, [1.0], torch.bfloat16)
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(layer)
+    with torch.no_grad():
+        assert _rel(compiled(x), _reference(layer, x, parts, [1.0])) < 1e-2
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for s in (0.3, 1.5):
+                handle.set_strength(s)
+                assert _rel(compiled(x), _reference(layer, x, parts, [s])) < 1e-2
+    handle.remove()
+    torch._dynamo.reset()
+
+
+def test_fallbacks_masks_and_gradients():
+    layer = _layer(256, 512, torch.bfloat16)
+    parts = [_lora(256, [(0, 512)], 8, 5)]
+    handle = _apply(layer, parts, [1.0], torch.bfloat16)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert runners(layer)._fused_output(layer, x) is None  # x needs a gradient: portable path
+    y = layer(x)
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    handle.set_mask(torch.zeros(1, 64, 1, device="cuda"))
+    with torch.no_grad():
+        xm = x.detach()[None]
+        assert runners(layer)._fused_output(layer, xm) is None
+        assert _rel(layer(xm)[0], _reference(layer, xm[0], parts, [0.0])) < 1e-2
+    handle.remove()

@@ -1,0 +1,184 @@
+"""The fused fast path's CPU-checkable parts: the packed up projections, the dispatch (a forward
+override that falls back to the portable path wherever the kernels do not apply), the fp8 base layer,
+and — where Triton is installed — the kernels themselves under Triton's CPU interpreter."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import assert_identical, snapshot
+from torch import nn
+
+import loraplug as lp
+from loraplug.fp8 import Fp8Linear, fp8_linear_reference
+from loraplug.runtime import kernels
+from loraplug.runtime.bypass import runners
+
+
+@pytest.mark.parametrize("bn", [16, 32, 64])
+def test_packed_ups_reproduce_every_slice(bn):
+    g = torch.Generator().manual_seed(bn)
+    n = 150
+    spans = [(0, 4, 0, 50), (4, 3, 50, 37), (7, 5, 87, 63), (12, 2, 0, 150), (14, 6, 40, 20)]
+    ups = [torch.randn(r, size, generator=g) for _, r, _, size in spans]
+    h = torch.randn(9, 20, generator=g)
+    want = torch.zeros(9, n)
+    for (start, r, off, size), up in zip(spans, ups, strict=True):
+        want[:, off : off + size] += h[:, start : start + r] @ up
+    idx, packed = kernels.pack_ups(spans, ups, n, bn)
+    got = torch.zeros(9, n)
+    for t in range(idx.shape[0]):
+        cols = slice(t * bn, min((t + 1) * bn, n))
+        got[:, cols] = h[:, idx[t].long()] @ packed[:, cols]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert packed.shape[0] == max(
+        sum(r for _, r, off, size in spans if off < min((t + 1) * bn, n) and off + size > t * bn)
+        for t in range(idx.shape[0])
+    )
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16))
+
+
+def _lora(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "0.lora_A.weight": torch.randn(4, 32, generator=g),
+        "0.lora_B.weight": torch.randn(48, 4, generator=g),
+        "2.lora_A.weight": torch.randn(2, 48, generator=g),
+        "2.lora_B.weight": torch.randn(16, 2, generator=g),
+    }
+
+
+def test_dispatch_takes_the_forward_and_falls_back_on_cpu(monkeypatch):
+    """Where kernels are available the runner owns forward; on CPU tensors it must give exactly the
+    hook path's output, follow strength changes and masks, train, and leave nothing on removal."""
+    x = torch.randn(5, 32)
+    model = _model()
+    hooked = lp.apply(model, [_lora(0), _lora(1)], strength=[0.6, 1.4])
+    want = model(x)
+    assert "forward" not in model[0].__dict__ and runners(model[0])._hook is not None
+    hooked.remove()
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    snap = snapshot(model)
+    handle = lp.apply(model, [_lora(0), _lora(1)], strength=[0.6, 1.4])
+    assert runners(model[0]).fused and "forward" in model[0].__dict__
+    assert not model[0]._forward_hooks
+    assert runners(model[0])._fused_output(model[0], x) is None  # CPU: not applicable
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    handle.set_strength([0.0, 0.0])
+    torch.testing.assert_close(model(x), _model()(x))
+    handle.set_strength([0.6, 1.4])
+    handle.set_mask([torch.zeros(1, 5), None], tokens=True)
+    masked = model(x[None])[0]
+    handle.set_mask(None)
+    second = _model()
+    lp.apply(second, _lora(1), strength=1.4)
+    torch.testing.assert_close(masked, second(x[None])[0], rtol=1e-5, atol=1e-5)
+    handle.remove()
+    assert "forward" not in model[0].__dict__ and runners(model[0]) is None
+    assert_identical(model, snap)
+
+
+def test_dispatch_trains_through_the_portable_path(monkeypatch):
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    model = _model().requires_grad_(False)
+    handle = lp.create(model, "lora", rank=2, targets=r"^\d$")
+    assert runners(model[0]).fused
+    x = torch.randn(8, 32)
+    target = torch.randn(8, 16)
+    result = lp.train(
+        handle, [(x, target)], lambda b: ((model(b[0]) - b[1]) ** 2).mean(), steps=3, lr=1e-2, progress=False
+    )
+    assert result.losses[-1] < result.losses[0]
+    handle.remove()
+    assert "forward" not in model[0].__dict__
+
+
+def test_fp8_linear_is_the_reference_arithmetic_and_merges_per_row():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 40))
+    x = torch.randn(6, 64)
+    dense = model(x)
+    assert lp.quantize_fp8(model) == 1
+    layer = model[0]
+    assert isinstance(layer, Fp8Linear) and layer.weight.dtype == torch.float8_e4m3fn
+    assert layer.weight_scale.shape == (40,)
+    base = layer(x)
+    torch.testing.assert_close(base, fp8_linear_reference(x, layer.weight, layer.weight_scale, layer.bias))
+    assert ((base - dense).norm() / dense.norm()) < 0.08  # e4m3 on both operands
+    sd = {"0.lora_A.weight": torch.randn(4, 64), "0.lora_B.weight": torch.randn(40, 4)}
+    delta = (x @ sd["0.lora_A.weight"].T) @ sd["0.lora_B.weight"].T
+    snap = snapshot(model)
+    handle = lp.apply(model, sd)
+    torch.testing.assert_close(model(x), base + delta, rtol=1e-5, atol=1e-4)
+    assert not handle.report.dequantized  # a plain LoRA never reads the fp8 weight
+    handle.remove()
+    assert_identical(model, snap)
+    weight = layer.weight
+    merged = lp.merge(model, sd)
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert ((model(x) - (base + delta)).norm() / (base + delta).norm()) < 0.08
+    merged.remove()
+    assert layer.weight is weight
+    assert_identical(model, snap)
+
+
+def test_quantize_fp8_selects_by_pattern_and_refuses_meta():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    assert lp.quantize_fp8(model, targets=r"^1$") == 1
+    assert type(model[0]) is nn.Linear and isinstance(model[1], Fp8Linear)
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(lp.LoraplugError, match="meta"):
+        lp.quantize_fp8(meta)
+
+
+INTERPRETED = """
+import torch
+from loraplug.runtime import kernels
+kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1), fp8=(32, 32, 32, 4, 1))
+from loraplug.runtime import triton_kernels as tk
+torch.manual_seed(0)
+M, K, N = 70, 128, 96
+x = torch.randn(M, K, dtype=torch.float16)
+w = torch.randn(N, K, dtype=torch.float16) * 0.1
+b = torch.randn(N, dtype=torch.float16)
+spans = [(0, 4, 0, 32), (4, 4, 32, 40), (8, 3, 72, 24), (11, 5, 0, 96)]
+ups = [torch.randn(r, s, dtype=torch.float16) for _, r, _, s in spans]
+down = torch.randn(K, 16, dtype=torch.float16) * 0.1
+rs = torch.rand(16, dtype=torch.float16)
+idx, packed = kernels.pack_ups(spans, ups, N, 32)
+h = x @ down
+ref = x.float() @ w.float().T + b.float()
+for (st, r, off, s), u in zip(spans, ups):
+    ref[:, off:off + s] += (h.float()[:, st:st + r] * rs.float()[st:st + r]) @ u.float()
+y = tk.lora_linear(x, w, b, (h, idx, rs, packed))
+assert ((y.float() - ref).norm() / ref.norm()) < 1e-3, "bf16/fp16 kernel"
+q, s, hq = tk.quantize_rows(x, down)
+assert torch.equal(hq, h) or ((hq.float() - h.float()).norm() / h.float().norm()) < 1e-3, "fused down projection"
+assert ((q.float() * s[:, None] - x.float()).norm() / x.float().norm()) < 0.06, "row quantization"
+from loraplug.fp8 import quantize_per_row
+wq, ws = quantize_per_row(w)
+y8 = tk.lora_linear(q, wq, b, (hq, idx, rs, packed), (s, ws), torch.float16)
+# the interpreter rounds to fp8 its own way: check the GEMM on the kernel's own quantized x
+ref8 = (q.float() * s[:, None]) @ (wq.float() * ws[:, None]).T + b.float()
+for (st, r, off, sz), u in zip(spans, ups):
+    ref8[:, off:off + sz] += (h.float()[:, st:st + r] * rs.float()[st:st + r]) @ u.float()
+assert ((y8.float() - ref8).norm() / ref8.norm()) < 2e-3, "fp8 kernel"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_kernels_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
