@@ -142,7 +142,7 @@ def test_quantize_fp8_selects_by_pattern_and_refuses_meta():
 INTERPRETED = """
 import torch
 from loraplug.runtime import kernels
-kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1), fp8=(32, 32, 32, 4, 1))
+kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, TMA), fp8=(32, 32, 32, 4, 1, TMA))
 from loraplug.runtime import triton_kernels as tk
 torch.manual_seed(0)
 M, K, N = 70, 128, 96

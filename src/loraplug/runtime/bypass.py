@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..algorithms.op import LayerOp
+from ..algorithms.op import LayerOp, float_dtype
 from ..arch import Target
 from ..fp8 import Fp8Linear, fp8_matmul_on
 from ..specs.base import BaseView, Patch, channel_view
@@ -304,7 +304,7 @@ class ModuleBypass:
             and w.device.type != "meta"
             and (w.is_floating_point() or self.fused)
         ):
-            dtype = w.dtype if w.is_floating_point() else torch.bfloat16
+            dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
             group = self._lowrank_for(torch.empty(0, device=w.device, dtype=dtype))
             if group is not None and self.fused and w.is_cuda:
                 kernels.ops()  # imported now, not inside a compiled region

@@ -41,11 +41,11 @@ def ops():
     return torch.ops.loraplug
 
 
-# (BM, BN, BK, warps, stages), measured on an H200 by ``loraplug bench --suite linear``
-CONFIGS = {"bf16": (128, 256, 64, 8, 3), "fp8": (128, 256, 128, 8, 3)}
+# (BM, BN, BK, warps, stages, TMA), measured on an H200 by ``loraplug bench --suite linear``
+CONFIGS = {"bf16": (128, 256, 64, 8, 3, False), "fp8": (128, 256, 128, 8, 3, False)}
 
 
-def config(fp8: bool) -> tuple[int, int, int, int, int]:
+def config(fp8: bool) -> tuple[int, int, int, int, int, bool]:
     """The tile configuration for bf16/fp16 or fp8 operands (benchmarks may rewrite CONFIGS)."""
     return CONFIGS["fp8" if fp8 else "bf16"]
 

@@ -2,44 +2,36 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .kernels import E4M3, E4M3_MAX, config
 
 
 @triton.jit
-def _lora_linear_kernel(
-    a_ptr, w_ptr, out_ptr, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
-    M, N, K, RC,
-    stride_am, stride_wn, stride_om, stride_hm, stride_pr, stride_it,
-    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
+def _tile(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order (GROUP_M row tiles share their weight tiles in L2)."""
     num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
+    per_group = GROUP_M * tl.cdiv(N, BN)
+    first_m = (tile // per_group) * GROUP_M
     size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
+    return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
+
+
+@triton.jit
+def _epilogue(
+    acc, pid_n, rm, rn, M, N, RC, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
+    stride_hm, stride_pr, stride_it,
+    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    """fp8 rescale, then the LoRA tail (h·s)[:, idx]·P into the same accumulator, then the bias."""
     m_in = rm < M
     n_in = rn < N
-    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
-    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for _ in range(0, K, BK):  # K is a multiple of BK (checked by the launcher)
-        a = tl.load(a_ptrs, mask=m_in[:, None], other=0.0)
-        w = tl.load(w_ptrs, mask=n_in[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
-        a_ptrs += BK
-        w_ptrs += BK
     if FP8:
         sa = tl.load(sa_ptr + rm, mask=m_in, other=0.0)
         sw = tl.load(sw_ptr + rn, mask=n_in, other=0.0)
@@ -61,8 +53,59 @@ def _lora_linear_kernel(
         acc = tl.dot(h, p, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _lora_linear_kernel(
+    a_ptr, w_ptr, out_ptr, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
+    M, N, K, RC,
+    stride_am, stride_wn, stride_om, stride_hm, stride_pr, stride_it,
+    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One output tile per program, pointer loads (portable Triton; also runs interpreted)."""
+    pid_m, pid_n = _tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(0, K, BK):  # K is a multiple of BK (checked by the launcher)
+        a = tl.load(a_ptrs, mask=(rm < M)[:, None], other=0.0)
+        w = tl.load(w_ptrs, mask=(rn < N)[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BK
+        w_ptrs += BK
+    acc = _epilogue(acc, pid_n, rm, rn, M, N, RC, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
+                    stride_hm, stride_pr, stride_it, HAS_BIAS, FP8, HAS_LORA, BR)  # fmt: skip
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
+def _lora_linear_tma_kernel(
+    a_desc, w_desc, o_desc, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
+    M, N, K, RC, stride_hm, stride_pr, stride_it,
+    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):  # fmt: skip
+    """Persistent (one program per SM), tiles moved by the tensor memory accelerator (Hopper)."""
+    num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile(tile, M, N, BM, BN, GROUP_M)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            a = a_desc.load([pid_m * BM, k])
+            w = w_desc.load([pid_n * BN, k])
+            acc = tl.dot(a, w.T, acc)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        acc = _epilogue(acc, pid_n, rm, rn, M, N, RC, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
+                        stride_hm, stride_pr, stride_it, HAS_BIAS, FP8, HAS_LORA, BR)  # fmt: skip
+        o_desc.store([pid_m * BM, pid_n * BN], acc.to(o_desc.dtype))
 
 
 @triton.jit
@@ -100,6 +143,12 @@ def _quantize_rows_kernel(
         )
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Programs of the persistent kernel: one per multiprocessor (a few under the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _rank_block(rc: int) -> int:
     return max(16, triton.next_power_of_2(rc)) if rc else 16
 
@@ -117,7 +166,7 @@ def lora_linear(
     fp8 = scales is not None
     M, K = a.shape
     N = weight.shape[0]
-    BM, BN, BK, warps, stages = config(fp8)
+    BM, BN, BK, warps, stages, tma = config(fp8)
     out = torch.empty(M, N, device=a.device, dtype=out_dtype or a.dtype)
     if lora is not None:
         h, idx, rank_scale, packed = lora
@@ -128,14 +177,23 @@ def lora_linear(
         h = idx = rank_scale = packed = a  # unused
         rc = 0
     sa, sw = scales if fp8 else (a, a)
-    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    _lora_linear_kernel[grid](
-        a, weight, out, bias if bias is not None else a, sa, sw, h, idx, rank_scale, packed,
-        M, N, K, rc,
-        a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0), idx.stride(0),
-        HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None,
-        BM=BM, BN=BN, BK=BK, BR=_rank_block(rc), GROUP_M=8, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    rest = (bias if bias is not None else a, sa, sw, h, idx, rank_scale, packed)
+    flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, BM=BM, BN=BN, BK=BK,
+                 BR=_rank_block(rc), GROUP_M=8, num_warps=warps, num_stages=stages)  # fmt: skip
+    if tma:
+        sms = _sm_count(a.device)
+        descs = (TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(weight, [BN, BK]),
+                 TensorDescriptor.from_tensor(out, [BM, BN]))  # fmt: skip
+        tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+        _lora_linear_tma_kernel[(min(sms, tiles),)](
+            *descs, *rest, M, N, K, rc, h.stride(0), packed.stride(0), idx.stride(0), NUM_SMS=sms, **flags
+        )
+    else:
+        grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+        _lora_linear_kernel[grid](
+            a, weight, out, *rest, M, N, K, rc,
+            a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0), idx.stride(0), **flags,
+        )  # fmt: skip
     return out
 
 
