@@ -176,9 +176,10 @@ print("ok")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
-def test_kernels_under_the_triton_interpreter():
+@pytest.mark.parametrize("tma", [False, True])
+def test_kernels_under_the_triton_interpreter(tma):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", INTERPRETED.replace("TMA", str(tma))], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
