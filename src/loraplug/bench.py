@@ -152,10 +152,32 @@ def _time_fn(fn, iters: int = ITERS) -> float:
     return statistics.median(times)
 
 
-BF16_TILES = [(128, 256, 64, 8, 3, False), (256, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, True),
-              (128, 256, 64, 8, 4, True), (128, 128, 64, 8, 4, True), (256, 128, 64, 8, 3, True)]
-FP8_TILES = [(128, 256, 128, 8, 3, False), (128, 256, 128, 8, 4, False), (128, 256, 128, 8, 3, True),
-             (128, 256, 128, 8, 4, True), (128, 128, 128, 8, 4, True), (256, 128, 128, 8, 3, True)]  # fmt: skip
+BF16_TILES = [
+    (128, 256, 64, 8, 3, True),
+    (128, 128, 64, 8, 4, True),
+    (128, 128, 64, 4, 4, True),
+    (256, 128, 64, 8, 3, True),
+    (128, 256, 64, 8, 3, False),
+]
+FP8_TILES = [(128, 256, 128, 8, 3, True), (128, 128, 128, 8, 4, True), (256, 128, 128, 8, 3, True),
+             (128, 256, 128, 8, 4, False), (128, 256, 128, 8, 3, False)]  # fmt: skip
+
+
+def _sweep(res: dict, prefix: str, tiles: list, fn) -> tuple:
+    """Time ``fn`` under each tile configuration (skipping those the GPU cannot hold); the best."""
+    from .runtime import kernels
+
+    key = "fp8" if "fp8" in prefix else "bf16"
+    for t in tiles:
+        kernels.CONFIGS[key] = t
+        try:
+            res[f"{prefix}_{'x'.join(map(str, t))}_ms"] = _time_fn(fn)
+        except Exception as err:  # e.g. shared memory exceeded on this GPU
+            res[f"{prefix}_{'x'.join(map(str, t))}_error"] = f"{type(err).__name__}: {err}"[:200]
+    timed = [t for t in tiles if f"{prefix}_{'x'.join(map(str, t))}_ms" in res]
+    best = min(timed, key=lambda t: res[f"{prefix}_{'x'.join(map(str, t))}_ms"])
+    kernels.CONFIGS[key] = best
+    return best
 
 
 @torch.no_grad()
@@ -192,20 +214,18 @@ def linear_stack() -> dict:
     res["lora_flop_fraction_r16"] = sum(
         16 * len(DIFFUSERS_PARTS[n.split(".", 2)[2]]) * i + 16 * o for n, _, i, o, _ in layers
     ) / sum(i * o for _, _, i, o, _ in layers)
-    if kernels.available():
-        for tiles in BF16_TILES:  # the Triton GEMM alone, no adapter: how close to cuBLAS
-            kernels.CONFIGS["bf16"] = tiles
-            record("triton_base_" + "x".join(map(str, tiles)),
-                   _time_fn(lambda: [tk.lora_linear(x, m.weight, m.bias, None) for m, x in plan]))  # fmt: skip
-        best = min(BF16_TILES, key=lambda t: res["triton_base_" + "x".join(map(str, t)) + "_ms"])
-        kernels.CONFIGS["bf16"] = best
-        res["bf16_tiles"] = best
+    if kernels.available():  # the Triton GEMM alone, no adapter: how close to cuBLAS
+        res["bf16_tiles"] = _sweep(
+            res,
+            "triton_base",
+            BF16_TILES,
+            lambda: [tk.lora_linear(x, m.weight, m.bias, None) for m, x in plan],
+        )
     loras = {"r16": lp.load(stack_lora(layers, 16, 1)), "r64": lp.load(stack_lora(layers, 64, 2))}
     second = lp.load(stack_lora(layers, 16, 3))
     res["adapter_GB_r16"] = loras["r16"].parameters * 2 / 1e9
-    modes = ("portable", "fused") if kernels.available() else ("portable",)
-    for mode in modes:
-        os.environ["LORAPLUG_KERNELS"] = "1" if mode == "fused" else "0"
+    for mode in _modes():
+        _mode(mode)
         for key, adapters in (
             ("r16", loras["r16"]),
             ("r64", loras["r64"]),
@@ -217,36 +237,37 @@ def linear_stack() -> dict:
             record(f"loraplug_{mode}_{key}", _time_fn(run))
             res[f"loraplug_{mode}_{key}_added_GB"] = (torch.cuda.memory_allocated() - before) / 1e9
             handle.remove()
-    os.environ.pop("LORAPLUG_KERNELS", None)
+    _mode("auto")
     res["check"] = _check_paths(root, layers[0][0], xs, loras["r16"], second)
+    first, x0 = plan[0]
+    handle = lp.apply(root, loras["r16"])
+    dense = first(x0).float()
+    handle.remove()
     # fp8 base: e4m3 weights per row, activations per token
     fp8_mod.quantize_fp8(root)
     plan = [(root.get_submodule(name), xs[(i, s)]) for name, _, i, _, s in layers]
     record("fp8_base", _time_fn(run))
     if kernels.available():
-        for tiles in FP8_TILES:
-            kernels.CONFIGS["fp8"] = tiles
 
-            def triton_fp8() -> None:
-                for m, x in plan:
-                    q, sx, _ = tk.quantize_rows(x, None)
-                    tk.lora_linear(q, m.weight, m.bias, None, (sx, m.weight_scale), x.dtype)
+        def triton_fp8() -> None:
+            for m, x in plan:
+                q, sx, _ = tk.quantize_rows(x, None)
+                tk.lora_linear(q, m.weight, m.bias, None, (sx, m.weight_scale), x.dtype)
 
-            record("triton_fp8_base_" + "x".join(map(str, tiles)), _time_fn(triton_fp8))
-        kernels.CONFIGS["fp8"] = min(
-            FP8_TILES, key=lambda t: res["triton_fp8_base_" + "x".join(map(str, t)) + "_ms"]
-        )
-        res["fp8_tiles"] = kernels.CONFIGS["fp8"]
-    for mode in modes:
-        os.environ["LORAPLUG_KERNELS"] = "1" if mode == "fused" else "0"
+        res["fp8_tiles"] = _sweep(res, "triton_fp8_base", FP8_TILES, triton_fp8)
+    for mode in _modes():
+        _mode(mode)
         handle = lp.apply(root, loras["r16"])
         record(f"fp8_loraplug_{mode}_r16", _time_fn(run))
+        y = root.get_submodule(layers[0][0])(x0).float()
+        res[f"fp8_loraplug_{mode}_rel_err_vs_bf16"] = ((y - dense).norm() / dense.norm()).item()
         handle.remove()
-    os.environ.pop("LORAPLUG_KERNELS", None)
+    _mode("auto")
     for key in [k for k in res if k.endswith("_ms") and k != "base_ms"]:
         res[key.replace("_ms", "_ratio")] = round(res[key] / res["base_ms"], 4)
     out = Path(os.environ.get("OUT", ".")) / os.environ.get("NAME", "linear_stack.json")
     out.write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if not k.endswith("_ms")}, indent=1))
     return res
 
 
@@ -262,17 +283,17 @@ def _set_module(root: torch.nn.Module, path: str, module: torch.nn.Module) -> No
 
 def _check_paths(root, name: str, xs: dict, first, second) -> dict:
     """Relative error of the portable and fused paths against float32, on one fused qkv layer."""
+    from .runtime.bypass import runners
+
     mod = root.get_submodule(name)
     x = xs[(mod.in_features, "img")]
-    out = {}
-    for mode in ("portable", "fused"):
-        os.environ["LORAPLUG_KERNELS"] = "1" if mode == "fused" else "0"
-        handle = lp.apply(root, [first, second], strength=[0.7, 1.2])
-        y, ref = mod(x).float(), _float_reference(mod, x)
-        handle.remove()
-        out[mode] = ((y - ref).norm() / ref.norm()).item()
-    os.environ.pop("LORAPLUG_KERNELS", None)
-    return out
+    handle = lp.apply(root, [first, second], strength=[0.7, 1.2])
+    runner, ref = runners(mod), _float_reference(mod, x)
+    paths = {"portable": runner._run(mod, (x,), {}, torch.nn.Linear.forward(mod, x))}
+    if runner.fused:
+        paths["fused"] = runner._fused_output(mod, x)
+    handle.remove()
+    return {k: ((y.float() - ref).norm() / ref.norm()).item() for k, y in paths.items()}
 
 
 def _float_reference(mod, x):
@@ -307,8 +328,24 @@ def table(results: dict) -> Table:
     return t
 
 
+def _modes() -> tuple[str, ...]:
+    """portable (LORAPLUG_KERNELS=0) and, where Triton runs, auto (fused kernel where faster)."""
+    from .runtime import kernels
+
+    return ("portable", "auto") if kernels.available() else ("portable",)
+
+
+def _mode(name: str) -> None:
+    if name == "portable":
+        os.environ["LORAPLUG_KERNELS"] = "0"
+    else:
+        os.environ.pop("LORAPLUG_KERNELS", None)
+
+
 def main() -> None:
     from diffusers import FluxTransformer2DModel
+
+    from .fp8 import quantize_fp8
 
     b = Bench()
     torch.manual_seed(0)
@@ -322,43 +359,57 @@ def main() -> None:
             model.fuse_qkv_projections()
             b.time(model, "base_fused")
         b.memory(f"{layout}_base")
-        for r, ad in loras.items():
-            handle = lp.apply(model, ad)
-            assert handle.report.ok, handle.report.unmatched
-            b.time(model, f"loraplug_{layout}_r{r}")
-            b.memory(f"{layout}_r{r}")
-            b.res[f"{layout}_r{r}_adapter_GB"] = ad.parameters * 2 / 1e9
-            handle.remove()
-        handle = lp.apply(model, [loras[16], second], strength=[1.0, 0.8])
-        b.time(model, f"loraplug_{layout}_2x_r16")
-        handle.set_strength([0.5, 0.5])
-        b.time(model, f"loraplug_{layout}_2x_r16_restrength")
-        handle.remove()
+        for mode in _modes():
+            _mode(mode)
+            for key, adapters in (("r16", loras[16]), ("r64", loras[64]), ("2x_r16", [loras[16], second])):
+                handle = lp.apply(model, adapters, strength=[1.0, 0.8] if key == "2x_r16" else 1.0)
+                assert handle.report.ok, handle.report.unmatched
+                b.time(model, f"loraplug_{mode}_{layout}_{key}")
+                b.memory(f"{mode}_{layout}_{key}")
+                handle.remove()
+        _mode("auto")
         merged = lp.merge(model, loras[16])
         b.time(model, f"merged_{layout}_r16")
         merged.remove()
-    compiled = None
+    b.res["adapter_GB_r16"] = loras[16].parameters * 2 / 1e9
     if os.environ.get("EAGER", "1") != "1":
         model.fuse_qkv_projections()
-    if os.environ.get("COMPILE") == "1":
+    compile_ = os.environ.get("COMPILE") == "1"
+    if compile_:
         t0 = time.time()
-        compiled = torch.compile(model)
-        b.time(compiled, "compiled_base_fused")
+        b.time(torch.compile(model), "compiled_base_fused")
         b.res["compile_base_s"] = time.time() - t0
         handle = lp.apply(model, loras[16])
+        b.time(model, "loraplug_auto_fused_r16_before_compile")  # measures the per-shape choice
         torch._dynamo.reset()
         compiled = torch.compile(model)
         b.time(compiled, "compiled_loraplug_fused_r16")
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for s in (0.2, 0.7, 1.3):
+            for s in (0.2, 1.3):
                 handle.set_strength(s)
                 b.time(compiled, f"compiled_loraplug_fused_r16_s{s}")
         b.res["compiled_no_recompile_on_strength"] = True
         handle.remove()
-    if os.environ.get("PEFT", "1") == "1":  # last: PEFT leaves its wrappers in the model
-        from peft import LoraConfig
+        torch._dynamo.reset()
+    if os.environ.get("FP8", "1") == "1":  # fp8 base: the blocks' linear layers, per row / per token
+        quantize_fp8(model, targets=r"blocks\.")
+        b.time(model, "fp8_base")
+        for mode in _modes():
+            _mode(mode)
+            handle = lp.apply(model, loras[16])
+            b.time(model, f"fp8_loraplug_{mode}_r16")
+            handle.remove()
+        _mode("auto")
+        if compile_:
+            b.time(torch.compile(model), "compiled_fp8_base")
+            handle = lp.apply(model, loras[16])
+            b.time(model, "fp8_loraplug_auto_r16_before_compile")
+            torch._dynamo.reset()
+            b.time(torch.compile(model), "compiled_fp8_loraplug_r16")
+            handle.remove()
+    if os.environ.get("PEFT", "1") == "1" and os.environ.get("FP8", "1") != "1":
+        from peft import LoraConfig  # last: PEFT leaves its wrappers in the model
 
-        del compiled
         try:
             model.unfuse_qkv_projections()
             names = [t.split(".", 1)[1] if t.startswith("attn.") else t for t in TARGETS]
@@ -375,7 +426,11 @@ def main() -> None:
             b.res["peft_error"] = f"{type(err).__name__}: {err}"[:300]
     base = b.res["base_ms"]
     for key in [k for k in b.res if k.endswith("_ms") and k != "base_ms"]:
-        ref = b.res["compiled_base_fused_ms"] if key.startswith("compiled_loraplug") else base
+        ref = (
+            b.res["compiled_base_fused_ms"]
+            if key.startswith("compiled_") and "compiled_base_fused_ms" in b.res
+            else base
+        )
         b.res[key.replace("_ms", "_ratio")] = round(b.res[key] / ref, 4)
     out = Path(os.environ.get("OUT", ".")) / os.environ.get("NAME", "flux_bench.json")
     out.write_text(json.dumps(b.res, indent=1))

@@ -198,38 +198,54 @@ class ModuleBypass:
         """The module's forward while fused kernels may run: the fused path where it applies,
         otherwise the module's own forward followed by the portable path."""
         module = self.module_ref()
-        y = self._fused_output(module, x) if not args and not kwargs else None
-        if y is None:
-            y = self._run(module, (x, *args), kwargs, type(module).forward(module, x, *args, **kwargs))
-        return y
 
-    def _fused_output(self, module: nn.Module, x: Tensor) -> Tensor | None:
-        """y = base(x) + every low-rank adapter, in one Triton GEMM (None: not applicable here)."""
+        def portable() -> Tensor:
+            return self._run(module, (x, *args), kwargs, type(module).forward(module, x, *args, **kwargs))
+
+        if args or kwargs or not self._fused_applies(module, x):
+            return portable()
+        key = (
+            tuple(x.shape),
+            x.dtype,
+            type(module),
+            tuple(module.weight.shape),
+            sum(len(e.target.rows or ()) + 1 for e in self.entries),
+        )
+        if key not in _FUSED_FASTER and _may_measure():
+            _FUSED_FASTER[key] = _median_ms(lambda: self._fused_output(module, x)) < _median_ms(portable)
+        return self._fused_output(module, x) if _FUSED_FASTER.get(key, True) else portable()
+
+    def _fused_applies(self, module: nn.Module, x: Tensor) -> bool:
+        """The fused kernel computes this call exactly as the portable path would."""
         if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and kernels.supports(x.shape[-1])):
-            return None
+            return False
         if any(e.mask is not None and e.mask.value is not None for e in self.entries):
-            return None
+            return False
         w = module.weight
         if torch.is_grad_enabled() and (
             x.requires_grad or w.requires_grad or any(g.trained for g in self._lowrank.values())
         ):
-            return None  # the kernels have no backward: training takes the portable path
+            return False  # the kernels have no backward: training takes the portable path
+        if w.stride(-1) != 1 or not (
+            w.dtype == x.dtype or (isinstance(module, Fp8Linear) and fp8_matmul_on(x.device))
+        ):
+            return False
         lowrank = self._lowrank_for(x)
-        if lowrank is None or len(lowrank.entries) != len(self.entries) or lowrank.trained:
+        return lowrank is not None and len(lowrank.entries) == len(self.entries) and not lowrank.trained
+
+    def _fused_output(self, module: nn.Module, x: Tensor) -> Tensor | None:
+        """y = base(x) + every low-rank adapter, in one Triton GEMM (None: not applicable here)."""
+        if not self._fused_applies(module, x):
             return None
-        if w.stride(-1) != 1:
-            return None
+        lowrank = self._lowrank_for(x)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         bias = None if module.bias is None else module.bias.to(x.dtype)
+        w = module.weight
         if isinstance(module, Fp8Linear):
-            if not fp8_matmul_on(x.device):
-                return None
             a, a_scale, h = kernels.ops().quantize_rows(x2, lowrank.down_t)
             w_scale = module.weight_scale
-        elif w.dtype == x.dtype:
-            a, a_scale, w_scale, h = x2, None, None, torch.mm(x2, lowrank.down_t)
         else:
-            return None
+            a, a_scale, w_scale, h = x2, None, None, torch.mm(x2, lowrank.down_t)
         idx, packed = lowrank.packed(kernels.config(a_scale is not None)[1])
         y = kernels.ops().lora_linear(
             a, w, bias, h, idx, lowrank.rank_scale, packed, a_scale, w_scale, x.dtype
@@ -302,7 +318,7 @@ class ModuleBypass:
             self.grouping
             and w is not None
             and w.device.type != "meta"
-            and (w.is_floating_point() or self.fused)
+            and (float_dtype(w.dtype) or self.fused)
         ):
             dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
             group = self._lowrank_for(torch.empty(0, device=w.device, dtype=dtype))
@@ -323,6 +339,27 @@ def _fusable(module: nn.Module) -> bool:
     """A layer whose forward the fused kernels can stand in for: a plain Linear (float weight) or an
     Fp8Linear, with no other wrapper already on its forward, where Triton and CUDA are present."""
     return kernels.available() and type(module) in (nn.Linear, Fp8Linear) and "forward" not in module.__dict__
+
+
+# per call shape: whether the fused kernel measured faster than the portable path (eager, once)
+_FUSED_FASTER: dict[tuple, bool] = {}
+
+
+def _may_measure() -> bool:
+    return not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
+
+
+def _median_ms(fn, runs: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[runs // 2]
 
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, ModuleBypass] = weakref.WeakKeyDictionary()
