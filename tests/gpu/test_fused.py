@@ -93,8 +93,8 @@ def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, monkeypatch)
     assert runner.fused and "forward" in layer.__dict__
     fused = runner._fused_output(layer, x)
     assert fused is not None and torch.isfinite(fused).all()
-    assert torch.equal(layer(x), fused)
     ref = _reference(layer, x, parts, [0.7, 1.3])
+    assert _rel(layer(x), ref) < 1e-2  # whichever path the per-shape choice took
     monkeypatch.setenv("LORAPLUG_KERNELS", "0")
     portable = type(layer).forward(layer, x)
     portable = runner._run(layer, (x,), {}, portable)
