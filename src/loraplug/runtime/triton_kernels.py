@@ -24,19 +24,16 @@ def _tile(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr)
 
 
 @triton.jit
-def _epilogue(
-    acc, pid_n, rm, rn, M, N, RC, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
-    stride_hm, stride_pr, stride_it,
-    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr, BR: tl.constexpr,
+def _start(
+    pid_n, rm, rn, M, N, RC, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr, stride_it,
+    FP8: tl.constexpr, HAS_LORA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
-    """fp8 rescale, then the LoRA tail (h·s)[:, idx]·P into the same accumulator, then the bias."""
-    m_in = rm < M
-    n_in = rn < N
-    if FP8:
-        sa = tl.load(sa_ptr + rm, mask=m_in, other=0.0)
-        sw = tl.load(sw_ptr + rn, mask=n_in, other=0.0)
-        acc = acc * sa[:, None] * sw[None, :]
+    """The accumulator's initial value: the LoRA tail (h·s)[:, idx]·P, computed before the main
+    loop so that its operands are dead by the time the K loop needs the registers (divided by the
+    fp8 scales, which the epilogue multiplies back)."""
     if HAS_LORA:
+        m_in = rm < M
+        n_in = rn < N
         rr = tl.arange(0, BR)
         r_in = rr < RC
         idx = tl.load(idx_ptr + pid_n * stride_it + rr, mask=r_in, other=0)
@@ -50,7 +47,25 @@ def _epilogue(
         p = tl.load(
             p_ptr + rr[:, None] * stride_pr + rn[None, :], mask=r_in[:, None] & n_in[None, :], other=0.0
         )
-        acc = tl.dot(h, p, acc)
+        acc = tl.dot(h, p)
+        if FP8:
+            sa = tl.load(sa_ptr + rm, mask=m_in, other=1.0)
+            sw = tl.load(sw_ptr + rn, mask=n_in, other=1.0)
+            acc = acc / (sa[:, None] * sw[None, :])
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _finish(acc, rm, rn, M, N, bias_ptr, sa_ptr, sw_ptr, HAS_BIAS: tl.constexpr, FP8: tl.constexpr):
+    """fp8 rescale and bias."""
+    m_in = rm < M
+    n_in = rn < N
+    if FP8:
+        sa = tl.load(sa_ptr + rm, mask=m_in, other=0.0)
+        sw = tl.load(sw_ptr + rn, mask=n_in, other=0.0)
+        acc = acc * sa[:, None] * sw[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -71,15 +86,15 @@ def _lora_linear_kernel(
     rk = tl.arange(0, BK)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _start(pid_n, rm, rn, M, N, RC, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr,
+                 stride_it, FP8, HAS_LORA, BM, BN, BR)  # fmt: skip
     for _ in range(0, K, BK):  # K is a multiple of BK (checked by the launcher)
         a = tl.load(a_ptrs, mask=(rm < M)[:, None], other=0.0)
         w = tl.load(w_ptrs, mask=(rn < N)[None, :], other=0.0)
         acc = tl.dot(a, w, acc)
         a_ptrs += BK
         w_ptrs += BK
-    acc = _epilogue(acc, pid_n, rm, rn, M, N, RC, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
-                    stride_hm, stride_pr, stride_it, HAS_BIAS, FP8, HAS_LORA, BR)  # fmt: skip
+    acc = _finish(acc, rm, rn, M, N, bias_ptr, sa_ptr, sw_ptr, HAS_BIAS, FP8)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
@@ -96,15 +111,15 @@ def _lora_linear_tma_kernel(
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
         pid_m, pid_n = _tile(tile, M, N, BM, BN, GROUP_M)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        acc = _start(pid_n, rm, rn, M, N, RC, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm,
+                     stride_pr, stride_it, FP8, HAS_LORA, BM, BN, BR)  # fmt: skip
         for k in range(0, K, BK):
             a = a_desc.load([pid_m * BM, k])
             w = w_desc.load([pid_n * BN, k])
             acc = tl.dot(a, w.T, acc)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        acc = _epilogue(acc, pid_n, rm, rn, M, N, RC, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
-                        stride_hm, stride_pr, stride_it, HAS_BIAS, FP8, HAS_LORA, BR)  # fmt: skip
+        acc = _finish(acc, rm, rn, M, N, bias_ptr, sa_ptr, sw_ptr, HAS_BIAS, FP8)
         o_desc.store([pid_m * BM, pid_n * BN], acc.to(o_desc.dtype))
 
 
@@ -204,7 +219,7 @@ def quantize_rows(x: Tensor, down_t: Tensor | None) -> tuple[Tensor, Tensor, Ten
     s = torch.empty(M, device=x.device, dtype=torch.float32)
     R = 0 if down_t is None else down_t.shape[1]
     h = None if down_t is None else torch.empty(M, R, device=x.device, dtype=x.dtype)
-    BM, BK = 64, 128
+    BM, BK = 32, 128
     _quantize_rows_kernel[(triton.cdiv(M, BM),)](
         x, q, s, down_t if down_t is not None else x, h if h is not None else x,
         M, K, R, x.stride(0), q.stride(0), down_t.stride(0) if down_t is not None else 0,
