@@ -71,14 +71,18 @@ class Fp8Linear(nn.Linear):
         if fp8_matmul_on(x.device):
             q, s = quantize_activations(x2)
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            y = torch._scaled_mm(
-                q,
-                self.weight.t(),
-                scale_a=s,
-                scale_b=self.weight_scale[None, :],
-                bias=bias,
-                out_dtype=x.dtype,
-            )
+            if kernels.available() and kernels.supports(x2.shape[1]):  # measured faster than cuBLAS rowwise
+                args = (None, None, None, None, s[:, 0], self.weight_scale, x.dtype)
+                y = kernels.ops().lora_linear(q, self.weight, bias, *args)
+            else:
+                y = torch._scaled_mm(
+                    q,
+                    self.weight.t(),
+                    scale_a=s,
+                    scale_b=self.weight_scale[None, :],
+                    bias=bias,
+                    out_dtype=x.dtype,
+                )
         else:
             y = fp8_linear_reference(x2, self.weight, self.weight_scale, self.bias).to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
