@@ -73,7 +73,7 @@ class Fp8Linear(nn.Linear):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             if kernels.available() and kernels.supports(x2.shape[1]):  # measured faster than cuBLAS rowwise
                 args = (None, None, None, None, s[:, 0], self.weight_scale, x.dtype)
-                y = kernels.ops().lora_linear(q, self.weight, bias, *args)
+                y = kernels.lora_linear(q, self.weight, bias, *args)
             else:
                 y = torch._scaled_mm(
                     q,
@@ -94,7 +94,7 @@ class Fp8Linear(nn.Linear):
 def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
     """(x in e4m3, float32 scale per row (M, 1)) for 2-D x: one Triton pass where it can."""
     if kernels.available() and kernels.supports(x.shape[1]):
-        q, s, _ = kernels.ops().quantize_rows(x.contiguous(), None)
+        q, s, _ = kernels.quantize_rows(x.contiguous(), None)
         return q, s[:, None]
     s = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / kernels.E4M3_MAX
     return (x.float() / s).clamp(-kernels.E4M3_MAX, kernels.E4M3_MAX).to(E4M3), s

@@ -82,3 +82,24 @@ def pack_ups(
             packed[row : row + rank, c0:c1] = ups[i][:, c0 - off : c1 - off]
             row += rank
     return idx.to(ups_t[0].device), packed.to(ups_t[0].device)
+
+
+def lora_linear(a, weight, bias, h, idx, rank_scale, packed, a_scale, w_scale, out_dtype):
+    """The fused GEMM: a direct Triton launch in eager mode (a custom op's dispatch costs more than
+    the launch), the registered custom op under torch.compile."""
+    if torch.compiler.is_compiling():
+        return ops().lora_linear(a, weight, bias, h, idx, rank_scale, packed, a_scale, w_scale, out_dtype)
+    from .triton_kernels import lora_linear as launch
+
+    lora = None if h is None else (h, idx, rank_scale, packed)
+    return launch(a, weight, bias, lora, None if a_scale is None else (a_scale, w_scale), out_dtype)
+
+
+def quantize_rows(x: Tensor, down_t: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-row fp8 quantization (+ the down projection), eager launch or custom op as above."""
+    if torch.compiler.is_compiling():
+        q, s, h = ops().quantize_rows(x, down_t)
+        return q, s, h if down_t is not None else None
+    from .triton_kernels import quantize_rows as launch
+
+    return launch(x, down_t)
