@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (each lambda is timed inside the loop iteration that made it)
 """Where the fused path's time goes, per kernel, on the largest Flux-dev layers (GPU machine).
 
 Times each part alone (CUDA events, median of 20) for single_blocks.N.linear1 (4608 tokens,
@@ -20,7 +21,10 @@ from loraplug.fp8 import quantize_per_row
 from loraplug.runtime import kernels
 from loraplug.runtime import triton_kernels as tk
 
-SHAPES = {"linear1": (4608, 3072, 21504, [3072, 3072, 3072, 12288]), "img_qkv": (4096, 3072, 9216, [3072] * 3)}
+SHAPES = {
+    "linear1": (4608, 3072, 21504, [3072, 3072, 3072, 12288]),
+    "img_qkv": (4096, 3072, 9216, [3072] * 3),
+}
 
 
 @torch.no_grad()
