@@ -142,7 +142,7 @@ def test_quantize_fp8_selects_by_pattern_and_refuses_meta():
 INTERPRETED = """
 import torch
 from loraplug.runtime import kernels
-kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, TMA), fp8=(32, 32, 32, 4, 1, TMA))
+kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, TMA, FIRST), fp8=(32, 32, 32, 4, 1, TMA, not FIRST))
 from loraplug.runtime import triton_kernels as tk
 torch.manual_seed(0)
 M, K, N = 70, 128, 96
@@ -176,10 +176,14 @@ print("ok")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
-@pytest.mark.parametrize("tma", [False, True])
-def test_kernels_under_the_triton_interpreter(tma):
+@pytest.mark.parametrize("tma, first", [(False, True), (True, False)])
+def test_kernels_under_the_triton_interpreter(tma, first):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", INTERPRETED.replace("TMA", str(tma))], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", INTERPRETED.replace("TMA", str(tma)).replace("FIRST", str(first))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

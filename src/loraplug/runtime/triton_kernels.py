@@ -24,33 +24,42 @@ def _tile(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr)
 
 
 @triton.jit
+def _tail(
+    pid_n, rm, rn, M, N, RC, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr, stride_it, BR: tl.constexpr
+):  # fmt: skip
+    """The LoRA tail (h·s)[:, idx]·P of one output tile, in float32."""
+    rr = tl.arange(0, BR)
+    r_in = rr < RC
+    idx = tl.load(idx_ptr + pid_n * stride_it + rr, mask=r_in, other=0)
+    rs = tl.load(rs_ptr + idx, mask=r_in, other=0.0).to(tl.float32)
+    h = tl.load(
+        h_ptr + rm[:, None].to(tl.int64) * stride_hm + idx[None, :],
+        mask=(rm < M)[:, None] & r_in[None, :],
+        other=0.0,
+    )
+    h = (h.to(tl.float32) * rs[None, :]).to(p_ptr.dtype.element_ty)
+    p = tl.load(
+        p_ptr + rr[:, None] * stride_pr + rn[None, :], mask=r_in[:, None] & (rn < N)[None, :], other=0.0
+    )
+    return tl.dot(h, p)
+
+
+@triton.jit
 def _start(
     pid_n, rm, rn, M, N, RC, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr, stride_it,
-    FP8: tl.constexpr, HAS_LORA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+    FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL_FIRST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BR: tl.constexpr,
 ):  # fmt: skip
-    """The accumulator's initial value: the LoRA tail (h·s)[:, idx]·P, computed before the main
-    loop so that its operands are dead by the time the K loop needs the registers (divided by the
-    fp8 scales, which the epilogue multiplies back)."""
-    if HAS_LORA:
-        m_in = rm < M
-        n_in = rn < N
-        rr = tl.arange(0, BR)
-        r_in = rr < RC
-        idx = tl.load(idx_ptr + pid_n * stride_it + rr, mask=r_in, other=0)
-        rs = tl.load(rs_ptr + idx, mask=r_in, other=0.0).to(tl.float32)
-        h = tl.load(
-            h_ptr + rm[:, None].to(tl.int64) * stride_hm + idx[None, :],
-            mask=m_in[:, None] & r_in[None, :],
-            other=0.0,
+    """The accumulator's initial value: with TAIL_FIRST the LoRA tail, computed before the K loop so
+    that its operands are dead when the loop needs the registers (divided by the fp8 scales, which
+    the epilogue multiplies back); otherwise zeros."""
+    if HAS_LORA and TAIL_FIRST:
+        acc = _tail(
+            pid_n, rm, rn, M, N, RC, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr, stride_it, BR
         )
-        h = (h.to(tl.float32) * rs[None, :]).to(p_ptr.dtype.element_ty)
-        p = tl.load(
-            p_ptr + rr[:, None] * stride_pr + rn[None, :], mask=r_in[:, None] & n_in[None, :], other=0.0
-        )
-        acc = tl.dot(h, p)
         if FP8:
-            sa = tl.load(sa_ptr + rm, mask=m_in, other=1.0)
-            sw = tl.load(sw_ptr + rn, mask=n_in, other=1.0)
+            sa = tl.load(sa_ptr + rm, mask=rm < M, other=1.0)
+            sw = tl.load(sw_ptr + rn, mask=rn < N, other=1.0)
             acc = acc / (sa[:, None] * sw[None, :])
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -58,16 +67,22 @@ def _start(
 
 
 @triton.jit
-def _finish(acc, rm, rn, M, N, bias_ptr, sa_ptr, sw_ptr, HAS_BIAS: tl.constexpr, FP8: tl.constexpr):
-    """fp8 rescale and bias."""
-    m_in = rm < M
-    n_in = rn < N
+def _finish(
+    acc, pid_n, rm, rn, M, N, RC, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr,
+    stride_it, HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL_FIRST: tl.constexpr,
+    BR: tl.constexpr,
+):  # fmt: skip
+    """fp8 rescale, the LoRA tail (unless it came first), bias."""
     if FP8:
-        sa = tl.load(sa_ptr + rm, mask=m_in, other=0.0)
-        sw = tl.load(sw_ptr + rn, mask=n_in, other=0.0)
+        sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
+        sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
         acc = acc * sa[:, None] * sw[None, :]
+    if HAS_LORA and not TAIL_FIRST:
+        acc += _tail(
+            pid_n, rm, rn, M, N, RC, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr, stride_it, BR
+        )
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_in, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
@@ -76,7 +91,7 @@ def _lora_linear_kernel(
     a_ptr, w_ptr, out_ptr, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
     M, N, K, RC,
     stride_am, stride_wn, stride_om, stride_hm, stride_pr, stride_it,
-    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL_FIRST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """One output tile per program, pointer loads (portable Triton; also runs interpreted)."""
@@ -87,14 +102,15 @@ def _lora_linear_kernel(
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
     acc = _start(pid_n, rm, rn, M, N, RC, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr,
-                 stride_it, FP8, HAS_LORA, BM, BN, BR)  # fmt: skip
+                 stride_it, FP8, HAS_LORA, TAIL_FIRST, BM, BN, BR)  # fmt: skip
     for _ in range(0, K, BK):  # K is a multiple of BK (checked by the launcher)
         a = tl.load(a_ptrs, mask=(rm < M)[:, None], other=0.0)
         w = tl.load(w_ptrs, mask=(rn < N)[None, :], other=0.0)
         acc = tl.dot(a, w, acc)
         a_ptrs += BK
         w_ptrs += BK
-    acc = _finish(acc, rm, rn, M, N, bias_ptr, sa_ptr, sw_ptr, HAS_BIAS, FP8)
+    acc = _finish(acc, pid_n, rm, rn, M, N, RC, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm,
+                  stride_pr, stride_it, HAS_BIAS, FP8, HAS_LORA, TAIL_FIRST, BR)  # fmt: skip
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
@@ -103,7 +119,7 @@ def _lora_linear_kernel(
 def _lora_linear_tma_kernel(
     a_desc, w_desc, o_desc, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
     M, N, K, RC, stride_hm, stride_pr, stride_it,
-    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL_FIRST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr,
 ):  # fmt: skip
@@ -114,12 +130,13 @@ def _lora_linear_tma_kernel(
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         acc = _start(pid_n, rm, rn, M, N, RC, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm,
-                     stride_pr, stride_it, FP8, HAS_LORA, BM, BN, BR)  # fmt: skip
+                     stride_pr, stride_it, FP8, HAS_LORA, TAIL_FIRST, BM, BN, BR)  # fmt: skip
         for k in range(0, K, BK):
             a = a_desc.load([pid_m * BM, k])
             w = w_desc.load([pid_n * BN, k])
             acc = tl.dot(a, w.T, acc)
-        acc = _finish(acc, rm, rn, M, N, bias_ptr, sa_ptr, sw_ptr, HAS_BIAS, FP8)
+        acc = _finish(acc, pid_n, rm, rn, M, N, RC, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm,
+                  stride_pr, stride_it, HAS_BIAS, FP8, HAS_LORA, TAIL_FIRST, BR)  # fmt: skip
         o_desc.store([pid_m * BM, pid_n * BN], acc.to(o_desc.dtype))
 
 
@@ -181,7 +198,7 @@ def lora_linear(
     fp8 = scales is not None
     M, K = a.shape
     N = weight.shape[0]
-    BM, BN, BK, warps, stages, tma = config(fp8)
+    BM, BN, BK, warps, stages, tma, tail_first = config(fp8)
     out = torch.empty(M, N, device=a.device, dtype=out_dtype or a.dtype)
     if lora is not None:
         h, idx, rank_scale, packed = lora
@@ -193,7 +210,7 @@ def lora_linear(
         rc = 0
     sa, sw = scales if fp8 else (a, a)
     rest = (bias if bias is not None else a, sa, sw, h, idx, rank_scale, packed)
-    flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, BM=BM, BN=BN, BK=BK,
+    flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, TAIL_FIRST=tail_first, BM=BM, BN=BN, BK=BK,
                  BR=_rank_block(rc), GROUP_M=8, num_warps=warps, num_stages=stages)  # fmt: skip
     if tma:
         sms = _sm_count(a.device)
