@@ -16,6 +16,7 @@ pass over x, computes the down projection h = x·Aᵀ (the Nunchaku fusion: x is
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -29,9 +30,14 @@ E4M3_MAX = 448.0
 def available() -> bool:
     """Triton installed and a CUDA device present (or the Triton interpreter asked for);
     ``LORAPLUG_KERNELS=0`` turns the fused kernels off (bypass then runs the portable path)."""
-    if os.environ.get("LORAPLUG_KERNELS") == "0" or importlib.util.find_spec("triton") is None:
+    if os.environ.get("LORAPLUG_KERNELS") == "0" or not _triton_installed():
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def ops():

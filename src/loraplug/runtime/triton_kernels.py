@@ -212,6 +212,19 @@ def lora_linear(
     rest = (bias if bias is not None else a, sa, sw, h, idx, rank_scale, packed)
     flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, TAIL_FIRST=tail_first, BM=BM, BN=BN, BK=BK,
                  BR=_rank_block(rc), GROUP_M=8, num_warps=warps, num_stages=stages)  # fmt: skip
+    for depth in range(stages, 0, -1):  # fewer pipeline stages where shared memory runs out
+        flags["num_stages"] = depth
+        try:
+            _launch(a, weight, out, rest, M, N, K, rc, h, idx, packed, tma, flags)
+            break
+        except triton.runtime.errors.OutOfResources:
+            if depth == 1:
+                raise
+    return out
+
+
+def _launch(a, weight, out, rest, M, N, K, rc, h, idx, packed, tma: bool, flags: dict) -> None:
+    BM, BN, BK = flags["BM"], flags["BN"], flags["BK"]
     if tma:
         sms = _sm_count(a.device)
         descs = (TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(weight, [BN, BK]),
@@ -221,12 +234,10 @@ def lora_linear(
             *descs, *rest, M, N, K, rc, h.stride(0), packed.stride(0), idx.stride(0), NUM_SMS=sms, **flags
         )
     else:
-        grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-        _lora_linear_kernel[grid](
+        _lora_linear_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
             a, weight, out, *rest, M, N, K, rc,
             a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0), idx.stride(0), **flags,
         )  # fmt: skip
-    return out
 
 
 def quantize_rows(x: Tensor, down_t: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
