@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .kernels import E4M3, E4M3_MAX, config
@@ -217,7 +218,7 @@ def lora_linear(
         try:
             _launch(a, weight, out, rest, M, N, K, rc, h, idx, packed, tma, flags)
             break
-        except triton.runtime.errors.OutOfResources:
+        except OutOfResources:
             if depth == 1:
                 raise
     return out
