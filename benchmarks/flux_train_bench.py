@@ -1,7 +1,8 @@
 """GPU training benchmark: one step on the full Flux-dev-size transformer (random weights, bf16,
 512x512 = 1024 image + 512 text tokens, batch 1, AdamW), ratios to the frozen forward+backward
-measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 (fused layout, one
-adapter per q/k/v slice), peak memory of each. Writes $OUT/flux_train_bench.json."""
+measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on the split layout,
+the fused layout (one adapter per q/k/v slice) and an fp8 base (``lp.quantize_fp8``), peak memory
+of each. Writes $OUT/flux_train_bench.json."""
 
 import json
 import os
@@ -81,10 +82,13 @@ def main():
     time_steps(model, params, "peft_r16_step")
     del model, params
     torch.cuda.empty_cache()
-    for layout in ("split", "fused"):  # fused: diffusers keeps the split weights too (+ their memory)
+    for layout in ("split", "fused", "fp8"):  # fused: diffusers keeps the split weights too (+ memory)
         model = build()
         if layout == "fused":
             model.fuse_qkv_projections()
+        if layout == "fp8":  # the blocks' linear layers in fp8 (per-row weights, per-token activations)
+            lp.quantize_fp8(model, targets=r"blocks\.")
+            torch.cuda.empty_cache()
         handle = lp.create(model, "lora", rank=16, alpha=16, targets="attn+mlp")
         params = handle.parameters()
         with torch.no_grad():
@@ -96,7 +100,8 @@ def main():
         torch.cuda.empty_cache()
     for key in [k for k in res if k.endswith("_ms")]:
         res[key.replace("_ms", "_ratio")] = round(res[key] / res["frozen_fwd_bwd_ms"], 4)
-    for layout in ("split", "fused"):
+    res["loraplug_fp8_vs_peft_step"] = round(res["loraplug_fp8_r16_step_ms"] / res["peft_r16_step_ms"], 4)
+    for layout in ("split", "fused", "fp8"):
         peak = res[f"loraplug_{layout}_r16_step_peak_GB"]
         res[f"loraplug_{layout}_vs_peft_peak_memory"] = round(peak / res["peft_r16_step_peak_GB"], 4)
     out = Path(os.environ.get("OUT", ".")) / "flux_train_bench.json"

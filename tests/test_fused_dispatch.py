@@ -187,3 +187,23 @@ def test_kernels_under_the_triton_interpreter(tma, first):
         timeout=600,
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_training_through_a_frozen_fp8_base():
+    """Gradients reach adapters before an Fp8Linear: dL/dx = dL/dy · W (dequantized), and a LoRA
+    on an earlier layer of an fp8 model trains."""
+    torch.manual_seed(0)
+    layer = Fp8Linear.from_linear(nn.Linear(32, 24))
+    x = torch.randn(5, 32, requires_grad=True)
+    grad = torch.randn(5, 24)
+    layer(x).backward(grad)
+    torch.testing.assert_close(x.grad, grad @ layer.dequantized(), rtol=1e-5, atol=1e-5)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 24)).requires_grad_(False)
+    lp.quantize_fp8(model)
+    handle = lp.create(model, "lora", rank=4, targets=r"^0$")
+    batch = (torch.randn(64, 16), torch.randn(64, 24))
+    result = lp.train(
+        handle, [batch], lambda b: ((model(b[0]) - b[1]) ** 2).mean(), steps=30, lr=3e-2, progress=False
+    )
+    assert result.losses[-1] < 0.9 * result.losses[0]
+    handle.remove()

@@ -16,6 +16,7 @@ matrix units, the same arithmetic is emulated in float32 (slow, for tests).
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -35,7 +36,13 @@ def quantize_per_row(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fp8_matmul_on(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    """The device has fp8 matrix units (Ada, Hopper and later)."""
+    return device.type == "cuda" and _capability(device.index) >= (8, 9)
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 class Fp8Linear(nn.Linear):
@@ -67,28 +74,45 @@ class Fp8Linear(nn.Linear):
         return self.weight.float() * self.weight_scale[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if fp8_matmul_on(x.device):
-            q, s = quantize_activations(x2)
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            if kernels.available() and kernels.supports(x2.shape[1]):  # measured faster than cuBLAS rowwise
-                args = (None, None, None, None, s[:, 0], self.weight_scale, x.dtype)
-                y = kernels.lora_linear(q, self.weight, bias, *args)
-            else:
-                y = torch._scaled_mm(
-                    q,
-                    self.weight.t(),
-                    scale_a=s,
-                    scale_b=self.weight_scale[None, :],
-                    bias=bias,
-                    out_dtype=x.dtype,
-                )
-        else:
-            y = fp8_linear_reference(x2, self.weight, self.weight_scale, self.bias).to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        if torch.is_grad_enabled() and x.requires_grad:  # frozen base inside a trained model
+            return _Fp8Function.apply(x, self.weight, self.weight_scale, self.bias)
+        return fp8_forward(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8=e4m3 per-row"
+
+
+def fp8_forward(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """The fp8 layer on any device: fp8 matrix units where present, else the float32 emulation."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if fp8_matmul_on(x.device):
+        q, s = quantize_activations(x2)
+        bias = None if bias is None else bias.to(x.dtype)
+        if kernels.available() and kernels.supports(x2.shape[1]):  # measured faster than cuBLAS rowwise
+            y = kernels.lora_linear(q, weight, bias, None, None, None, None, s[:, 0], weight_scale, x.dtype)
+        else:
+            y = torch._scaled_mm(
+                q, weight.t(), scale_a=s, scale_b=weight_scale[None, :], bias=bias, out_dtype=x.dtype
+            )
+    else:
+        y = fp8_linear_reference(x2, weight, weight_scale, bias).to(x.dtype)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class _Fp8Function(torch.autograd.Function):
+    """Gradient to the input only (the fp8 weight is frozen): dL/dx = dL/dy · W, in the
+    gradient's dtype with the weight dequantized for the product."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, bias):
+        ctx.save_for_backward(weight, weight_scale)
+        return fp8_forward(x, weight, weight_scale, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, weight_scale = ctx.saved_tensors
+        dense = weight.to(grad.dtype) * weight_scale.to(grad.dtype)[:, None]
+        return grad @ dense, None, None, None
 
 
 def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -109,6 +109,13 @@ class _LowRank:
         with torch.no_grad():
             self.rank_scale.copy_(self.static_scale * strengths.to(self.static_scale))
 
+    def _block_up(self, width: int) -> Tensor:
+        """Every up projection in one (Σr, width) matrix, zero outside each entry's slice."""
+        if len(self.ups_t) == 1 and self.spans[0][2:] == (0, width):
+            return self.ups_t[0]  # one adapter on the whole output: nothing to pad
+        blocks = [F.pad(up_t, (offset, width - offset - size)) for (_, _, offset, size), up_t in zip(self.spans, self.ups_t, strict=True)]  # fmt: skip
+        return torch.cat(blocks)
+
     def add_into(self, x: Tensor, y: Tensor, masks: list[Tensor | None] | None = None) -> Tensor:
         """y + Σ mᵢ·sᵢ·scaleᵢ·(x Aᵢᵀ) Bᵢᵀ, each into its slice; a token mask mᵢ scales the rows of
         the small hidden activation (exact, since Bᵢ acts per row).
@@ -129,9 +136,7 @@ class _LowRank:
                      for (s, r, _, _), m in zip(self.spans, rows, strict=True)]  # fmt: skip
             hidden = torch.cat(parts, 1)
         if training:
-            width = y2.shape[1]
-            blocks = [F.pad(up_t, (offset, width - offset - size)) for (_, _, offset, size), up_t in zip(self.spans, self.ups_t, strict=True)]  # fmt: skip
-            return torch.addmm(y2, hidden, torch.cat(blocks)).view(y.shape)
+            return torch.addmm(y2, hidden, self._block_up(y2.shape[1])).view(y.shape)
         for (start, rank, offset, size), up_t in zip(self.spans, self.ups_t, strict=True):
             y2.narrow(1, offset, size).addmm_(hidden.narrow(1, start, rank), up_t)
         return y
