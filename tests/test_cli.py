@@ -155,3 +155,12 @@ def test_installed_entry_point_errors_are_one_line(tmp_path):
         [_entry_point(), "inspect", str(tmp_path / "nope.safetensors")], capture_output=True, text=True
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no such file" in proc.stderr
+
+
+def test_bench_shows_saved_runs_and_rejects_unknown_suites():
+    for name in ("2026-11-29-s2-linear-stack-h200.json", "2026-11-29-s2-flux-eager-h200.json"):
+        result = runner.invoke(app, ["bench", "--results", str(ROOT / "benchmarks" / "results" / name)])
+        assert result.exit_code == 0, result.output
+        assert "loraplug_auto" in result.output and "ratio" in result.output
+    result = runner.invoke(app, ["bench", "--suite", "tiny"])
+    assert result.exit_code == 2 and "--suite" in result.output

@@ -235,8 +235,11 @@ def bench(
     blocks: Annotated[
         tuple[int, int] | None, typer.Option(help="Double and single blocks (default 19 38).")
     ] = None,
+    suite: Annotated[
+        str, typer.Option(help="full: the diffusers Flux transformer; linear: only its linear layers.")
+    ] = "full",
 ) -> None:
-    """The GPU benchmark: Flux-dev-size transformer, loraplug bypass vs base, PEFT and merged."""
+    """The GPU benchmarks at Flux-dev size: loraplug bypass vs base, PEFT, merged, fp8."""
     import os
 
     if results is not None:
@@ -248,14 +251,19 @@ def bench(
             _fail(LoraplugError(f"{results}: not a benchmark result ({err})."))
         console.print(table(data))
         return
+    if suite not in ("full", "linear"):
+        _fail(LoraplugError(f"--suite {suite!r}: use full or linear."))
     if not torch.cuda.is_available():
         _fail(LoraplugError("loraplug bench needs a CUDA GPU; use --results FILE to show a saved run."))
     if blocks:
         os.environ["ND"], os.environ["NS"] = str(blocks[0]), str(blocks[1])
     os.environ["COMPILE"] = "1" if compile else "0"
+    from .bench import linear_stack, table
     from .bench import main as run_bench
-    from .bench import table
 
+    if suite == "linear":
+        console.print(table(linear_stack()))
+        return
     run_bench()
     out = Path(os.environ.get("OUT", ".")) / os.environ.get("NAME", "flux_bench.json")
     console.print(table(json.loads(out.read_text())))
