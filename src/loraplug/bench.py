@@ -388,7 +388,7 @@ def main() -> None:
         b.res["compiled_no_recompile_on_strength"] = True
         handle.remove()
         torch._dynamo.reset()
-    if os.environ.get("FP8", "1") == "1":  # fp8 base: the blocks' linear layers, per row / per token
+    if os.environ.get("FP8") == "1":  # fp8 base: the blocks' linear layers, per row / per token
         quantize_fp8(model, targets=r"blocks\.")
         b.time(model, "fp8_base")
         for mode in _modes():
@@ -404,7 +404,7 @@ def main() -> None:
             torch._dynamo.reset()
             b.time(torch.compile(model), "compiled_fp8_loraplug_r16")
             handle.remove()
-    if os.environ.get("PEFT", "1") == "1" and os.environ.get("FP8", "1") != "1":
+    if os.environ.get("PEFT", "1") == "1" and os.environ.get("FP8") != "1":
         from peft import LoraConfig  # last: PEFT leaves its wrappers in the model
 
         try:

@@ -232,6 +232,7 @@ def merge(
 def bench(
     results: Annotated[Path | None, typer.Option(help="Show a saved run (JSON) instead of running.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="Also time torch.compile variants.")] = False,
+    fp8: Annotated[bool, typer.Option("--fp8", help="Also time an fp8 base (instead of PEFT).")] = False,
     blocks: Annotated[
         tuple[int, int] | None, typer.Option(help="Double and single blocks (default 19 38).")
     ] = None,
@@ -258,6 +259,7 @@ def bench(
     if blocks:
         os.environ["ND"], os.environ["NS"] = str(blocks[0]), str(blocks[1])
     os.environ["COMPILE"] = "1" if compile else "0"
+    os.environ["FP8"] = "1" if fp8 else "0"
     from .bench import linear_stack, table
     from .bench import main as run_bench
 

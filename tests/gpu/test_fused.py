@@ -157,3 +157,42 @@ def test_fallbacks_masks_and_gradients():
         assert runners(layer)._fused_output(layer, xm) is None
         assert _rel(layer(xm)[0], _reference(layer, xm[0], parts, [0.0])) < 1e-2
     handle.remove()
+
+
+def test_per_shape_choice_frees_the_packing_when_portable_wins(monkeypatch):
+    from loraplug.runtime import bypass
+
+    layer = _layer(512, 1536, torch.bfloat16)
+    parts = [_lora(512, [(0, 512), (512, 512), (1024, 512)], 16, 6)]
+    handle = _apply(layer, parts, [1.0], torch.bfloat16)
+    group = next(iter(runners(layer)._lowrank.values()))
+    assert group.packs  # built at apply, so a compiled graph never builds it
+    times = iter([2.0, 1.0])  # fused measured first: slower
+    monkeypatch.setattr(bypass, "_median_ms", lambda fn: (fn(), next(times))[1])
+    monkeypatch.setattr(bypass, "_FUSED_FASTER", {})
+    x = torch.randn(257, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    assert not group.packs
+    assert _rel(y, _reference(layer, x, parts, [1.0])) < 1e-2
+    with torch.no_grad():  # compiled without the packing: the portable path, same numbers
+        x2 = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+        assert _rel(torch.compile(layer)(x2), _reference(layer, x2, parts, [1.0])) < 1e-2
+    handle.remove()
+    torch._dynamo.reset()
+
+
+def test_fp8_base_passes_gradients_on_the_gpu():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 matmul needs sm_89+")
+    model = nn.Sequential(_layer(256, 384, torch.bfloat16))
+    lp.quantize_fp8(model)
+    x = torch.randn(100, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(100, 384, device="cuda", dtype=torch.bfloat16)
+    y = model(x)
+    assert (
+        _rel(y, fp8_linear_reference(x.detach(), model[0].weight, model[0].weight_scale, model[0].bias))
+        < 2e-2
+    )
+    y.backward(grad)
+    assert _rel(x.grad, grad.float() @ model[0].dequantized()) < 1e-2

@@ -158,6 +158,7 @@ class ModuleBypass:
         # attribute, removed again by close()) so that it can replace the base GEMM; elsewhere it is
         # a forward hook after the module's own forward.
         self.fused = self.grouping and _fusable(module)
+        self._fused_wins: set[tuple] = set()  # call shapes where the fused kernel measured faster
         if self.fused:
             module.forward = self._forward
             self._hook = None
@@ -213,6 +214,10 @@ class ModuleBypass:
         faster = _FUSED_FASTER.get(key)
         if faster is None and _may_measure():
             faster = _FUSED_FASTER[key] = _median_ms(lambda: self._fused(module, x)) < _median_ms(portable)
+            if faster:
+                self._fused_wins.add(key)
+            elif not self._fused_wins:  # the packed ups are not needed: free them
+                self._lowrank[(x.device, x.dtype)].packs.clear()
         return self._fused(module, x) if faster is not False else portable()
 
     def _fused_applies(self, module: nn.Module, x: Tensor) -> bool:
@@ -231,7 +236,13 @@ class ModuleBypass:
         ):
             return False
         lowrank = self._lowrank_for(x)
-        return lowrank is not None and len(lowrank.entries) == len(self.entries) and not lowrank.trained
+        if lowrank is None or len(lowrank.entries) != len(self.entries) or lowrank.trained:
+            return False
+        # a compiled graph never builds the packing (host work); it was built at apply or freed
+        return (
+            not torch.compiler.is_compiling()
+            or kernels.config(isinstance(module, Fp8Linear))[1] in lowrank.packs
+        )
 
     def _fused_output(self, module: nn.Module, x: Tensor) -> Tensor | None:
         """y = base(x) + every low-rank adapter, in one Triton GEMM (None: not applicable here)."""
