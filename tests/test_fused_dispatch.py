@@ -65,6 +65,11 @@ def test_dispatch_takes_the_forward_and_falls_back_on_cpu(monkeypatch):
     assert "forward" not in model[0].__dict__ and runners(model[0])._hook is not None
     hooked.remove()
     monkeypatch.setattr(kernels, "available", lambda: True)
+    hooked = lp.apply(model, _lora(0))  # available, but a float base keeps the hook by default
+    assert "forward" not in model[0].__dict__
+    hooked.remove()
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setenv("LORAPLUG_KERNELS", "all")  # float bases take the kernel only when opted in
     snap = snapshot(model)
     handle = lp.apply(model, [_lora(0), _lora(1)], strength=[0.6, 1.4])
     assert runners(model[0]).fused and "forward" in model[0].__dict__
@@ -87,6 +92,7 @@ def test_dispatch_takes_the_forward_and_falls_back_on_cpu(monkeypatch):
 
 def test_dispatch_trains_through_the_portable_path(monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setenv("LORAPLUG_KERNELS", "all")
     model = _model().requires_grad_(False)
     handle = lp.create(model, "lora", rank=2, targets=r"^\d$")
     assert runners(model[0]).fused

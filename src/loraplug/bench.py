@@ -234,7 +234,7 @@ def linear_stack() -> dict:
             record(f"loraplug_{mode}_{key}", _time_fn(run))
             res[f"loraplug_{mode}_{key}_added_GB"] = (torch.cuda.memory_allocated() - before) / 1e9
             handle.remove()
-    _mode("auto")
+    _default_mode()
     res["check"] = _check_paths(root, layers[0][0], xs, loras["r16"], second)
     first, x0 = plan[0]
     handle = lp.apply(root, loras["r16"])
@@ -259,7 +259,7 @@ def linear_stack() -> dict:
         y = root.get_submodule(layers[0][0])(x0).float()
         res[f"fp8_loraplug_{mode}_rel_err_vs_bf16"] = ((y - dense).norm() / dense.norm()).item()
         handle.remove()
-    _mode("auto")
+    _default_mode()
     for key in [k for k in res if k.endswith("_ms") and k != "base_ms"]:
         res[key.replace("_ms", "_ratio")] = round(res[key] / res["base_ms"], 4)
     out = Path(os.environ.get("OUT", ".")) / os.environ.get("NAME", "linear_stack.json")
@@ -326,17 +326,19 @@ def table(results: dict) -> Table:
 
 
 def _modes() -> tuple[str, ...]:
-    """portable (LORAPLUG_KERNELS=0) and, where Triton runs, auto (fused kernel where faster)."""
+    """portable (LORAPLUG_KERNELS=0) and, where Triton runs, fused (LORAPLUG_KERNELS=all: the
+    fused kernel on every base; the default uses it on fp8 bases only)."""
     from .runtime import kernels
 
-    return ("portable", "auto") if kernels.available() else ("portable",)
+    return ("portable", "fused") if kernels.available() else ("portable",)
 
 
 def _mode(name: str) -> None:
-    if name == "portable":
-        os.environ["LORAPLUG_KERNELS"] = "0"
-    else:
-        os.environ.pop("LORAPLUG_KERNELS", None)
+    os.environ["LORAPLUG_KERNELS"] = {"portable": "0", "fused": "all"}[name]
+
+
+def _default_mode() -> None:
+    os.environ.pop("LORAPLUG_KERNELS", None)
 
 
 def main() -> None:
@@ -364,7 +366,7 @@ def main() -> None:
                 b.time(model, f"loraplug_{mode}_{layout}_{key}")
                 b.memory(f"{mode}_{layout}_{key}")
                 handle.remove()
-        _mode("auto")
+        _default_mode()
         merged = lp.merge(model, loras[16])
         b.time(model, f"merged_{layout}_r16")
         merged.remove()
@@ -377,7 +379,6 @@ def main() -> None:
         b.time(torch.compile(model), "compiled_base_fused")
         b.res["compile_base_s"] = time.time() - t0
         handle = lp.apply(model, loras[16])
-        b.time(model, "loraplug_auto_fused_r16_before_compile")  # measures the per-shape choice
         torch._dynamo.reset()
         compiled = torch.compile(model)
         b.time(compiled, "compiled_loraplug_fused_r16")
@@ -396,11 +397,10 @@ def main() -> None:
             handle = lp.apply(model, loras[16])
             b.time(model, f"fp8_loraplug_{mode}_r16")
             handle.remove()
-        _mode("auto")
+        _default_mode()
         if compile_:
             b.time(torch.compile(model), "compiled_fp8_base")
             handle = lp.apply(model, loras[16])
-            b.time(model, "fp8_loraplug_auto_r16_before_compile")
             torch._dynamo.reset()
             b.time(torch.compile(model), "compiled_fp8_loraplug_r16")
             handle.remove()

@@ -158,7 +158,6 @@ class ModuleBypass:
         # attribute, removed again by close()) so that it can replace the base GEMM; elsewhere it is
         # a forward hook after the module's own forward.
         self.fused = self.grouping and _fusable(module)
-        self._fused_wins: set[tuple] = set()  # call shapes where the fused kernel measured faster
         if self.fused:
             module.forward = self._forward
             self._hook = None
@@ -204,21 +203,9 @@ class ModuleBypass:
         """The module's forward while fused kernels may run: the fused path where it applies,
         otherwise the module's own forward followed by the portable path."""
         module = self.module_ref()
-
-        def portable() -> Tensor:
-            return self._run(module, (x, *args), kwargs, type(module).forward(module, x, *args, **kwargs))
-
-        if args or kwargs or not self._fused_applies(module, x):
-            return portable()
-        key = (x.shape, x.dtype, module.weight.shape, len(self.entries))
-        faster = _FUSED_FASTER.get(key)
-        if faster is None and _may_measure():
-            faster = _FUSED_FASTER[key] = _median_ms(lambda: self._fused(module, x)) < _median_ms(portable)
-            if faster:
-                self._fused_wins.add(key)
-            elif not self._fused_wins:  # the packed ups are not needed: free them
-                self._lowrank[(x.device, x.dtype)].packs.clear()
-        return self._fused(module, x) if faster is not False else portable()
+        if not args and not kwargs and self._fused_applies(module, x):
+            return self._fused(module, x)
+        return self._run(module, (x, *args), kwargs, type(module).forward(module, x, *args, **kwargs))
 
     def _fused_applies(self, module: nn.Module, x: Tensor) -> bool:
         """The fused kernel computes this call exactly as the portable path would."""
@@ -347,30 +334,10 @@ class ModuleBypass:
 
 
 def _fusable(module: nn.Module) -> bool:
-    """A layer whose forward the fused kernels can stand in for: a plain Linear (float weight) or an
-    Fp8Linear, with no other wrapper already on its forward, where Triton and CUDA are present."""
-    return kernels.available() and type(module) in (nn.Linear, Fp8Linear) and "forward" not in module.__dict__
-
-
-# per call shape: whether the fused kernel measured faster than the portable path (eager, once)
-_FUSED_FASTER: dict[tuple, bool] = {}
-
-
-def _may_measure() -> bool:
-    return not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
-
-
-def _median_ms(fn, runs: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[runs // 2]
+    """A layer whose forward the fused kernels stand in for: an Fp8Linear (or, when opted in, a plain
+    Linear), with no other wrapper already on its forward, where Triton and CUDA are present."""
+    kinds = (Fp8Linear, nn.Linear) if kernels.on_float_bases() else (Fp8Linear,)
+    return kernels.available() and type(module) in kinds and "forward" not in module.__dict__
 
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, ModuleBypass] = weakref.WeakKeyDictionary()

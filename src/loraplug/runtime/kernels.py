@@ -35,6 +35,13 @@ def available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def on_float_bases() -> bool:
+    """Whether bf16/fp16 bases take the fused kernel too. By default they do not: on the H200 the
+    Triton GEMM trails cuBLAS by more than the fusion saves (benchmarks/README.md); fp8 bases
+    always do. ``LORAPLUG_KERNELS=all`` opts float bases in (benchmarks, other GPUs)."""
+    return os.environ.get("LORAPLUG_KERNELS") == "all"
+
+
 @functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
