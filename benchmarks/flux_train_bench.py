@@ -6,7 +6,6 @@ of each. Writes $OUT/flux_train_bench.json."""
 
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import loraplug as lp  # noqa: E402
-from loraplug.bench import CFG  # noqa: E402
+from loraplug.bench import CFG, _time_fn  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
 ITERS = int(os.environ.get("ITERS", 6))
@@ -52,19 +51,10 @@ def time_steps(model, params, name, input_grad=False):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        step()
+    step()  # the optimizer's state exists from here on
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(ITERS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    res[name + "_ms"] = statistics.median(times)
+    res[name + "_ms"] = _time_fn(step, ITERS)
     res[name + "_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
     print(f"{name:24s} {res[name + '_ms']:8.1f} ms  peak {res[name + '_peak_GB']:.1f} GB", flush=True)
 
