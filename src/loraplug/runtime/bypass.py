@@ -1,8 +1,13 @@
 """Bypass mode: one forward hook per module runs every adapter bound to it.
 
-y' = y + Σ sᵢ · Δyᵢ(x), each Δyᵢ written in place into its output slice. The module object, its
-class, its parameters and its state_dict keys are never changed. Strengths are tensors, so changing
-them (or disabling an adapter) re-traces nothing under torch.compile.
+y' = y + Σ sᵢ · Δyᵢ(x), each Δyᵢ written in place into its output slice. The module's class, its
+parameters and its state_dict keys are never changed. Strengths are tensors, so changing them (or
+disabling an adapter) re-traces nothing under torch.compile.
+
+On an fp8 base (``Fp8Linear``, or any float Linear with ``LORAPLUG_KERNELS=all``) on CUDA with
+Triton, the runner instead sets the module's ``forward`` (an instance attribute, deleted on
+removal) to one fused GEMM that adds every low-rank adapter inside the base product
+(runtime.kernels); calls it cannot serve (training, masks, other adapters, CPU) take the path above.
 """
 
 from __future__ import annotations
@@ -143,7 +148,8 @@ class _LowRank:
 
 
 class ModuleBypass:
-    """Everything loraplug runs beside one module, behind a single forward hook."""
+    """Everything loraplug runs beside one module: behind a single forward hook, or (where the fused
+    Triton kernel stands in for the base GEMM) as the module's forward."""
 
     def __init__(self, module: nn.Module, name: str, op: LayerOp):
         self.module_ref = weakref.ref(module)
@@ -225,7 +231,7 @@ class ModuleBypass:
         lowrank = self._lowrank_for(x)
         if lowrank is None or len(lowrank.entries) != len(self.entries) or lowrank.trained:
             return False
-        # a compiled graph never builds the packing (host work); it was built at apply or freed
+        # the packing is host work: built at apply (on CUDA) or lazily in eager, never while compiling
         return (
             not torch.compiler.is_compiling()
             or kernels.config(isinstance(module, Fp8Linear))[1] in lowrank.packs
