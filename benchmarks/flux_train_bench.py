@@ -2,7 +2,7 @@
 512x512 = 1024 image + 512 text tokens, batch 1, AdamW), ratios to the frozen forward+backward
 measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on the split layout,
 the fused layout (one adapter per q/k/v slice) and an fp8 base (``lp.quantize_fp8``), peak memory
-of each. Writes $OUT/flux_train_bench.json."""
+of each; with COMPILE=1 also the split layout and the frozen model under torch.compile. Writes $OUT/flux_train_bench.json."""
 
 import json
 import os
@@ -79,13 +79,17 @@ def main():
         if layout == "fp8":  # the blocks' linear layers in fp8 (per-row weights, per-token activations)
             lp.quantize_fp8(model, targets=r"blocks\.")
             torch.cuda.empty_cache()
-        handle = lp.create(model, "lora", rank=16, alpha=16, targets="attn+mlp")
+        handle = lp.create(model, "lora", rank=16, alpha=16, targets="attn+mlp", init="random")
         params = handle.parameters()
-        with torch.no_grad():
-            for p in params:
-                p.normal_(0, 0.01)
         res["loraplug_trainable_M"] = sum(p.numel() for p in params) / 1e6
         time_steps(model, params, f"loraplug_{layout}_r16_step")
+        if layout == "split" and os.environ.get("COMPILE") == "1":  # what lp.train(compile=True) does
+            model.compile()
+            time_steps(model, params, "loraplug_split_r16_step_compiled")
+            model._compiled_call_impl = None
+            handle.remove()
+            model.compile()
+            time_steps(model, [], "frozen_fwd_bwd_compiled", input_grad=True)
         del model, params, handle
         torch.cuda.empty_cache()
     for key in [k for k in res if k.endswith("_ms")]:

@@ -190,3 +190,40 @@ def test_gradient_checkpointing_and_autocast():
                       autocast_dtype=torch.bfloat16, progress=False)  # fmt: skip
     assert all(p.dtype == torch.float32 and p.grad is None for p in handle.parameters())
     assert len(result.losses) == 5
+
+
+def test_compiled_training_matches_eager():
+    """compile=True trains the same adapters (one graph with the bypass inside) and leaves the model
+    eager afterwards."""
+
+    def run(compile):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+        handle = lp.create(model, "lora", rank=4, targets="all-linear", init="gaussian")
+        data = [(torch.randn(32, 16), torch.randn(32, 16)) for _ in range(2)]
+        result = lp.train(handle, data, lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1]),
+                          steps=4, lr=1e-2, progress=False, compile=compile)  # fmt: skip
+        assert model._compiled_call_impl is None
+        return result.losses
+
+    torch._dynamo.reset()
+    eager, compiled = run(False), run(True)
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("init", ["standard", "gaussian", "random"])
+def test_inits(init):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32))
+    x = torch.randn(4, 16)
+    base = model(x)
+    handle = lp.create(model, "lora", rank=4, targets="all-linear", init=init)
+    adapter = next(iter(handle.adapters[0].adapters.values()))
+    changed = not torch.allclose(model(x), base)
+    assert changed == (init == "random")
+    if init == "gaussian":
+        assert adapter.tensors["down"].std().item() == pytest.approx(0.25, rel=0.3)
+    handle.remove()
+    with pytest.raises(lp.LoraplugError, match="init="):
+        lp.create(model, "lora", targets="all-linear", init="kaiming")

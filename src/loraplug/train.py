@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import cycle
@@ -135,6 +136,24 @@ def init_tensors(algo: str, op, size: int, rank: int, generator: torch.Generator
     )
 
 
+INITS = ("standard", "gaussian", "random")
+
+
+def _reinit(
+    tensors: dict[str, Tensor], algo: str, init: str, rank: int, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """``standard``: the algorithm's own init (the model starts unchanged); ``gaussian``: LoRA's
+    down projection ~ N(0, 1/rank), up zero (PEFT's "gaussian"); ``random``: every tensor
+    ~ N(0, 0.01), so the model starts changed (tests, benchmarks)."""
+    if init not in INITS:
+        raise LoraplugError(f"init={init!r}; use one of {', '.join(INITS)}.")
+    if init == "gaussian" and algo == "lora":
+        tensors["down"] = torch.randn(tensors["down"].shape, generator=generator) / rank
+    if init == "random":
+        tensors = {k: torch.randn(v.shape, generator=generator) * 0.01 for k, v in tensors.items()}
+    return tensors
+
+
 def create(
     model: nn.Module,
     algo: str = "lora",
@@ -142,13 +161,16 @@ def create(
     alpha: float | None = None,
     targets: str | list[str] = "attn",
     *,
+    init: str = "standard",
     dora: bool = False,
     seed: int = 0,
 ) -> TrainHandle:
     """Trainable adapters in bypass mode on ``model`` (frozen, any weight type).
 
     ``targets``: a preset ("attn", "mlp", "attn+mlp", "all-linear") or regexes on module names;
-    fused modules get one adapter per slice. ``alpha`` defaults to the rank (scale 1).
+    fused modules get one adapter per slice. ``alpha`` defaults to the rank (scale 1). ``init``:
+    "standard" (LoRA B = 0, OFT identity, LoHa/LoKr as LyCORIS: the model starts unchanged),
+    "gaussian" (PEFT's: LoRA A ~ N(0, 1/r)), "random" (every tensor small and random).
     """
     generator = torch.Generator().manual_seed(seed)
     index = ModelIndex(model)
@@ -157,7 +179,7 @@ def create(
         target = ts[0]
         op = index.ops[target.module]
         size = op.out_features if target.size is None else target.size
-        tensors = init_tensors(algo, op, size, rank, generator)
+        tensors = _reinit(init_tensors(algo, op, size, rank, generator), algo, init, rank, generator)
         if dora:
             if algo not in ("lora", "loha", "lokr"):
                 raise LoraplugError("dora=True goes with lora, loha or lokr.")
@@ -174,6 +196,7 @@ def create(
     model.requires_grad_(False)
     handle = apply(model, adapter_set)
     handle.__class__ = TrainHandle
+    handle.model_ref = weakref.ref(model)
     return handle
 
 
@@ -193,13 +216,15 @@ def train(
     checkpoint: str | Path | None = None,
     resume: str | Path | None = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> TrainResult:
     """Optimise the handle's adapters for ``steps`` steps of ``grad_accum`` batches each.
 
     ``loss_fn(batch)`` runs the model and returns a scalar; ``schedule`` is "constant" or "cosine"
     (to zero over ``steps``); ``autocast_dtype`` runs the loss in mixed precision. Deterministic for a seed; with
     ``checkpoint`` the adapters, optimiser state and losses are saved at the end (and loaded
-    again with ``resume=`` to continue).
+    again with ``resume=`` to continue). ``compile=True`` runs the model under ``torch.compile``
+    while training (one graph with the adapters inside; undone at the end).
     """
     torch.manual_seed(seed)
     params = handle.parameters()
@@ -228,18 +253,27 @@ def train(
         next(data)
     bar = tqdm(range(start, steps), desc="training", disable=not progress, initial=start, total=steps)
     device = params[0].device.type if params else "cpu"
-    for _ in bar:
-        total = 0.0
-        for _ in range(grad_accum):
-            with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = loss_fn(next(data)) / grad_accum
-            loss.backward()
-            total += float(loss.detach())
-        opt.step()
-        scheduler.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(total)
-        bar.set_postfix(loss=f"{total:.4g}")
+    model = getattr(handle, "model_ref", lambda: None)() if compile else None
+    if compile and model is None:
+        raise LoraplugError("compile=True needs the handle lp.create returned (it knows the model).")
+    if model is not None:
+        model.compile()
+    try:
+        for _ in bar:
+            total = torch.zeros((), device=params[0].device if params else "cpu")
+            for _ in range(grad_accum):
+                with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss = loss_fn(next(data)) / grad_accum
+                loss.backward()
+                total += loss.detach().float()
+            opt.step()
+            scheduler.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(total.item())  # one device sync per step, for the bar
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+    finally:
+        if model is not None:
+            model._compiled_call_impl = None  # back to the eager module
     if checkpoint is not None:
         state = {"params": [p.detach() for p in params], "optimizer": opt.state_dict(), "losses": losses,
                  "step": steps, "scheduler": scheduler.state_dict()}  # fmt: skip
