@@ -94,6 +94,10 @@ def main():
         torch.cuda.empty_cache()
     for key in [k for k in res if k.endswith("_ms")]:
         res[key.replace("_ms", "_ratio")] = round(res[key] / res["frozen_fwd_bwd_ms"], 4)
+    if "frozen_fwd_bwd_compiled_ms" in res:
+        res["loraplug_split_compiled_vs_frozen_compiled"] = round(
+            res["loraplug_split_r16_step_compiled_ms"] / res["frozen_fwd_bwd_compiled_ms"], 4
+        )
     res["loraplug_fp8_vs_peft_step"] = round(res["loraplug_fp8_r16_step_ms"] / res["peft_r16_step_ms"], 4)
     for layout in ("split", "fused", "fp8"):
         peak = res[f"loraplug_{layout}_r16_step_peak_GB"]
