@@ -213,3 +213,26 @@ def test_training_through_a_frozen_fp8_base():
     )
     assert result.losses[-1] < 0.9 * result.losses[0]
     handle.remove()
+
+
+@pytest.mark.parametrize(
+    "spans, views",
+    [
+        ([(0, 4, 0, 64), (4, 4, 64, 64), (8, 4, 128, 64)], True),  # q, k, v on tile boundaries
+        ([(0, 4, 0, 64), (4, 4, 64, 64), (8, 2, 0, 128), (10, 4, 0, 128)], True),  # two LoRAs, one whole
+        ([(0, 4, 0, 40), (4, 4, 40, 88)], False),  # a tile holds both slices: rows shift
+    ],
+)
+def test_up_views_share_the_packing(spans, views):
+    g = torch.Generator().manual_seed(len(spans))
+    n = max(off + size for _, _, off, size in spans)
+    ups = [torch.randn(r, size, generator=g) for _, r, _, size in spans]
+    idx, packed = kernels.pack_ups(spans, ups, n, 32)
+    got = kernels.up_views(spans, idx, packed, 32)
+    assert (got is not None) == views
+    if got is not None:
+        for view, up in zip(got, ups, strict=True):
+            assert (
+                torch.equal(view, up)
+                and view.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+            )

@@ -100,7 +100,10 @@ class _LowRank:
     def packed(self, block_n: int) -> tuple[Tensor, Tensor]:
         """The up projections packed per output tile for the fused kernel (built once per width)."""
         if block_n not in self.packs:
-            self.packs[block_n] = kernels.pack_ups(self.spans, self.ups_t, self.width, block_n)
+            idx, packed = self.packs[block_n] = kernels.pack_ups(self.spans, self.ups_t, self.width, block_n)
+            views = None if self.trained else kernels.up_views(self.spans, idx, packed, block_n)
+            if views is not None:  # the portable path reads the packing too: one copy, not two
+                self.ups_t = views
         return self.packs[block_n]
 
     def refresh(self) -> None:

@@ -117,3 +117,20 @@ def quantize_rows(x: Tensor, down_t: Tensor | None) -> tuple[Tensor, Tensor, Ten
     from .triton_kernels import quantize_rows as launch
 
     return launch(x, down_t)
+
+
+def up_views(
+    spans: list[tuple[int, int, int, int]], idx: Tensor, packed: Tensor, bn: int
+) -> list[Tensor] | None:
+    """Each entry's up projection as a view into ``packed`` (so the portable path needs no copy of
+    its own), or None where an entry does not sit on the same rows in every tile it covers."""
+    table = idx.cpu()
+    views = []
+    for start, rank, off, size in spans:
+        tiles = range(off // bn, -(-(off + size) // bn))
+        rows = {int((table[t] == start).nonzero()[0]) for t in tiles}
+        if len(rows) != 1:
+            return None
+        row = rows.pop()
+        views.append(packed[row : row + rank, off : off + size])
+    return views
