@@ -236,3 +236,51 @@ def test_up_views_share_the_packing(spans, views):
                 torch.equal(view, up)
                 and view.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
             )
+
+
+RUNNER_INTERPRETED = """
+import torch
+from torch import nn
+from loraplug.runtime import kernels
+kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, True, True), fp8=(32, 32, 32, 4, 1, True, False))
+import loraplug as lp
+from loraplug import arch
+from loraplug.runtime.bypass import runners
+
+arch.PROVIDERS.append(lambda model, ops: ({"q": [arch.Target("layer", 0, 32)], "kv": [arch.Target("layer", 32, 64)]}
+                                          if hasattr(model, "layer") else {}, set()))
+torch.manual_seed(0)
+holder = nn.Module()
+holder.layer = nn.Linear(64, 96).half()
+g = torch.Generator().manual_seed(1)
+sd = {"q.lora_A.weight": torch.randn(4, 64, generator=g), "q.lora_B.weight": torch.randn(32, 4, generator=g),
+      "kv.lora_A.weight": torch.randn(4, 64, generator=g), "kv.lora_B.weight": torch.randn(64, 4, generator=g),
+      "layer.lora_A.weight": torch.randn(2, 64, generator=g), "layer.lora_B.weight": torch.randn(96, 2, generator=g)}
+sd = {k: v.half() * 0.1 for k, v in sd.items()}
+handle = lp.apply(holder, sd, strength=0.7)
+assert handle.report.ok, handle.report.unmatched
+layer, runner = holder.layer, runners(holder.layer)
+x = torch.randn(50, 64).half()
+fused = runner._fused(layer, x).float()
+ref = x.float() @ layer.weight.float().T + layer.bias.float()
+for name, (off, size) in {"q": (0, 32), "kv": (32, 64), "layer": (0, 96)}.items():
+    ref[:, off:off + size] += 0.7 * (x.float() @ sd[name + ".lora_A.weight"].float().T) @ sd[name + ".lora_B.weight"].float().T
+assert ((fused - ref).norm() / ref.norm()) < 2e-3, ((fused - ref).norm() / ref.norm()).item()
+group = next(iter(runner._lowrank.values()))
+assert all(u.untyped_storage().data_ptr() == group.packs[32][1].untyped_storage().data_ptr() for u in group.ups_t)
+portable = runner._run(layer, (x,), {}, type(layer).forward(layer, x)).float()  # reads those views
+assert ((portable - ref).norm() / ref.norm()) < 2e-3
+handle.remove()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_runner_fused_path_under_the_triton_interpreter():
+    """The runner's fused call (packing, up views, kernel arguments) on a float base. (The fp8 path
+    runs on the GPU tests: the interpreter corrupts memory storing fp8.)"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER_INTERPRETED], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

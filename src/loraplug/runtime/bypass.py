@@ -245,7 +245,7 @@ class ModuleBypass:
         return self._fused(module, x) if self._fused_applies(module, x) else None
 
     def _fused(self, module: nn.Module, x: Tensor) -> Tensor:
-        lowrank = self._lowrank[(x.device, x.dtype)]
+        lowrank = self._lowrank_for(x)
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         bias = None if module.bias is None else module.bias.to(x.dtype)
         w = module.weight

@@ -182,6 +182,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+@functools.cache
+def _unused(device: torch.device, slot: int) -> Tensor:
+    """A pointer argument the kernel never reads: one per slot, so no two arguments alias (the
+    Triton interpreter copies every tensor argument back after a launch)."""
+    return torch.zeros(1, device=device)
+
+
 def _rank_block(rc: int) -> int:
     return max(16, triton.next_power_of_2(rc)) if rc else 16
 
@@ -207,10 +214,10 @@ def lora_linear(
             raise ValueError(f"packed for tile width {N // max(idx.shape[0], 1)}, kernel uses {BN}")
         rc = idx.shape[1]
     else:
-        h = idx = rank_scale = packed = a  # unused
+        h, idx, rank_scale, packed = (_unused(a.device, k) for k in range(4))
         rc = 0
-    sa, sw = scales if fp8 else (a, a)
-    rest = (bias if bias is not None else a, sa, sw, h, idx, rank_scale, packed)
+    sa, sw = scales if fp8 else (_unused(a.device, 4), _unused(a.device, 5))
+    rest = (bias if bias is not None else _unused(a.device, 6), sa, sw, h, idx, rank_scale, packed)
     flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, TAIL_FIRST=tail_first, BM=BM, BN=BN, BK=BK,
                  BR=_rank_block(rc), GROUP_M=8, num_warps=warps, num_stages=stages)  # fmt: skip
     for depth in range(stages, 0, -1):  # fewer pipeline stages where shared memory runs out
@@ -250,7 +257,7 @@ def quantize_rows(x: Tensor, down_t: Tensor | None) -> tuple[Tensor, Tensor, Ten
     h = None if down_t is None else torch.empty(M, R, device=x.device, dtype=x.dtype)
     BM, BK = 32, 128
     _quantize_rows_kernel[(triton.cdiv(M, BM),)](
-        x, q, s, down_t if down_t is not None else x, h if h is not None else x,
+        x, q, s, down_t if down_t is not None else _unused(x.device, 0), h if h is not None else _unused(x.device, 1),
         M, K, R, x.stride(0), q.stride(0), down_t.stride(0) if down_t is not None else 0,
         h.stride(0) if h is not None else 0,
         HAS_DOWN=down_t is not None, BM=BM, BK=BK, BR=_rank_block(R), FMAX=E4M3_MAX, num_warps=4, num_stages=2,
