@@ -284,7 +284,10 @@ def _check_paths(root, name: str, xs: dict, first, second) -> dict:
 
     mod = root.get_submodule(name)
     x = xs[(mod.in_features, "img")]
+    if "fused" in _modes():
+        _mode("fused")
     handle = lp.apply(root, [first, second], strength=[0.7, 1.2])
+    _default_mode()
     runner, ref = runners(mod), _float_reference(mod, x)
     paths = {"portable": runner._run(mod, (x,), {}, torch.nn.Linear.forward(mod, x))}
     if runner.fused:
