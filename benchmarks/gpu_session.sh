@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Everything the GPU machine should run in one call, each step under its own time limit, results
+# under $OUT (the device tool copies them back). Carry .whl/ with the diffusers (+ rich) wheels.
+#   bash benchmarks/gpu_session.sh            # ~10 min: tests, linear stack, parts, eager, training
+#   STEPS="compile" bash benchmarks/gpu_session.sh   # the torch.compile runs (~8 min)
+set -uo pipefail
+OUT="${OUT:-results}"; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+  export PYTHONPATH="/tmp/site:$PWD/src"
+else
+  export PYTHONPATH="$PWD/src"
+fi
+export OUT
+step() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? $(tail -1 "$OUT/$name.log")"; }
+for s in ${STEPS:-tests linear parts eager train}; do
+  case $s in
+    tests) step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/gpu ;;
+    linear) step linear_stack 200 python3 benchmarks/linear_stack.py ;;
+    parts) step kernel_parts 100 python3 benchmarks/kernel_parts.py ;;
+    eager) NAME=flux_eager.json FP8=1 PEFT=0 COMPILE=0 step flux_eager 240 python3 benchmarks/flux_bench.py ;;
+    train) step flux_train 200 python3 benchmarks/flux_train_bench.py ;;
+    compile) NAME=flux_compiled.json EAGER=0 FP8=1 PEFT=0 COMPILE=1 step flux_compiled 560 python3 benchmarks/flux_bench.py ;;
+  esac
+done
