@@ -284,3 +284,21 @@ def test_runner_fused_path_under_the_triton_interpreter():
         [sys.executable, "-c", RUNNER_INTERPRETED], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_kernel_switches(monkeypatch):
+    """LORAPLUG_KERNELS: unset → fused only on fp8 bases; all → float bases too; base → adapters
+    never fused; 0 → no kernels."""
+    monkeypatch.setattr(kernels, "_triton_installed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    from loraplug.runtime.bypass import _fusable
+
+    fp8 = Fp8Linear(8, 8)
+    for env, float_base, fp8_base in (
+        ("", False, True),
+        ("all", True, True),
+        ("base", False, False),
+        ("0", False, False),
+    ):
+        monkeypatch.setenv("LORAPLUG_KERNELS", env)
+        assert (_fusable(nn.Linear(8, 8)), _fusable(fp8)) == (float_base, fp8_base), env

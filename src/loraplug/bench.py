@@ -221,7 +221,7 @@ def linear_stack() -> dict:
     loras = {"r16": lp.load(stack_lora(layers, 16, 1)), "r64": lp.load(stack_lora(layers, 64, 2))}
     second = lp.load(stack_lora(layers, 16, 3))
     res["adapter_GB_r16"] = loras["r16"].parameters * 2 / 1e9
-    for mode in _modes():
+    for mode in [m for m in _modes() if m != "hybrid"]:  # hybrid = portable on a float base
         _mode(mode)
         for key, adapters in (
             ("r16", loras["r16"]),
@@ -329,15 +329,16 @@ def table(results: dict) -> Table:
 
 
 def _modes() -> tuple[str, ...]:
-    """portable (LORAPLUG_KERNELS=0) and, where Triton runs, fused (LORAPLUG_KERNELS=all: the
-    fused kernel on every base; the default uses it on fp8 bases only)."""
+    """portable (LORAPLUG_KERNELS=0: no Triton at all), and where Triton runs: hybrid (=base:
+    Triton fp8 base GEMM, adapters on the portable path) and fused (=all: adapters inside the
+    base GEMM on every base). The default is fused on fp8 bases, portable on float ones."""
     from .runtime import kernels
 
-    return ("portable", "fused") if kernels.available() else ("portable",)
+    return ("portable", "hybrid", "fused") if kernels.available() else ("portable",)
 
 
 def _mode(name: str) -> None:
-    os.environ["LORAPLUG_KERNELS"] = {"portable": "0", "fused": "all"}[name]
+    os.environ["LORAPLUG_KERNELS"] = {"portable": "0", "hybrid": "base", "fused": "all"}[name]
 
 
 def _default_mode() -> None:
@@ -361,7 +362,7 @@ def main() -> None:
             model.fuse_qkv_projections()
             b.time(model, "base_fused")
         b.memory(f"{layout}_base")
-        for mode in _modes():
+        for mode in [m for m in _modes() if m != "hybrid"]:  # hybrid = portable on a float base
             _mode(mode)
             for key, adapters in (("r16", loras[16]), ("r64", loras[64]), ("2x_r16", [loras[16], second])):
                 handle = lp.apply(model, adapters, strength=[1.0, 0.8] if key == "2x_r16" else 1.0)

@@ -346,7 +346,12 @@ def _fusable(module: nn.Module) -> bool:
     """A layer whose forward the fused kernels stand in for: an Fp8Linear (or, when opted in, a plain
     Linear), with no other wrapper already on its forward, where Triton and CUDA are present."""
     kinds = (Fp8Linear, nn.Linear) if kernels.on_float_bases() else (Fp8Linear,)
-    return kernels.available() and type(module) in kinds and "forward" not in module.__dict__
+    return (
+        kernels.available()
+        and kernels.fuses_adapters()
+        and type(module) in kinds
+        and "forward" not in module.__dict__
+    )
 
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, ModuleBypass] = weakref.WeakKeyDictionary()

@@ -29,7 +29,8 @@ E4M3_MAX = 448.0
 
 def available() -> bool:
     """Triton installed and a CUDA device present (or the Triton interpreter asked for);
-    ``LORAPLUG_KERNELS=0`` turns the fused kernels off (bypass then runs the portable path)."""
+    ``LORAPLUG_KERNELS=0`` turns the kernels off (fp8 layers then use ``torch._scaled_mm``, bypass
+    the portable path)."""
     if os.environ.get("LORAPLUG_KERNELS") == "0" or not _triton_installed():
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -38,8 +39,14 @@ def available() -> bool:
 def on_float_bases() -> bool:
     """Whether bf16/fp16 bases take the fused kernel too. By default they do not: on the H200 the
     Triton GEMM trails cuBLAS by more than the fusion saves (benchmarks/README.md); fp8 bases
-    always do. ``LORAPLUG_KERNELS=all`` opts float bases in (benchmarks, other GPUs)."""
+    do. ``LORAPLUG_KERNELS=all`` opts float bases in (benchmarks, other GPUs)."""
     return os.environ.get("LORAPLUG_KERNELS") == "all"
+
+
+def fuses_adapters() -> bool:
+    """Whether adapters join the base GEMM at all; ``LORAPLUG_KERNELS=base`` keeps the Triton fp8
+    base GEMM but runs adapters on the portable path (for comparisons)."""
+    return os.environ.get("LORAPLUG_KERNELS") != "base"
 
 
 @functools.cache
