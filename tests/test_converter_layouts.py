@@ -82,3 +82,30 @@ def test_layout_inverts_the_diffusers_converter(name):
                                        for k, v in keys.items()}})  # fmt: skip
         plan = ModelIndex(layout).resolve(adapters)
         assert not plan.unmatched, list(plan.unmatched)[:5]
+
+
+def test_zimage_modulation_index_of_comfyui():
+    """ComfyUI's NextDiT names each block's modulation Linear adaLN_modulation.1 (after a SiLU);
+    Z-Image checkpoints and diffusers say .0: keys of either kind land on either model."""
+    model, groups_of, _ = _models()["zimage"]
+    index = ModelIndex(model)
+    checkpoint = original_checkpoint(model, groups_of(index.ops))
+    blocks = [k for k in checkpoint if ".adaLN_modulation.0." in k and "final_layer" not in k]
+    assert blocks
+    comfy_shapes = {
+        k.replace(".adaLN_modulation.0.", ".adaLN_modulation.1."): tuple(v.shape)
+        for k, v in checkpoint.items()
+    }
+    comfy = from_shapes(comfy_shapes)
+    for layout, index_in_key, want in ((comfy, 0, 1), (model, 1, 0)):
+        sd = {}
+        for k in blocks:
+            name = k.removesuffix(".weight").replace(
+                ".adaLN_modulation.0", f".adaLN_modulation.{index_in_key}"
+            )
+            sd[f"diffusion_model.{name}.lora_down.weight"] = torch.zeros(1, 1)
+            sd[f"diffusion_model.{name}.lora_up.weight"] = torch.zeros(1, 1)
+        plan = ModelIndex(layout).resolve(lp.load(sd))
+        assert not plan.unmatched, list(plan.unmatched)[:5]
+        landed = {t.module for ts in plan.matched.values() for t in ts}
+        assert landed and all(m.endswith(f"adaLN_modulation.{want}") for m in landed), sorted(landed)[:3]

@@ -2,7 +2,8 @@
 
 The original fuses q|k|v in ``attention.qkv`` (query heads first, then the key and value heads)
 and calls the output projection ``attention.out``; diffusers keeps the embedder and final layer
-under ``all_x_embedder.2-1`` / ``all_final_layer.2-1``.
+under ``all_x_embedder.2-1`` / ``all_final_layer.2-1``; ComfyUI's NextDiT puts each block's
+modulation Linear at ``adaLN_modulation.1`` where both others have ``.0``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ def zimage_groups(ops: dict[str, LayerOp]) -> list[Group]:
     return groups
 
 
+_ADALN = re.compile(
+    r"^(?P<block>(?:.*\.)?(?:layers|noise_refiner|context_refiner)\.\d+\.adaLN_modulation)\.(?P<i>[01])$"
+)
+
+
+def comfy_adaln_groups(ops: dict[str, LayerOp]) -> list[Group]:
+    """ComfyUI's NextDiT blocks hold the modulation Linear at ``adaLN_modulation.1`` (after a SiLU)
+    where Z-Image checkpoints and diffusers have ``adaLN_modulation.0``: the same layer."""
+    blocks = {m["block"] for name in ops if (m := _ADALN.match(name))}
+    return [Group(f"{b}.1", (f"{b}.0",)) for b in sorted(blocks)]
+
+
 @provider
 def zimage(model: nn.Module, ops: dict[str, LayerOp]) -> tuple[dict[str, list[Target]], set[str]]:
-    return aliases(zimage_groups(ops), model, ops), set()
+    groups = zimage_groups(ops)
+    if groups:  # a NextDiT model: its modulation layers under either index
+        groups += comfy_adaln_groups(ops)
+    return aliases(groups, model, ops), set()
