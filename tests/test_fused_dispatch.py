@@ -302,3 +302,29 @@ def test_kernel_switches(monkeypatch):
     ):
         monkeypatch.setenv("LORAPLUG_KERNELS", env)
         assert (_fusable(nn.Linear(8, 8)), _fusable(fp8)) == (float_base, fp8_base), env
+
+
+def test_grouped_runtime_adds_no_copy_of_a_single_adapter():
+    """One LoRA per module: the runtime reads the adapter's own tensors (transposed views), so
+    bypass adds no adapter-sized memory; several entries share one stacked copy of their downs."""
+    model = _model()
+    adapters = lp.load({k: v.clone() for k, v in _lora(0).items()})
+    handle = lp.apply(model, adapters)
+    group = next(iter(runners(model[0])._lowrank.values()))
+    own = {t.untyped_storage().data_ptr() for a in adapters.adapters.values() for t in a.tensors.values()}
+    assert group.down_t.untyped_storage().data_ptr() in own
+    assert all(u.untyped_storage().data_ptr() in own for u in group.ups_t)
+    handle.remove()
+    two = lp.apply(model, [_lora(0), _lora(1)])
+    group = next(iter(runners(model[0])._lowrank.values()))
+    assert group.down_t.shape == (32, 8) and all(
+        u.untyped_storage().data_ptr()
+        in {
+            t.untyped_storage().data_ptr()
+            for s in two.adapters
+            for a in s.adapters.values()
+            for t in a.tensors.values()
+        }
+        for u in group.ups_t
+    )
+    two.remove()

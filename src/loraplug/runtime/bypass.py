@@ -48,7 +48,8 @@ class Entry:
 class _LowRank:
     """The low-rank entries of one module, stacked for one (device, dtype).
 
-    down_t (in, Σr) runs every adapter's down projection in one GEMM; rank_scale (Σr,) holds
+    down_t (in, Σr) runs every adapter's down projection in one GEMM (a transposed view of the
+    adapter's tensor when there is one entry, else one stacked copy); rank_scale (Σr,) holds
     scale·strength per rank column and is rewritten in place when a strength changes (so a
     compiled graph sees the new value without re-tracing); ups_t[i] (rᵢ, sizeᵢ) adds entry i into
     its output slice.
@@ -77,8 +78,10 @@ class _LowRank:
         static = scales.to(device=downs[0].device, dtype=downs[0].dtype)
         group = cls(
             entries=[e for e, _ in found],
-            down_t=torch.cat(downs).T.contiguous(),
-            ups_t=[f[1].T.contiguous() for _, f in found],
+            # views of the adapter's own tensors where possible (no copy: the GEMMs take transposed
+            # operands as they are); several entries' downs are stacked once
+            down_t=downs[0].T if len(downs) == 1 else torch.cat(downs).T,
+            ups_t=[f[1].T for _, f in found],
             spans=spans,
             static_scale=static,
             rank_scale=torch.empty_like(static),
