@@ -13,11 +13,12 @@ else
 fi
 export OUT
 step() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? $(tail -1 "$OUT/$name.log")"; }
-for s in ${STEPS:-tests linear parts eager train}; do
+for s in ${STEPS:-tests linear parts profile eager train}; do
   case $s in
     tests) step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/gpu ;;
     linear) step linear_stack 200 python3 benchmarks/linear_stack.py ;;
     parts) step kernel_parts 100 python3 benchmarks/kernel_parts.py ;;
+    profile) step profile_flux 150 python3 benchmarks/profile_flux.py ;;
     eager) NAME=flux_eager.json FP8=1 PEFT=0 COMPILE=0 step flux_eager 240 python3 benchmarks/flux_bench.py ;;
     train) step flux_train 200 python3 benchmarks/flux_train_bench.py ;;
     compile) NAME=flux_compiled.json EAGER=0 FP8=1 PEFT=0 COMPILE=1 step flux_compiled 560 python3 benchmarks/flux_bench.py ;;
