@@ -59,18 +59,18 @@ def main(rank: int = 16) -> dict:
             "fp8_triton_base": lambda: tk.lora_linear(q, wq, b, None, (sx, ws), dt),
             "fp8_triton_with_tail": lambda: tk.lora_linear(q, wq, b, (h, idx, rs, packed), (sx, ws), dt),
         }
-        for first in (True, False):
+        for tail, suffix in ((0, "_tail_last"), (1, "_tail_first"), (2, "_tail_prefetched")):
             for fp8 in (False, True):
                 cfg = list(kernels.CONFIGS["fp8" if fp8 else "bf16"])
-                cfg[6] = first
+                cfg[6] = tail
                 kernels.CONFIGS["fp8" if fp8 else "bf16"] = tuple(cfg)
-            suffix = "_tail_first" if first else "_tail_last"
             t["triton_with_tail" + suffix] = lambda: tk.lora_linear(x, w, b, (h, idx, rs, packed))
             t["fp8_triton_with_tail" + suffix] = lambda: tk.lora_linear(
                 q, wq, b, (h, idx, rs, packed), (sx, ws), dt
             )
             for key in ("triton_with_tail", "fp8_triton_with_tail"):
                 res[f"{name}_{key}{suffix}_ms"] = round(_time_fn(t.pop(key + suffix), iters=20), 4)
+        kernels.CONFIGS.update(res["configs"])
         for key, fn in t.items():
             res[f"{name}_{key}_ms"] = round(_time_fn(fn, iters=20), 4)
             print(f"{name:8s} {key:34s} {res[f'{name}_{key}_ms']:8.3f} ms", flush=True)

@@ -148,7 +148,7 @@ def test_quantize_fp8_selects_by_pattern_and_refuses_meta():
 INTERPRETED = """
 import torch
 from loraplug.runtime import kernels
-kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, TMA, FIRST), fp8=(32, 32, 32, 4, 1, TMA, not FIRST))
+kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, TMA, TAIL), fp8=(32, 32, 32, 4, 1, TMA, TAIL))
 from loraplug.runtime import triton_kernels as tk
 torch.manual_seed(0)
 M, K, N = 70, 128, 96
@@ -182,11 +182,11 @@ print("ok")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
-@pytest.mark.parametrize("tma, first", [(False, True), (True, False)])
-def test_kernels_under_the_triton_interpreter(tma, first):
+@pytest.mark.parametrize("tma, tail", [(False, 1), (True, 0), (True, 2), (False, 2)])
+def test_kernels_under_the_triton_interpreter(tma, tail):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", INTERPRETED.replace("TMA", str(tma)).replace("FIRST", str(first))],
+        [sys.executable, "-c", INTERPRETED.replace("TMA", str(tma)).replace("TAIL", str(tail))],
         env=env,
         capture_output=True,
         text=True,
@@ -242,7 +242,7 @@ RUNNER_INTERPRETED = """
 import torch
 from torch import nn
 from loraplug.runtime import kernels
-kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, True, True), fp8=(32, 32, 32, 4, 1, True, False))
+kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, True, 2), fp8=(32, 32, 32, 4, 1, True, 0))
 import loraplug as lp
 from loraplug import arch
 from loraplug.runtime.bypass import runners

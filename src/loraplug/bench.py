@@ -152,12 +152,8 @@ def _time_fn(fn, iters: int = ITERS) -> float:
     return statistics.median(times)
 
 
-BF16_TILES = [
-    (128, 256, 64, 8, 3, True, True),
-    (128, 128, 64, 4, 4, True, True),
-    (128, 256, 64, 8, 3, False, True),
-]
-FP8_TILES = [(128, 256, 128, 8, 3, True, False), (256, 128, 128, 8, 3, True, False), (128, 256, 128, 8, 4, False, False)]  # fmt: skip
+BF16_TILES = [(128, 256, 64, 8, 3, True, 0), (128, 128, 64, 4, 4, True, 0), (128, 256, 64, 8, 3, False, 0)]
+FP8_TILES = [(128, 256, 128, 8, 3, True, 0), (256, 128, 128, 8, 3, True, 0), (128, 256, 128, 8, 4, False, 0)]  # fmt: skip
 
 
 def _sweep(res: dict, prefix: str, tiles: list, fn) -> tuple:

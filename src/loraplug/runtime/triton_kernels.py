@@ -25,10 +25,10 @@ def _tile(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr)
 
 
 @triton.jit
-def _tail(
+def _tail_operands(
     pid_n, rm, rn, M, N, RC, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr, stride_it, BR: tl.constexpr
 ):  # fmt: skip
-    """The LoRA tail (h·s)[:, idx]·P of one output tile, in float32."""
+    """(h·s)[:, idx] and P[:, tile]: the LoRA tail's operands for one output tile."""
     rr = tl.arange(0, BR)
     r_in = rr < RC
     idx = tl.load(idx_ptr + pid_n * stride_it + rr, mask=r_in, other=0)
@@ -42,19 +42,30 @@ def _tail(
     p = tl.load(
         p_ptr + rr[:, None] * stride_pr + rn[None, :], mask=r_in[:, None] & (rn < N)[None, :], other=0.0
     )
+    return h, p
+
+
+@triton.jit
+def _tail(
+    pid_n, rm, rn, M, N, RC, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr, stride_it, BR: tl.constexpr
+):  # fmt: skip
+    """The LoRA tail (h·s)[:, idx]·P of one output tile, in float32."""
+    h, p = _tail_operands(
+        pid_n, rm, rn, M, N, RC, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr, stride_it, BR
+    )
     return tl.dot(h, p)
 
 
 @triton.jit
 def _start(
     pid_n, rm, rn, M, N, RC, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr, stride_it,
-    FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL_FIRST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BR: tl.constexpr,
 ):  # fmt: skip
-    """The accumulator's initial value: with TAIL_FIRST the LoRA tail, computed before the K loop so
+    """The accumulator's initial value: with TAIL == 1 the LoRA tail, computed before the K loop so
     that its operands are dead when the loop needs the registers (divided by the fp8 scales, which
     the epilogue multiplies back); otherwise zeros."""
-    if HAS_LORA and TAIL_FIRST:
+    if HAS_LORA and TAIL == 1:
         acc = _tail(
             pid_n, rm, rn, M, N, RC, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr, stride_it, BR
         )
@@ -70,15 +81,15 @@ def _start(
 @triton.jit
 def _finish(
     acc, pid_n, rm, rn, M, N, RC, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr,
-    stride_it, HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL_FIRST: tl.constexpr,
+    stride_it, HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL: tl.constexpr,
     BR: tl.constexpr,
 ):  # fmt: skip
-    """fp8 rescale, the LoRA tail (unless it came first), bias."""
+    """fp8 rescale, the LoRA tail (TAIL == 0: loaded and multiplied only now), bias."""
     if FP8:
         sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
         sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
         acc = acc * sa[:, None] * sw[None, :]
-    if HAS_LORA and not TAIL_FIRST:
+    if HAS_LORA and TAIL == 0:
         acc += _tail(
             pid_n, rm, rn, M, N, RC, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr, stride_it, BR
         )
@@ -92,7 +103,7 @@ def _lora_linear_kernel(
     a_ptr, w_ptr, out_ptr, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
     M, N, K, RC,
     stride_am, stride_wn, stride_om, stride_hm, stride_pr, stride_it,
-    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL_FIRST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """One output tile per program, pointer loads (portable Triton; also runs interpreted)."""
@@ -103,7 +114,10 @@ def _lora_linear_kernel(
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
     acc = _start(pid_n, rm, rn, M, N, RC, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm, stride_pr,
-                 stride_it, FP8, HAS_LORA, TAIL_FIRST, BM, BN, BR)  # fmt: skip
+                 stride_it, FP8, HAS_LORA, TAIL, BM, BN, BR)  # fmt: skip
+    if HAS_LORA and TAIL == 2:  # operands loaded now, their product after the loop
+        h_pre, p_pre = _tail_operands(pid_n, rm, rn, M, N, RC, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm,
+                                      stride_pr, stride_it, BR)  # fmt: skip
     for _ in range(0, K, BK):  # K is a multiple of BK (checked by the launcher)
         a = tl.load(a_ptrs, mask=(rm < M)[:, None], other=0.0)
         w = tl.load(w_ptrs, mask=(rn < N)[None, :], other=0.0)
@@ -111,7 +125,9 @@ def _lora_linear_kernel(
         a_ptrs += BK
         w_ptrs += BK
     acc = _finish(acc, pid_n, rm, rn, M, N, RC, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm,
-                  stride_pr, stride_it, HAS_BIAS, FP8, HAS_LORA, TAIL_FIRST, BR)  # fmt: skip
+                  stride_pr, stride_it, HAS_BIAS, FP8, HAS_LORA, TAIL, BR)  # fmt: skip
+    if HAS_LORA and TAIL == 2:
+        acc += tl.dot(h_pre, p_pre)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
@@ -120,7 +136,7 @@ def _lora_linear_kernel(
 def _lora_linear_tma_kernel(
     a_desc, w_desc, o_desc, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr,
     M, N, K, RC, stride_hm, stride_pr, stride_it,
-    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL_FIRST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr,
 ):  # fmt: skip
@@ -131,13 +147,18 @@ def _lora_linear_tma_kernel(
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         acc = _start(pid_n, rm, rn, M, N, RC, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm,
-                     stride_pr, stride_it, FP8, HAS_LORA, TAIL_FIRST, BM, BN, BR)  # fmt: skip
+                     stride_pr, stride_it, FP8, HAS_LORA, TAIL, BM, BN, BR)  # fmt: skip
+        if HAS_LORA and TAIL == 2:  # operands loaded now, their product after the loop
+            h_pre, p_pre = _tail_operands(pid_n, rm, rn, M, N, RC, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm,
+                                          stride_pr, stride_it, BR)  # fmt: skip
         for k in range(0, K, BK):
             a = a_desc.load([pid_m * BM, k])
             w = w_desc.load([pid_n * BN, k])
             acc = tl.dot(a, w.T, acc)
         acc = _finish(acc, pid_n, rm, rn, M, N, RC, bias_ptr, sa_ptr, sw_ptr, h_ptr, idx_ptr, rs_ptr, p_ptr, stride_hm,
-                  stride_pr, stride_it, HAS_BIAS, FP8, HAS_LORA, TAIL_FIRST, BR)  # fmt: skip
+                  stride_pr, stride_it, HAS_BIAS, FP8, HAS_LORA, TAIL, BR)  # fmt: skip
+        if HAS_LORA and TAIL == 2:
+            acc += tl.dot(h_pre, p_pre)
         o_desc.store([pid_m * BM, pid_n * BN], acc.to(o_desc.dtype))
 
 
@@ -206,7 +227,7 @@ def lora_linear(
     fp8 = scales is not None
     M, K = a.shape
     N = weight.shape[0]
-    BM, BN, BK, warps, stages, tma, tail_first = config(fp8)
+    BM, BN, BK, warps, stages, tma, tail = config(fp8)
     out = torch.empty(M, N, device=a.device, dtype=out_dtype or a.dtype)
     if lora is not None:
         h, idx, rank_scale, packed = lora
@@ -218,7 +239,7 @@ def lora_linear(
         rc = 0
     sa, sw = scales if fp8 else (_unused(a.device, 4), _unused(a.device, 5))
     rest = (bias if bias is not None else _unused(a.device, 6), sa, sw, h, idx, rank_scale, packed)
-    flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, TAIL_FIRST=tail_first, BM=BM, BN=BN, BK=BK,
+    flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, TAIL=tail, BM=BM, BN=BN, BK=BK,
                  BR=_rank_block(rc), GROUP_M=8, num_warps=warps, num_stages=stages)  # fmt: skip
     for depth in range(stages, 0, -1):  # fewer pipeline stages where shared memory runs out
         flags["num_stages"] = depth
