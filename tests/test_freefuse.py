@@ -122,7 +122,8 @@ def test_two_pass_loop_on_a_tiny_flux(tmp_path):
     handle.remove()
 
 
-def test_probe_reads_sdxl_cross_attention():
+def _tiny_sdxl_unet():
+    """A two-level SDXL-style UNet with cross-attention, random weights."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -130,6 +131,11 @@ def test_probe_reads_sdxl_cross_attention():
                                 block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
                                 norm_num_groups=4, attention_head_dim=2)  # fmt: skip
+    return unet
+
+
+def test_probe_reads_sdxl_cross_attention():
+    unet = _tiny_sdxl_unet()
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     probe = AttentionProbe(attn)
     probe.armed = True
@@ -141,15 +147,9 @@ def test_probe_reads_sdxl_cross_attention():
 
 
 def test_unet_masks_reach_conv_maps_attention_tokens_and_spare_cross_attention_keys():
-    from diffusers import UNet2DConditionModel
-
     from loraplug.runtime import bypass
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                norm_num_groups=4, attention_head_dim=2)  # fmt: skip
+    unet = _tiny_sdxl_unet()
     g = torch.Generator().manual_seed(1)
     sd = {}
     for name, m in unet.named_modules():

@@ -261,7 +261,7 @@ handle = lp.apply(holder, sd, strength=0.7)
 assert handle.report.ok, handle.report.unmatched
 layer, runner = holder.layer, runners(holder.layer)
 x = torch.randn(50, 64).half()
-fused = runner._fused(layer, x).float()
+fused = runner._fused(layer, x, runner._lowrank_for(x)).float()
 ref = x.float() @ layer.weight.float().T + layer.bias.float()
 for name, (off, size) in {"q": (0, 32), "kv": (32, 64), "layer": (0, 96)}.items():
     ref[:, off:off + size] += 0.7 * (x.float() @ sd[name + ".lora_A.weight"].float().T) @ sd[name + ".lora_B.weight"].float().T

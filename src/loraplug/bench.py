@@ -78,18 +78,7 @@ class Bench:
 
     @torch.no_grad()
     def time(self, model, name: str) -> float:
-        for _ in range(3):
-            model(**self.inp)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(ITERS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(**self.inp)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        self.res[name + "_ms"] = statistics.median(times)
+        self.res[name + "_ms"] = _time_fn(lambda: model(**self.inp), warmup=3)
         print(f"{name:36s} {self.res[name + '_ms']:8.2f} ms", flush=True)
         return self.res[name + "_ms"]
 
@@ -137,8 +126,9 @@ def stack_lora(layers: list, rank: int, seed: int) -> dict:
     return sd
 
 
-def _time_fn(fn, iters: int = ITERS) -> float:
-    for _ in range(2):
+def _time_fn(fn, iters: int = ITERS, warmup: int = 2) -> float:
+    """Median milliseconds of ``iters`` calls, each between CUDA events, after ``warmup`` calls."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []

@@ -48,8 +48,7 @@ class Entry:
 class _LowRank:
     """The low-rank entries of one module, stacked for one (device, dtype).
 
-    down_t (in, Σr) runs every adapter's down projection in one GEMM (a transposed view of the
-    adapter's tensor when there is one entry, else one stacked copy); rank_scale (Σr,) holds
+    down_t (in, Σr) runs every adapter's down projection in one GEMM; rank_scale (Σr,) holds
     scale·strength per rank column and is rewritten in place when a strength changes (so a
     compiled graph sees the new value without re-tracing); ups_t[i] (rᵢ, sizeᵢ) adds entry i into
     its output slice.
@@ -76,12 +75,11 @@ class _LowRank:
             for start, rank, (e, _) in zip(starts, ranks, found, strict=True)
         ]
         static = scales.to(device=downs[0].device, dtype=downs[0].dtype)
+        down_t, ups_t = _operands(found)
         group = cls(
             entries=[e for e, _ in found],
-            # views of the adapter's own tensors where possible (no copy: the GEMMs take transposed
-            # operands as they are); several entries' downs are stacked once
-            down_t=downs[0].T if len(downs) == 1 else torch.cat(downs).T,
-            ups_t=[f[1].T for _, f in found],
+            down_t=down_t,
+            ups_t=ups_t,
             spans=spans,
             static_scale=static,
             rank_scale=torch.empty_like(static),
@@ -94,11 +92,8 @@ class _LowRank:
         return group
 
     def retensor(self, found: list[tuple[Entry, tuple[Tensor, Tensor, float]]]) -> None:
-        """Point a trained group at its adapters' current tensors (views: no copies, and autograd
-        reaches the parameters); spans and scales stay."""
-        downs = [f[0] for _, f in found]
-        self.down_t = (downs[0] if len(downs) == 1 else torch.cat(downs)).T
-        self.ups_t = [f[1].T for _, f in found]
+        """Point a trained group at its adapters' current tensors; spans and scales stay."""
+        self.down_t, self.ups_t = _operands(found)
 
     def packed(self, block_n: int) -> tuple[Tensor, Tensor]:
         """The up projections packed per output tile for the fused kernel (built once per width)."""
@@ -151,6 +146,13 @@ class _LowRank:
         for (start, rank, offset, size), up_t in zip(self.spans, self.ups_t, strict=True):
             y2.narrow(1, offset, size).addmm_(hidden.narrow(1, start, rank), up_t)
         return y
+
+
+def _operands(found: list[tuple[Entry, tuple[Tensor, Tensor, float]]]) -> tuple[Tensor, list[Tensor]]:
+    """(down_t, ups_t) as transposed views of the adapters' tensors (the GEMMs take them as they
+    are: no copy, and autograd reaches trained parameters); several entries' downs stacked once."""
+    downs = [f[0] for _, f in found]
+    return (downs[0] if len(downs) == 1 else torch.cat(downs)).T, [f[1].T for _, f in found]
 
 
 class ModuleBypass:
@@ -215,40 +217,41 @@ class ModuleBypass:
         """The module's forward while fused kernels may run: the fused path where it applies,
         otherwise the module's own forward followed by the portable path."""
         module = self.module_ref()
-        if not args and not kwargs and self._fused_applies(module, x):
-            return self._fused(module, x)
-        return self._run(module, (x, *args), kwargs, type(module).forward(module, x, *args, **kwargs))
+        y = None if args or kwargs else self._fused_output(module, x)
+        if y is None:
+            y = self._run(module, (x, *args), kwargs, type(module).forward(module, x, *args, **kwargs))
+        return y
 
-    def _fused_applies(self, module: nn.Module, x: Tensor) -> bool:
-        """The fused kernel computes this call exactly as the portable path would."""
+    def _fused_group(self, module: nn.Module, x: Tensor) -> _LowRank | None:
+        """The low-rank group when the fused kernel computes this call exactly as the portable path
+        would, else None."""
         if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and kernels.supports(x.shape[-1])):
-            return False
+            return None
         if any(e.mask is not None and e.mask.value is not None for e in self.entries):
-            return False
+            return None
         w = module.weight
         if torch.is_grad_enabled() and (
             x.requires_grad or w.requires_grad or any(g.trained for g in self._lowrank.values())
         ):
-            return False  # the kernels have no backward: training takes the portable path
+            return None  # the kernels have no backward: training takes the portable path
         if w.stride(-1) != 1 or not (
             w.dtype == x.dtype or (isinstance(module, Fp8Linear) and fp8_matmul_on(x.device))
         ):
-            return False
+            return None
         lowrank = self._lowrank_for(x)
         if lowrank is None or len(lowrank.entries) != len(self.entries) or lowrank.trained:
-            return False
+            return None
         # the packing is host work: built at apply (on CUDA) or lazily in eager, never while compiling
-        return (
-            not torch.compiler.is_compiling()
-            or kernels.config(isinstance(module, Fp8Linear))[1] in lowrank.packs
-        )
+        if torch.compiler.is_compiling() and _block_n(module) not in lowrank.packs:
+            return None
+        return lowrank
 
     def _fused_output(self, module: nn.Module, x: Tensor) -> Tensor | None:
         """y = base(x) + every low-rank adapter, in one Triton GEMM (None: not applicable here)."""
-        return self._fused(module, x) if self._fused_applies(module, x) else None
+        lowrank = self._fused_group(module, x)
+        return None if lowrank is None else self._fused(module, x, lowrank)
 
-    def _fused(self, module: nn.Module, x: Tensor) -> Tensor:
-        lowrank = self._lowrank_for(x)
+    def _fused(self, module: nn.Module, x: Tensor, lowrank: _LowRank) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         bias = None if module.bias is None else module.bias.to(x.dtype)
         w = module.weight
@@ -258,7 +261,7 @@ class ModuleBypass:
             w_scale = module.weight_scale
         else:
             a, a_scale, w_scale = x2, None, None
-        idx, packed = lowrank.packed(kernels.config(a_scale is not None)[1])
+        idx, packed = lowrank.packed(_block_n(module))
         y = kernels.lora_linear(a, w, bias, h, idx, lowrank.rank_scale, packed, a_scale, w_scale, x.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -311,8 +314,6 @@ class ModuleBypass:
                 group.retensor(found)
                 return group
             group = self._lowrank[slot] = _LowRank.build(found, self.op.out_features)
-            if group.trained:
-                group.retensor(found)
         return group
 
     def refresh_strengths(self) -> None:
@@ -330,12 +331,11 @@ class ModuleBypass:
             and w.device.type != "meta"
             and (float_dtype(w.dtype) or self.fused)
         ):
-            dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+            dtype = w.dtype if float_dtype(w.dtype) else torch.bfloat16  # fp8: bf16 activations
             group = self._lowrank_for(torch.empty(0, device=w.device, dtype=dtype))
             if group is not None and self.fused and w.is_cuda:
                 kernels.ops()  # imported now, not inside a compiled region
-                for fp8 in (False, True):
-                    group.packed(kernels.config(fp8)[1])
+                group.packed(_block_n(self.module_ref()))
 
     def close(self) -> None:
         module = self.module_ref()
@@ -343,6 +343,11 @@ class ModuleBypass:
             self._hook.remove()
         elif module is not None and module.__dict__.get("forward") == self._forward:
             del module.forward
+
+
+def _block_n(module: nn.Module) -> int:
+    """The output tile width of the kernel configuration this module's calls use."""
+    return kernels.config(isinstance(module, Fp8Linear))[1]
 
 
 def _fusable(module: nn.Module) -> bool:

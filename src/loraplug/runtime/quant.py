@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..algorithms.op import float_dtype
 from ..errors import UnsupportedModuleError
+from ..fp8 import quantize_per_row
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -93,10 +94,11 @@ def _scaled_fp8_requantize(module: nn.Module, merged: Tensor) -> dict[str, Tenso
 
 
 def _rowwise_fp8_requantize(module: nn.Module, merged: Tensor) -> dict[str, Tensor]:
-    w = merged.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / torch.finfo(module.weight.dtype).max
-    return {"weight": nn.Parameter((w / scale[:, None]).to(module.weight.dtype), requires_grad=False),
-            "weight_scale": scale.to(module.weight_scale.dtype)}  # fmt: skip
+    weight, scale = quantize_per_row(merged, module.weight.dtype)
+    return {
+        "weight": nn.Parameter(weight, requires_grad=False),
+        "weight_scale": scale.to(module.weight_scale.dtype),
+    }
 
 
 def _rowwise_fp8(m: nn.Module) -> bool:
