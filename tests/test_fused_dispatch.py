@@ -139,10 +139,13 @@ def test_quantize_fp8_selects_by_pattern_and_refuses_meta():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     assert lp.quantize_fp8(model, targets=r"^1$") == 1
     assert type(model[0]) is nn.Linear and isinstance(model[1], Fp8Linear)
-    with torch.device("meta"):
-        meta = nn.Sequential(nn.Linear(8, 8))
-    with pytest.raises(lp.LoraplugError, match="meta"):
-        lp.quantize_fp8(meta)
+    mixed = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8, device="meta"))
+    with pytest.raises(lp.LoraplugError, match="^1: .*meta"):
+        lp.quantize_fp8(mixed)
+    assert all(type(m) is nn.Linear for m in mixed)  # nothing swapped: all-or-nothing
+    with pytest.raises(lp.LoraplugError, match="not a regular expression"):
+        lp.quantize_fp8(model, targets="(")
+    assert type(model[0]) is nn.Linear
 
 
 INTERPRETED = """

@@ -126,19 +126,23 @@ def fp8_linear_reference(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: 
 
 def quantize_fp8(model: nn.Module, targets: str | None = None) -> int:
     """Replace the ``nn.Linear`` layers of ``model`` whose qualified names match the regular
-    expression ``targets`` (default: every Linear) by ``Fp8Linear``; returns how many."""
-    pattern = re.compile(targets) if targets else None
+    expression ``targets`` (default: every Linear) by ``Fp8Linear``; returns how many.
+    All-or-nothing: on an error the model is as it was."""
+    try:
+        pattern = re.compile(targets) if targets else None
+    except re.error as err:
+        raise LoraplugError(f"targets={targets!r} is not a regular expression ({err}).") from None
     swaps = [
-        (parent, child_name, child)
+        (parent, child_name, f"{parent_name}.{child_name}".lstrip("."), child)
         for parent_name, parent in model.named_modules()
         for child_name, child in parent.named_children()
         if type(child) is nn.Linear
         and (pattern is None or pattern.search(f"{parent_name}.{child_name}".lstrip(".")))
     ]
-    for parent, child_name, child in swaps:
+    for _, _, name, child in swaps:
         if child.weight.device.type == "meta":
-            raise LoraplugError(
-                f"{child_name}: weights are on the meta device; load them before quantize_fp8."
-            )
-        setattr(parent, child_name, Fp8Linear.from_linear(child))
+            raise LoraplugError(f"{name}: weights are on the meta device; load them before quantize_fp8.")
+    layers = [Fp8Linear.from_linear(child) for *_, child in swaps]
+    for (parent, child_name, _, _), layer in zip(swaps, layers, strict=True):
+        setattr(parent, child_name, layer)
     return len(swaps)
