@@ -15,7 +15,7 @@ export OUT
 step() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? $(tail -1 "$OUT/$name.log")"; }
 for s in ${STEPS:-tests linear parts profile eager train}; do
   case $s in
-    tests) step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/gpu ;;
+    tests) step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/gpu ;;
     linear) step linear_stack 200 python3 benchmarks/linear_stack.py ;;
     parts) step kernel_parts 100 python3 benchmarks/kernel_parts.py ;;
     profile) step profile_flux 150 python3 benchmarks/profile_flux.py ;;

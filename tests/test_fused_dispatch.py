@@ -28,16 +28,43 @@ def test_packed_ups_reproduce_every_slice(bn):
     want = torch.zeros(9, n)
     for (start, r, off, size), up in zip(spans, ups, strict=True):
         want[:, off : off + size] += h[:, start : start + r] @ up
-    idx, packed = kernels.pack_ups(spans, ups, n, bn)
+    packing = kernels.pack_ups(spans, ups, n, bn)
+    packed, rc = packing.packed, packing.packed.shape[0]
+    columns = packing.columns if packing.columns is not None else list(range(20))
+    assert len(columns) % 8 == 0  # 16-byte rows of h for the tensor memory accelerator
+    h_laid = torch.cat([h, torch.zeros(9, 1)], 1)[:, columns]  # -1: a zero column
+    h_laid = torch.cat([h_laid, torch.randn(9, rc, generator=g)], 1)  # past the end: any value
     got = torch.zeros(9, n)
-    for t in range(idx.shape[0]):
+    for t in range(packing.hstart.shape[0]):
         cols = slice(t * bn, min((t + 1) * bn, n))
-        got[:, cols] = h[:, idx[t].long()] @ packed[:, cols]
+        start = int(packing.hstart[t])
+        got[:, cols] = h_laid[:, start : start + rc] @ packed[:, cols]  # one contiguous run per tile
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert packed.shape[0] == max(
-        sum(r for _, r, off, size in spans if off < min((t + 1) * bn, n) and off + size > t * bn)
-        for t in range(idx.shape[0])
+    assert rc == max(
+        sum(-(-r // 8) * 8 for _, r, off, size in spans if off < min((t + 1) * bn, n) and off + size > t * bn)
+        for t in range(packing.hstart.shape[0])
     )
+
+
+@pytest.mark.parametrize(
+    "spans, columns",
+    [
+        ([(0, 8, 0, 64), (8, 8, 64, 64), (16, 8, 128, 64)], None),  # q, k, v on tile boundaries
+        ([(0, 8, 0, 64), (8, 8, 0, 64), (16, 8, 64, 64), (24, 8, 64, 64)], None),  # two LoRAs, sorted
+        ([(0, 8, 0, 40), (8, 8, 40, 88)], None),  # a tile straddles both slices: still one run each
+        ([(0, 4, 0, 64)], [0, 1, 2, 3, -1, -1, -1, -1]),  # rank 4: padded to 16-byte rows
+        (
+            [(0, 8, 0, 128), (8, 8, 0, 64), (16, 8, 64, 64)],
+            list(range(16)) + list(range(8)) + list(range(16, 24)),
+        ),
+    ],
+)
+def test_packing_keeps_the_stacked_order_where_it_can(spans, columns):
+    """No copy of the down projections in the common layouts; a whole-output adapter beside slice
+    adapters is the case that repeats columns."""
+    ups = [torch.randn(r, size) for _, r, _, size in spans]
+    n = max(off + size for _, _, off, size in spans)
+    assert kernels.pack_ups(spans, ups, n, 32).columns == columns
 
 
 def _model():
@@ -151,7 +178,7 @@ def test_quantize_fp8_selects_by_pattern_and_refuses_meta():
 INTERPRETED = """
 import torch
 from loraplug.runtime import kernels
-kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, TMA, TAIL), fp8=(32, 32, 32, 4, 1, TMA, TAIL))
+kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, TMA, TAIL, FLAT), fp8=(32, 32, 32, 4, 1, TMA, TAIL, FLAT))
 from loraplug.runtime import triton_kernels as tk
 torch.manual_seed(0)
 M, K, N = 70, 128, 96
@@ -162,19 +189,24 @@ spans = [(0, 4, 0, 32), (4, 4, 32, 40), (8, 3, 72, 24), (11, 5, 0, 96)]
 ups = [torch.randn(r, s, dtype=torch.float16) for _, r, _, s in spans]
 down = torch.randn(K, 16, dtype=torch.float16) * 0.1
 rs = torch.rand(16, dtype=torch.float16)
-idx, packed = kernels.pack_ups(spans, ups, N, 32)
+packing = kernels.pack_ups(spans, ups, N, 32)
+assert packing.columns is not None  # the whole-output adapter repeats next to each slice
+cols = torch.tensor(packing.columns)
+laid = lambda t: torch.cat([t, t.new_zeros(t.shape[0], 1)], 1)[:, cols].contiguous()
+hstart, packed = packing.hstart, packing.packed
 h = x @ down
 ref = x.float() @ w.float().T + b.float()
 for (st, r, off, s), u in zip(spans, ups):
     ref[:, off:off + s] += (h.float()[:, st:st + r] * rs.float()[st:st + r]) @ u.float()
-y = tk.lora_linear(x, w, b, (h, idx, rs, packed))
+y = tk.lora_linear(x, w, b, (laid(h), hstart, laid(rs[None])[0], packed))
 assert ((y.float() - ref).norm() / ref.norm()) < 1e-3, "bf16/fp16 kernel"
-q, s, hq = tk.quantize_rows(x, down)
-assert torch.equal(hq, h) or ((hq.float() - h.float()).norm() / h.float().norm()) < 1e-3, "fused down projection"
-assert ((q.float() * s[:, None] - x.float()).norm() / x.float().norm()) < 0.06, "row quantization"
+q, s = tk.quantize_rows(x)
 from loraplug.fp8 import quantize_per_row
+q_ref, s_ref = quantize_per_row(x)
+torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)  # the same scale as the reference quantizer
+assert ((q.float() * s[:, None] - x.float()).norm() / x.float().norm()) < 0.06, "row quantization"
 wq, ws = quantize_per_row(w)
-y8 = tk.lora_linear(q, wq, b, (hq, idx, rs, packed), (s, ws), torch.float16)
+y8 = tk.lora_linear(q, wq, b, (laid(h), hstart, laid(rs[None])[0], packed), (s, ws), torch.float16)
 # the interpreter rounds to fp8 its own way: check the GEMM on the kernel's own quantized x
 ref8 = (q.float() * s[:, None]) @ (wq.float() * ws[:, None]).T + b.float()
 for (st, r, off, sz), u in zip(spans, ups):
@@ -185,11 +217,17 @@ print("ok")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
-@pytest.mark.parametrize("tma, tail", [(False, 1), (True, 0), (True, 2), (False, 2)])
-def test_kernels_under_the_triton_interpreter(tma, tail):
+@pytest.mark.parametrize(
+    "tma, tail, flat", [(False, 0, True), (True, 0, True), (True, 2, True), (True, 2, False)]
+)
+def test_kernels_under_the_triton_interpreter(tma, tail, flat):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", INTERPRETED.replace("TMA", str(tma)).replace("TAIL", str(tail))],
+        [
+            sys.executable,
+            "-c",
+            INTERPRETED.replace("TMA", str(tma)).replace("TAIL", str(tail)).replace("FLAT", str(flat)),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -222,7 +260,8 @@ def test_training_through_a_frozen_fp8_base():
     "spans, views",
     [
         ([(0, 4, 0, 64), (4, 4, 64, 64), (8, 4, 128, 64)], True),  # q, k, v on tile boundaries
-        ([(0, 4, 0, 64), (4, 4, 64, 64), (8, 2, 0, 128), (10, 4, 0, 128)], True),  # two LoRAs, one whole
+        ([(0, 4, 0, 64), (4, 2, 0, 64), (6, 4, 64, 64), (10, 2, 64, 64)], True),  # two LoRAs on q, k
+        ([(0, 4, 0, 64), (4, 2, 0, 128), (6, 4, 64, 64)], False),  # a whole-output one moves
         ([(0, 4, 0, 40), (4, 4, 40, 88)], False),  # a tile holds both slices: rows shift
     ],
 )
@@ -230,8 +269,9 @@ def test_up_views_share_the_packing(spans, views):
     g = torch.Generator().manual_seed(len(spans))
     n = max(off + size for _, _, off, size in spans)
     ups = [torch.randn(r, size, generator=g) for _, r, _, size in spans]
-    idx, packed = kernels.pack_ups(spans, ups, n, 32)
-    got = kernels.up_views(spans, idx, packed, 32)
+    packing = kernels.pack_ups(spans, ups, n, 32)
+    packed = packing.packed
+    got = kernels.up_views(spans, packing)
     assert (got is not None) == views
     if got is not None:
         for view, up in zip(got, ups, strict=True):
@@ -256,21 +296,29 @@ torch.manual_seed(0)
 holder = nn.Module()
 holder.layer = nn.Linear(64, 96).half()
 g = torch.Generator().manual_seed(1)
-sd = {"q.lora_A.weight": torch.randn(4, 64, generator=g), "q.lora_B.weight": torch.randn(32, 4, generator=g),
-      "kv.lora_A.weight": torch.randn(4, 64, generator=g), "kv.lora_B.weight": torch.randn(64, 4, generator=g),
-      "layer.lora_A.weight": torch.randn(2, 64, generator=g), "layer.lora_B.weight": torch.randn(96, 2, generator=g)}
-sd = {k: v.half() * 0.1 for k, v in sd.items()}
-handle = lp.apply(holder, sd, strength=0.7)
+def lora(rank):
+    sd = {"q.lora_A.weight": torch.randn(rank, 64, generator=g), "q.lora_B.weight": torch.randn(32, rank, generator=g),
+          "kv.lora_A.weight": torch.randn(rank, 64, generator=g), "kv.lora_B.weight": torch.randn(64, rank, generator=g)}
+    return {k: v.half() * 0.1 for k, v in sd.items()}
+sds = [lora(8), lora(4)]  # rank 4: padded columns, so the runner gathers its own down and rank scales
+handle = lp.apply(holder, sds, strength=[0.7, 1.3])
 assert handle.report.ok, handle.report.unmatched
 layer, runner = holder.layer, runners(holder.layer)
 x = torch.randn(50, 64).half()
-fused = runner._fused(layer, x, runner._lowrank_for(x)).float()
-ref = x.float() @ layer.weight.float().T + layer.bias.float()
-for name, (off, size) in {"q": (0, 32), "kv": (32, 64), "layer": (0, 96)}.items():
-    ref[:, off:off + size] += 0.7 * (x.float() @ sd[name + ".lora_A.weight"].float().T) @ sd[name + ".lora_B.weight"].float().T
-assert ((fused - ref).norm() / ref.norm()) < 2e-3, ((fused - ref).norm() / ref.norm()).item()
+def reference(strengths):
+    ref = x.float() @ layer.weight.float().T + layer.bias.float()
+    for sd, st in zip(sds, strengths):
+        for name, (off, size) in {"q": (0, 32), "kv": (32, 64)}.items():
+            ref[:, off:off + size] += st * (x.float() @ sd[name + ".lora_A.weight"].float().T) @ sd[name + ".lora_B.weight"].float().T
+    return ref
+for strengths in ([0.7, 1.3], [0.0, 2.0]):
+    handle.set_strength(strengths)
+    fused = runner._fused(layer, x, runner._lowrank_for(x)).float()
+    ref = reference(strengths)
+    assert ((fused - ref).norm() / ref.norm()) < 2e-3, ((fused - ref).norm() / ref.norm()).item()
 group = next(iter(runner._lowrank.values()))
-assert all(u.untyped_storage().data_ptr() == group.packs[32][1].untyped_storage().data_ptr() for u in group.ups_t)
+assert group.packs[32].columns is not None
+assert all(u.untyped_storage().data_ptr() == group.packs[32].packed.untyped_storage().data_ptr() for u in group.ups_t)
 portable = runner._run(layer, (x,), {}, type(layer).forward(layer, x)).float()  # reads those views
 assert ((portable - ref).norm() / ref.norm()) < 2e-3
 handle.remove()

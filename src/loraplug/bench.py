@@ -146,6 +146,13 @@ BF16_TILES = [(128, 256, 64, 8, 3, True, 0), (128, 128, 64, 4, 4, True, 0), (128
 FP8_TILES = [(128, 256, 128, 8, 3, True, 0), (256, 128, 128, 8, 3, True, 0), (128, 256, 128, 8, 4, False, 0)]  # fmt: skip
 
 
+def _tail_variants(fp8: bool) -> list:
+    """The current tiles with each tail placement (Tiles.tail) and tile-loop flattening."""
+    from .runtime import kernels
+
+    return [kernels.config(fp8)._replace(tail=t, flatten=f) for t in (0, 2) for f in (True, False)]
+
+
 def _sweep(res: dict, prefix: str, tiles: list, fn) -> tuple:
     """Time ``fn`` under each tile configuration (skipping those the GPU cannot hold); the best."""
     from .runtime import kernels
@@ -209,6 +216,10 @@ def linear_stack() -> dict:
     res["adapter_GB_r16"] = loras["r16"].parameters * 2 / 1e9
     for mode in [m for m in _modes() if m != "hybrid"]:  # hybrid = portable on a float base
         _mode(mode)
+        if mode == "fused":  # where the tail's operands load: timed with one LoRA, the best kept
+            handle = lp.apply(root, loras["r16"])
+            res["bf16_tail"] = _sweep(res, "loraplug_fused_r16_tail", _tail_variants(False), run)
+            handle.remove()
         for key, adapters in (
             ("r16", loras["r16"]),
             ("r64", loras["r64"]),
@@ -234,13 +245,15 @@ def linear_stack() -> dict:
 
         def triton_fp8() -> None:
             for m, x in plan:
-                q, sx, _ = tk.quantize_rows(x, None)
+                q, sx = tk.quantize_rows(x)
                 tk.lora_linear(q, m.weight, m.bias, None, (sx, m.weight_scale), x.dtype)
 
         res["fp8_tiles"] = _sweep(res, "triton_fp8_base", FP8_TILES, triton_fp8)
     for mode in _modes():
         _mode(mode)
         handle = lp.apply(root, loras["r16"])
+        if mode == "fused":
+            res["fp8_tail"] = _sweep(res, "fp8_loraplug_fused_r16_tail", _tail_variants(True), run)
         record(f"fp8_loraplug_{mode}_r16", _time_fn(run))
         y = root.get_submodule(layers[0][0])(x0).float()
         res[f"fp8_loraplug_{mode}_rel_err_vs_bf16"] = ((y - dense).norm() / dense.norm()).item()

@@ -81,6 +81,7 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("tail, flatten", [(0, True), (2, True), (0, False), (2, False)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "m, i, o, slices",
@@ -90,7 +91,10 @@ def _rel(a, b):
         (77, 128, 96, [(0, 96)]),  # narrower than one tile
     ],
 )
-def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, monkeypatch):
+def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, tail, flatten, monkeypatch):
+    """Every tail variant (the benchmarks pick one per GPU); slices off the tile grid and a
+    whole-output adapter beside slice adapters (repeated h columns)."""
+    monkeypatch.setitem(kernels.CONFIGS, "bf16", kernels.config(False)._replace(tail=tail, flatten=flatten))
     layer = _layer(i, o, dtype)
     parts = [_lora(i, slices, 16, 1), _lora(i, [(0, o)], 8, 2)]
     x = torch.randn(m, i, device="cuda", dtype=dtype)
@@ -109,9 +113,11 @@ def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, monkeypatch)
     assert "forward" not in layer.__dict__ and runners(layer) is None
 
 
-def test_fp8_base_with_lora_matches_reference():
+@pytest.mark.parametrize("tail, flatten", [(0, True), (2, True), (0, False), (2, False)])
+def test_fp8_base_with_lora_matches_reference(tail, flatten, monkeypatch):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 matmul needs sm_89+")
+    monkeypatch.setitem(kernels.CONFIGS, "fp8", kernels.config(True)._replace(tail=tail, flatten=flatten))
     layer = _layer(3072, 3 * 3072, torch.bfloat16)
     model = nn.Sequential(layer)
     lp.quantize_fp8(model)

@@ -62,7 +62,7 @@ class _LowRank:
     rank_scale: Tensor
     trained: bool
     width: int
-    packs: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    packs: dict[int, _FusedOperands] = field(default_factory=dict)
 
     @classmethod
     def build(cls, found: list[tuple[Entry, tuple[Tensor, Tensor, float]]], out_features: int) -> _LowRank:
@@ -95,11 +95,12 @@ class _LowRank:
         """Point a trained group at its adapters' current tensors; spans and scales stay."""
         self.down_t, self.ups_t = _operands(found)
 
-    def packed(self, block_n: int) -> tuple[Tensor, Tensor]:
-        """The up projections packed per output tile for the fused kernel (built once per width)."""
+    def packed(self, block_n: int) -> _FusedOperands:
+        """The operands of the fused kernel for output tiles of width ``block_n`` (built once)."""
         if block_n not in self.packs:
-            idx, packed = self.packs[block_n] = kernels.pack_ups(self.spans, self.ups_t, self.width, block_n)
-            views = None if self.trained else kernels.up_views(self.spans, idx, packed, block_n)
+            packing = kernels.pack_ups(self.spans, self.ups_t, self.width, block_n)
+            self.packs[block_n] = _FusedOperands.build(packing, self.down_t, self.rank_scale)
+            views = None if self.trained else kernels.up_views(self.spans, packing)
             if views is not None:  # the portable path reads the packing too: one copy, not two
                 self.ups_t = views
         return self.packs[block_n]
@@ -114,6 +115,8 @@ class _LowRank:
         )
         with torch.no_grad():
             self.rank_scale.copy_(self.static_scale * strengths.to(self.static_scale))
+            for fused in self.packs.values():
+                fused.refresh(self.rank_scale)
 
     def _block_up(self, width: int) -> Tensor:
         """Every up projection in one (Σr, width) matrix, zero outside each entry's slice."""
@@ -146,6 +149,36 @@ class _LowRank:
         for (start, rank, offset, size), up_t in zip(self.spans, self.ups_t, strict=True):
             y2.narrow(1, offset, size).addmm_(hidden.narrow(1, start, rank), up_t)
         return y
+
+
+@dataclass(eq=False)
+class _FusedOperands:
+    """A group's operands for ``kernels.lora_linear``: the down projections and rank scales in the
+    packing's column order (the group's own tensors when that is the stacked order)."""
+
+    down_t: Tensor
+    rank_scale: Tensor
+    hstart: Tensor
+    packed: Tensor
+    columns: Tensor | None
+
+    @classmethod
+    def build(cls, packing: kernels.Packing, down_t: Tensor, rank_scale: Tensor) -> _FusedOperands:
+        if packing.columns is None:
+            return cls(down_t, rank_scale, packing.hstart, packing.packed, None)
+        columns = torch.tensor(packing.columns, device=down_t.device)
+        fused = cls(_gather_columns(down_t.detach(), columns), torch.empty(len(packing.columns), device=rank_scale.device, dtype=rank_scale.dtype), packing.hstart, packing.packed, columns)  # fmt: skip
+        fused.refresh(rank_scale)
+        return fused
+
+    def refresh(self, rank_scale: Tensor) -> None:
+        if self.columns is not None:
+            self.rank_scale.copy_(_gather_columns(rank_scale[None], self.columns)[0])
+
+
+def _gather_columns(t: Tensor, columns: Tensor) -> Tensor:
+    """t[:, columns] with column -1 reading zeros."""
+    return torch.cat([t, t.new_zeros(t.shape[0], 1)], 1)[:, columns].contiguous()
 
 
 def _operands(found: list[tuple[Entry, tuple[Tensor, Tensor, float]]]) -> tuple[Tensor, list[Tensor]]:
@@ -255,14 +288,14 @@ class ModuleBypass:
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         bias = None if module.bias is None else module.bias.to(x.dtype)
         w = module.weight
-        h = torch.mm(x2, lowrank.down_t)  # cuBLAS: measured faster than fusing it into the fp8 quantization
+        fused = lowrank.packed(_block_n(module))
+        h = torch.mm(x2, fused.down_t)  # cuBLAS: measured faster than fusing it into the fp8 quantization
         if isinstance(module, Fp8Linear):
-            a, a_scale, _ = kernels.quantize_rows(x2, None)
+            a, a_scale = kernels.quantize_rows(x2)
             w_scale = module.weight_scale
         else:
             a, a_scale, w_scale = x2, None, None
-        idx, packed = lowrank.packed(_block_n(module))
-        y = kernels.lora_linear(a, w, bias, h, idx, lowrank.rank_scale, packed, a_scale, w_scale, x.dtype)
+        y = kernels.lora_linear(a, w, bias, h, fused.hstart, fused.rank_scale, fused.packed, a_scale, w_scale, x.dtype)  # fmt: skip
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def _run(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
@@ -307,7 +340,9 @@ class ModuleBypass:
         group = self._lowrank.get(slot)
         if group is None or group.trained:
             found = [(e, e.patch.low_rank(x)) for e in self.entries if not e.patch.reads_base]
-            found = [(e, f) for e, f in found if f is not None]
+            # by output offset: stacked adapters on one slice become neighbours, so that each output
+            # tile's ranks are one run of columns (kernels.pack_ups)
+            found = sorted(((e, f) for e, f in found if f is not None), key=lambda ef: ef[0].target.offset)
             if not found:
                 return None
             if group is not None:  # trained: same structure, new tensors

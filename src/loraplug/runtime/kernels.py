@@ -4,17 +4,18 @@ optional).
 
 ``lora_linear`` computes, in one pass over the output,
 
-    y = (x Wᵀ) [· sx ⊗ sw for fp8 operands] + (h · s)[:, idx] P + bias
+    y = (x Wᵀ) [· sx ⊗ sw for fp8 operands] + (h · s)[:, run(tile)] P + bias
 
-where h = x·Aᵀ is the stacked down projection of every low-rank adapter of the module (M × Σr),
-s the per-rank scale·strength, and P the packed up projections: for each output tile of width BN,
-``idx[tile]`` lists the ranks whose adapters cover that tile and ``P[:, tile]`` their up rows (zero
-where a rank's slice does not cover a column). The up projection thus joins the base GEMM's
-accumulator: y is written once, never read back.
+where h = x·Aᵀ is the down projection of every low-rank adapter of the module (M × Σr), laid out
+so that the ranks covering each output tile of width BN are one run of columns starting at
+``hstart[tile]``, s the per-rank scale·strength, and P the packed up projections: ``P[:, tile]``
+holds those ranks' up rows (zero where a rank's slice does not cover a column). The tile's h and P
+blocks are moved like the GEMM's own operands (the tensor memory accelerator on Hopper) and the
+up projection joins the base GEMM's accumulator in the same MMA: y is written once, never read back.
 
-``quantize_rows`` quantizes activations to fp8 per row (dynamic per-token scale) and can compute
-the down projection h = x·Aᵀ in the same pass over x (the Nunchaku fusion; measured slower than a
-separate cuBLAS GEMM on the H200, so the runtime does not use it).
+``quantize_rows`` quantizes activations to fp8 per row (dynamic per-token scale) in one read of x.
+(Computing the down projection h = x·Aᵀ in that pass, Nunchaku's fusion, measured slower than a
+separate cuBLAS GEMM on the H200: benchmarks/README.md.)
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -64,16 +67,29 @@ def ops():
     return torch.ops.loraplug
 
 
-# (BM, BN, BK, warps, stages, TMA, tail): the fastest measured on an H200 (benchmarks/
-# linear_stack.py, kernel_parts.py). tail: where the LoRA tail joins the accumulator — 0 after the
-# K loop (measured fastest), 1 as its initial value (slower: the loop lost its pipelining), 2 its
-# operands loaded before the loop and multiplied after (not measured yet)
-CONFIGS = {"bf16": (128, 256, 64, 8, 3, True, 0), "fp8": (128, 256, 128, 8, 3, True, 0)}
+class Tiles(NamedTuple):
+    """A kernel configuration: output tile BM × BN, reduction step BK, warps, pipeline stages,
+    TMA (the persistent Hopper kernel) or pointer loads, and for the TMA kernel when the LoRA tail's
+    operands load (0: by TMA after the K loop; 2: by pointers before it) and whether its tile loop
+    is flattened into the K loop (one software pipeline across tiles)."""
+
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+    tma: bool
+    tail: int = 0
+    flatten: bool = True
 
 
-def config(fp8: bool) -> tuple[int, int, int, int, int, bool, int]:
+# the fastest measured on an H200 (benchmarks/linear_stack.py, kernel_parts.py)
+CONFIGS = {"bf16": Tiles(128, 256, 64, 8, 3, True, 0), "fp8": Tiles(128, 256, 128, 8, 3, True, 0)}
+
+
+def config(fp8: bool) -> Tiles:
     """The tile configuration for bf16/fp16 or fp8 operands (benchmarks may rewrite CONFIGS)."""
-    return CONFIGS["fp8" if fp8 else "bf16"]
+    return Tiles(*CONFIGS["fp8" if fp8 else "bf16"])
 
 
 def supports(k: int) -> bool:
@@ -81,68 +97,104 @@ def supports(k: int) -> bool:
     return k % 128 == 0
 
 
+@dataclass
+class Packing:
+    """A module's low-rank adapters laid out for the fused kernel at one tile width.
+
+    ``columns``: for each column of h the stacked rank it computes (-1: a zero column), so that the
+    ranks of every output tile are one contiguous run of h's columns, starting at ``hstart[tile]``,
+    each entry's ranks padded to a multiple of 8 (the tensor memory accelerator moves 16-byte
+    aligned blocks); None when that is the stacked order itself (the common case: ranks multiples
+    of 8, no copy of the down projections). ``packed`` (RC, N): row j of tile t multiplies h's
+    column hstart[t] + j (zero rows for padding, zero outside each slice). ``rows``: the row
+    of ``packed`` at which each entry sits in every tile it covers, or None where it moves."""
+
+    columns: list[int] | None
+    hstart: Tensor
+    packed: Tensor
+    rows: list[int] | None
+
+
+def _place(layout: list[int], cover: list[int]) -> int:
+    """Where the entries ``cover`` sit as one run in ``layout`` (extended when needed: reusing the
+    longest suffix already there, so that straddling tiles share their neighbours' columns)."""
+    n, wanted = len(cover), set(cover)
+    for p in range(len(layout) - n + 1):
+        if set(layout[p : p + n]) == wanted and len(set(layout[p : p + n])) == n:
+            return p
+    for k in range(min(n - 1, len(layout)), 0, -1):
+        tail = layout[-k:]
+        if set(tail) <= wanted and len(set(tail)) == k:
+            layout.extend(e for e in cover if e not in tail)
+            return len(layout) - n
+    layout.extend(cover)
+    return len(layout) - n
+
+
 def pack_ups(
     spans: list[tuple[int, int, int, int]], ups_t: list[Tensor], out_features: int, bn: int
-) -> tuple[Tensor, Tensor]:
-    """(idx (tiles, RC) int32, P (RC, N)): for each output tile of width ``bn`` the ranks whose
-    adapter slice covers some of its columns, and their up rows (zero outside each slice)."""
+) -> Packing:
+    """Lay out the entries ``spans`` ((rank start, rank, output offset, output size)) with up
+    projections ``ups_t`` ((rank, size) each) for output tiles of width ``bn`` (see ``Packing``)."""
     tiles = -(-out_features // bn)
-    covering = [
-        [
-            i
-            for i, (_, _, off, size) in enumerate(spans)
-            if off < min((t + 1) * bn, out_features) and off + size > t * bn
-        ]
+    covers = [
+        [i for i, (_, _, off, size) in enumerate(spans) if off < min((t + 1) * bn, out_features) and off + size > t * bn]
         for t in range(tiles)
-    ]
-    rc = max(1, max(sum(spans[i][1] for i in cover) for cover in covering))
+    ]  # fmt: skip
+    layout: list[int] = []
+    places = [_place(layout, cover) if cover else 0 for cover in covers]
+    width = [-(-rank // 8) * 8 for _, rank, _, _ in spans]  # every run starts 16-byte aligned
+    col_of = [0]
+    for e in layout:
+        col_of.append(col_of[-1] + width[e])
+    columns = [c for e in layout for c in [*range(spans[e][0], spans[e][0] + spans[e][1]), *[-1] * (width[e] - spans[e][1])]]  # fmt: skip
+    total = sum(rank for _, rank, _, _ in spans)
+    rc = max(1, max(sum(width[i] for i in cover) for cover in covers))
     ups = [u.detach().cpu() for u in ups_t]
-    idx = torch.zeros(tiles, rc, dtype=torch.int32)
     packed = torch.zeros(rc, out_features, dtype=ups[0].dtype)
-    for t, cover in enumerate(covering):
+    hstart = torch.zeros(tiles, dtype=torch.int32)
+    rows: list[set[int]] = [set() for _ in spans]
+    for t, (cover, place) in enumerate(zip(covers, places, strict=True)):
         lo, hi, row = t * bn, min((t + 1) * bn, out_features), 0
-        for i in cover:
-            start, rank, off, size = spans[i]
-            idx[t, row : row + rank] = torch.arange(start, start + rank, dtype=torch.int32)
+        hstart[t] = col_of[place]
+        for i in layout[place : place + len(cover)]:
+            _, rank, off, size = spans[i]
             c0, c1 = max(lo, off), min(hi, off + size)
             packed[row : row + rank, c0:c1] = ups[i][:, c0 - off : c1 - off]
-            row += rank
-    return idx.to(ups_t[0].device), packed.to(ups_t[0].device)
+            rows[i].add(row)
+            row += width[i]
+    device = ups_t[0].device
+    return Packing(
+        columns=None if columns == list(range(total)) else columns,
+        hstart=hstart.to(device),
+        packed=packed.to(device),
+        rows=[next(iter(r)) for r in rows] if all(len(r) == 1 for r in rows) else None,
+    )
 
 
-def lora_linear(a, weight, bias, h, idx, rank_scale, packed, a_scale, w_scale, out_dtype):
+def lora_linear(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
     """The fused GEMM: a direct Triton launch in eager mode (a custom op's dispatch costs more than
     the launch), the registered custom op under torch.compile."""
     if torch.compiler.is_compiling():
-        return ops().lora_linear(a, weight, bias, h, idx, rank_scale, packed, a_scale, w_scale, out_dtype)
+        return ops().lora_linear(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype)
     from .triton_kernels import lora_linear as launch
 
-    lora = None if h is None else (h, idx, rank_scale, packed)
+    lora = None if h is None else (h, hstart, rank_scale, packed)
     return launch(a, weight, bias, lora, None if a_scale is None else (a_scale, w_scale), out_dtype)
 
 
-def quantize_rows(x: Tensor, down_t: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-row fp8 quantization (+ the down projection), eager launch or custom op as above."""
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row fp8 quantization (dynamic per-token scale), eager launch or custom op as above."""
     if torch.compiler.is_compiling():
-        q, s, h = ops().quantize_rows(x, down_t)
-        return q, s, h if down_t is not None else None
+        return ops().quantize_rows(x)
     from .triton_kernels import quantize_rows as launch
 
-    return launch(x, down_t)
+    return launch(x)
 
 
-def up_views(
-    spans: list[tuple[int, int, int, int]], idx: Tensor, packed: Tensor, bn: int
-) -> list[Tensor] | None:
-    """Each entry's up projection as a view into ``packed`` (so the portable path needs no copy of
-    its own), or None where an entry does not sit on the same rows in every tile it covers."""
-    table = idx.cpu()
-    views = []
-    for start, rank, off, size in spans:
-        tiles = range(off // bn, -(-(off + size) // bn))
-        rows = {int((table[t] == start).nonzero()[0]) for t in tiles}
-        if len(rows) != 1:
-            return None
-        row = rows.pop()
-        views.append(packed[row : row + rank, off : off + size])
-    return views
+def up_views(spans: list[tuple[int, int, int, int]], packing: Packing) -> list[Tensor] | None:
+    """Each entry's up projection as a view into ``packing.packed`` (so the portable path needs no
+    copy of its own), or None where an entry does not sit on the same rows in every tile it covers."""
+    if packing.rows is None:
+        return None
+    return [packing.packed[row : row + rank, off : off + size] for row, (_, rank, off, size) in zip(packing.rows, spans, strict=True)]  # fmt: skip
