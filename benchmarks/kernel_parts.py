@@ -3,9 +3,10 @@
 
 Times each part alone (CUDA events, median of 20) for single_blocks.N.linear1 (4608 tokens,
 3072 -> 21504, LoRA r16 on q, k, v, mlp slices) and the image qkv (4096 tokens, 3072 -> 9216):
-cuBLAS base, the portable LoRA after it (down GEMM, one addmm_ per slice), the Triton GEMM without
-and with the LoRA tail under each tail variant (Tiles.tail × Tiles.flatten), the down projection,
-fp8 row quantization, the fp8 GEMM without and with the tail.
+cuBLAS base, the portable LoRA after it (down GEMM, one addmm_ per slice), the down projection,
+fp8 row quantization, and the Triton GEMM (bf16 and fp8) without and with the LoRA tail — one
+LoRA r16 (one 16-rank step per tile), two r16 and one r64 (a pipelined loop of steps) — with the
+tile loop flattened or not (Tiles.flatten).
 
     OUT=results python benchmarks/kernel_parts.py
 """
@@ -26,17 +27,21 @@ SHAPES = {
     "linear1": (4608, 3072, 21504, [3072, 3072, 3072, 12288]),
     "img_qkv": (4096, 3072, 9216, [3072] * 3),
 }
-VARIANTS = {
-    "tma_after": (0, True),
-    "ptr_before": (2, True),
-    "tma_after_nf": (0, False),
-    "ptr_before_nf": (2, False),
-}
+RANKS = {"r16": [16], "2x_r16": [16, 16], "r64": [64]}
 
 
-def _use(fp8: bool, tail: int, flatten: bool) -> None:
-    key = "fp8" if fp8 else "bf16"
-    kernels.CONFIGS[key] = kernels.config(fp8)._replace(tail=tail, flatten=flatten)
+def _lora(x, k, n, offs, slices, ranks):
+    """(h, hstart, rank scales, P) for LoRAs of ``ranks`` on every slice, as the runtime lays them."""
+    spans, ups, start = [], [], 0
+    for o, s in zip(offs, slices, strict=True):
+        for r in ranks:
+            spans.append((start, r, o, s))
+            ups.append(torch.randn(r, s, device="cuda", dtype=x.dtype) * 0.01)
+            start += r
+    packing = kernels.pack_ups(spans, ups, n, kernels.config(False).bn)
+    assert packing.columns is None
+    down_t = torch.randn(k, start, device="cuda", dtype=x.dtype) * 0.01
+    return x @ down_t, packing.hstart, torch.ones(start, device="cuda", dtype=x.dtype), packing.packed
 
 
 @torch.no_grad()
@@ -51,13 +56,7 @@ def main(rank: int = 16) -> dict:
         r = rank * len(slices)
         down_t = torch.randn(k, r, device="cuda", dtype=dt) * 0.01
         offs = [sum(slices[:i]) for i in range(len(slices))]
-        spans = [(i * rank, rank, o, s) for i, (o, s) in enumerate(zip(offs, slices, strict=True))]
         ups = [torch.randn(rank, s, device="cuda", dtype=dt) * 0.01 for s in slices]
-        packing = kernels.pack_ups(spans, ups, n, kernels.config(False).bn)
-        assert packing.columns is None
-        rs = torch.ones(r, device="cuda", dtype=dt)
-        h = x @ down_t
-        lora = (h, packing.hstart, rs, packing.packed)
         wq, ws = quantize_per_row(w)
         q, sx = tk.quantize_rows(x)
 
@@ -75,22 +74,23 @@ def main(rank: int = 16) -> dict:
         }
         for key, fn in t.items():
             res[f"{name}_{key}_ms"] = round(_time_fn(fn, iters=20), 4)
-        for vname, (tail, flatten) in VARIANTS.items():
+        loras = {key: _lora(x, k, n, offs, slices, ranks) for key, ranks in RANKS.items()}
+        for flatten in (True, False):
             for fp8 in (False, True):
-                _use(fp8, tail, flatten)
+                kernels.CONFIGS["fp8" if fp8 else "bf16"] = kernels.config(fp8)._replace(flatten=flatten)
+            suffix = "flat" if flatten else "nested"
             runs = {
                 "triton_base": lambda: tk.lora_linear(x, w, b, None),
-                "triton_with_tail": lambda: tk.lora_linear(x, w, b, lora),
                 "fp8_triton_base": lambda: tk.lora_linear(q, wq, b, None, (sx, ws), dt),
-                "fp8_triton_with_tail": lambda: tk.lora_linear(q, wq, b, lora, (sx, ws), dt),
             }
+            for key, lora in loras.items():
+                runs[f"triton_{key}"] = lambda: tk.lora_linear(x, w, b, lora)
+                runs[f"fp8_triton_{key}"] = lambda: tk.lora_linear(q, wq, b, lora, (sx, ws), dt)
             for key, fn in runs.items():
-                if key.endswith("base") and tail == 2:
-                    continue  # the tail variant does not change a run without adapters
                 try:
-                    res[f"{name}_{key}_{vname}_ms"] = round(_time_fn(fn, iters=20), 4)
+                    res[f"{name}_{key}_{suffix}_ms"] = round(_time_fn(fn, iters=20), 4)
                 except Exception as err:  # a variant the compiler rejects
-                    res[f"{name}_{key}_{vname}_error"] = f"{type(err).__name__}: {err}"[:300]
+                    res[f"{name}_{key}_{suffix}_error"] = f"{type(err).__name__}: {err}"[:300]
         kernels.CONFIGS.update(defaults)
         for key in sorted(k for k in res if k.startswith(name) and k.endswith("_ms")):
             print(f"{key:50s} {res[key]:8.3f} ms", flush=True)

@@ -178,7 +178,7 @@ def test_quantize_fp8_selects_by_pattern_and_refuses_meta():
 INTERPRETED = """
 import torch
 from loraplug.runtime import kernels
-kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, TMA, TAIL, FLAT), fp8=(32, 32, 32, 4, 1, TMA, TAIL, FLAT))
+kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, TMA, FLAT), fp8=(32, 32, 32, 4, 1, TMA, FLAT))
 from loraplug.runtime import triton_kernels as tk
 torch.manual_seed(0)
 M, K, N = 70, 128, 96
@@ -226,7 +226,7 @@ def test_kernels_under_the_triton_interpreter(tma, tail, flat):
         [
             sys.executable,
             "-c",
-            INTERPRETED.replace("TMA", str(tma)).replace("TAIL", str(tail)).replace("FLAT", str(flat)),
+            INTERPRETED.replace("TMA", str(tma)).replace("FLAT", str(flat)),
         ],
         env=env,
         capture_output=True,
@@ -285,7 +285,7 @@ RUNNER_INTERPRETED = """
 import torch
 from torch import nn
 from loraplug.runtime import kernels
-kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, True, 2), fp8=(32, 32, 32, 4, 1, True, 0))
+kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, True, True), fp8=(32, 32, 32, 4, 1, True, True))
 import loraplug as lp
 from loraplug import arch
 from loraplug.runtime.bypass import runners

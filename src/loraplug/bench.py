@@ -142,15 +142,23 @@ def _time_fn(fn, iters: int = ITERS, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-BF16_TILES = [(128, 256, 64, 8, 3, True, 0), (128, 128, 64, 4, 4, True, 0), (128, 256, 64, 8, 3, False, 0)]
-FP8_TILES = [(128, 256, 128, 8, 3, True, 0), (256, 128, 128, 8, 3, True, 0), (128, 256, 128, 8, 4, False, 0)]  # fmt: skip
+BF16_TILES = [
+    (128, 256, 64, 8, 3, True, True),
+    (128, 256, 64, 8, 3, True, False),
+    (128, 256, 64, 8, 3, False),
+]
+FP8_TILES = [
+    (128, 256, 128, 8, 3, True, True),
+    (256, 128, 128, 8, 3, True, True),
+    (128, 256, 128, 8, 4, False),
+]
 
 
-def _tail_variants(fp8: bool) -> list:
-    """The current tiles with each tail placement (Tiles.tail) and tile-loop flattening."""
+def _flatten_variants(fp8: bool) -> list:
+    """The current tiles with the tile loop flattened or not (Tiles.flatten)."""
     from .runtime import kernels
 
-    return [kernels.config(fp8)._replace(tail=t, flatten=f) for t in (0, 2) for f in (True, False)]
+    return [kernels.config(fp8)._replace(flatten=f) for f in (True, False)]
 
 
 def _sweep(res: dict, prefix: str, tiles: list, fn) -> tuple:
@@ -216,9 +224,9 @@ def linear_stack() -> dict:
     res["adapter_GB_r16"] = loras["r16"].parameters * 2 / 1e9
     for mode in [m for m in _modes() if m != "hybrid"]:  # hybrid = portable on a float base
         _mode(mode)
-        if mode == "fused":  # where the tail's operands load: timed with one LoRA, the best kept
+        if mode == "fused":  # flattened tile loop or not: timed with one LoRA, the best kept
             handle = lp.apply(root, loras["r16"])
-            res["bf16_tail"] = _sweep(res, "loraplug_fused_r16_tail", _tail_variants(False), run)
+            res["bf16_fused_tiles"] = _sweep(res, "loraplug_fused_r16", _flatten_variants(False), run)
             handle.remove()
         for key, adapters in (
             ("r16", loras["r16"]),
@@ -253,7 +261,7 @@ def linear_stack() -> dict:
         _mode(mode)
         handle = lp.apply(root, loras["r16"])
         if mode == "fused":
-            res["fp8_tail"] = _sweep(res, "fp8_loraplug_fused_r16_tail", _tail_variants(True), run)
+            res["fp8_fused_tiles"] = _sweep(res, "fp8_loraplug_fused_r16", _flatten_variants(True), run)
         record(f"fp8_loraplug_{mode}_r16", _time_fn(run))
         y = root.get_submodule(layers[0][0])(x0).float()
         res[f"fp8_loraplug_{mode}_rel_err_vs_bf16"] = ((y - dense).norm() / dense.norm()).item()
@@ -381,16 +389,19 @@ def main() -> None:
         t0 = time.time()
         b.time(torch.compile(model), "compiled_base_fused")
         b.res["compile_base_s"] = time.time() - t0
-        handle = lp.apply(model, loras[16])
-        torch._dynamo.reset()
-        compiled = torch.compile(model)
-        b.time(compiled, "compiled_loraplug_fused_r16")
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for s in (0.2, 1.3):
-                handle.set_strength(s)
-                b.time(compiled, f"compiled_loraplug_fused_r16_s{s}")
-        b.res["compiled_no_recompile_on_strength"] = True
-        handle.remove()
+        for mode in [m for m in _modes() if m != "hybrid"]:
+            _mode(mode)
+            handle = lp.apply(model, loras[16])
+            torch._dynamo.reset()
+            compiled = torch.compile(model)
+            b.time(compiled, f"compiled_loraplug_{mode}_fused_r16")
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for s in (0.2, 1.3):
+                    handle.set_strength(s)
+                    b.time(compiled, f"compiled_loraplug_{mode}_fused_r16_s{s}")
+            b.res[f"compiled_{mode}_no_recompile_on_strength"] = True
+            handle.remove()
+        _default_mode()
         torch._dynamo.reset()
     if os.environ.get("FP8") == "1":  # fp8 base: the blocks' linear layers, per row / per token
         quantize_fp8(model, targets=r"blocks\.")

@@ -81,7 +81,8 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("tail, flatten", [(0, True), (2, True), (0, False), (2, False)])
+@pytest.mark.parametrize("whole", [True, False])
+@pytest.mark.parametrize("flatten", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "m, i, o, slices",
@@ -91,33 +92,35 @@ def _rel(a, b):
         (77, 128, 96, [(0, 96)]),  # narrower than one tile
     ],
 )
-def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, tail, flatten, monkeypatch):
-    """Every tail variant (the benchmarks pick one per GPU); slices off the tile grid and a
-    whole-output adapter beside slice adapters (repeated h columns)."""
-    monkeypatch.setitem(kernels.CONFIGS, "bf16", kernels.config(False)._replace(tail=tail, flatten=flatten))
+def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, flatten, whole, monkeypatch):
+    """Both tile loops (the benchmarks pick one per GPU); slices off the tile grid; with a
+    whole-output adapter beside the slice adapters (repeated h columns, a tail of two 16-rank
+    steps) and without (one step)."""
+    monkeypatch.setitem(kernels.CONFIGS, "bf16", kernels.config(False)._replace(flatten=flatten))
     layer = _layer(i, o, dtype)
-    parts = [_lora(i, slices, 16, 1), _lora(i, [(0, o)], 8, 2)]
+    parts = [_lora(i, slices, 16, 1), _lora(i, [(0, o)], 8, 2)][: 2 if whole else 1]
+    strengths, changed = [0.7, 1.3][: len(parts)], [0.0, 2.0][: len(parts)]
     x = torch.randn(m, i, device="cuda", dtype=dtype)
-    handle = _apply(layer, parts, [0.7, 1.3], dtype)
+    handle = _apply(layer, parts, strengths, dtype)
     runner = runners(layer)
     assert runner.fused and "forward" in layer.__dict__
     fused = runner._fused_output(layer, x)
     assert fused is not None and torch.isfinite(fused).all()
-    ref = _reference(layer, x, parts, [0.7, 1.3])
+    ref = _reference(layer, x, parts, strengths)
     assert torch.equal(layer(x), fused)
     portable = runner._run(layer, (x,), {}, type(layer).forward(layer, x))
     assert _rel(fused, ref) <= max(1.5 * _rel(portable, ref), 2e-3)
-    handle.set_strength([0.0, 2.0])  # in-place scale: no repack
-    assert _rel(layer(x), _reference(layer, x, parts, [0.0, 2.0])) < 1e-2
+    handle.set_strength(changed)  # in-place scale: no repack
+    assert _rel(layer(x), _reference(layer, x, parts, changed)) < 1e-2
     handle.remove()
     assert "forward" not in layer.__dict__ and runners(layer) is None
 
 
-@pytest.mark.parametrize("tail, flatten", [(0, True), (2, True), (0, False), (2, False)])
-def test_fp8_base_with_lora_matches_reference(tail, flatten, monkeypatch):
+@pytest.mark.parametrize("flatten", [True, False])
+def test_fp8_base_with_lora_matches_reference(flatten, monkeypatch):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 matmul needs sm_89+")
-    monkeypatch.setitem(kernels.CONFIGS, "fp8", kernels.config(True)._replace(tail=tail, flatten=flatten))
+    monkeypatch.setitem(kernels.CONFIGS, "fp8", kernels.config(True)._replace(flatten=flatten))
     layer = _layer(3072, 3 * 3072, torch.bfloat16)
     model = nn.Sequential(layer)
     lp.quantize_fp8(model)

@@ -68,10 +68,9 @@ def ops():
 
 
 class Tiles(NamedTuple):
-    """A kernel configuration: output tile BM × BN, reduction step BK, warps, pipeline stages,
-    TMA (the persistent Hopper kernel) or pointer loads, and for the TMA kernel when the LoRA tail's
-    operands load (0: by TMA after the K loop; 2: by pointers before it) and whether its tile loop
-    is flattened into the K loop (one software pipeline across tiles)."""
+    """A kernel configuration: output tile BM × BN, reduction step BK, warps, pipeline stages, TMA
+    (the persistent Hopper kernel) or pointer loads, and whether the persistent kernel's tile loop
+    is flattened into its K loop (one software pipeline across tiles)."""
 
     bm: int
     bn: int
@@ -79,12 +78,11 @@ class Tiles(NamedTuple):
     warps: int
     stages: int
     tma: bool
-    tail: int = 0
     flatten: bool = True
 
 
 # the fastest measured on an H200 (benchmarks/linear_stack.py, kernel_parts.py)
-CONFIGS = {"bf16": Tiles(128, 256, 64, 8, 3, True, 0), "fp8": Tiles(128, 256, 128, 8, 3, True, 0)}
+CONFIGS = {"bf16": Tiles(128, 256, 64, 8, 3, True, False), "fp8": Tiles(128, 256, 128, 8, 3, True, True)}
 
 
 def config(fp8: bool) -> Tiles:

@@ -25,11 +25,9 @@ def _tile(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr)
 
 
 @triton.jit
-def _rank_scales(hstart_ptr, rs_ptr, pid_n, RH, BR: tl.constexpr):
-    """(first h column of this output tile's ranks, their scales s as float32 (BR,))."""
-    hs = tl.load(hstart_ptr + pid_n)
-    cols = hs + tl.arange(0, BR)
-    return hs, tl.load(rs_ptr + cols, mask=cols < RH, other=0.0).to(tl.float32)
+def _rank_scales(rs_ptr, cols, RH):
+    """The scales s of h's columns ``cols`` as float32 (zero past the end)."""
+    return tl.load(rs_ptr + cols, mask=cols < RH, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -60,11 +58,10 @@ def _lora_linear_kernel(
     a_ptr, w_ptr, out_ptr, bias_ptr, sa_ptr, sw_ptr, h_ptr, hstart_ptr, rs_ptr, p_ptr,
     M, N, K, RH, RC,
     stride_am, stride_wn, stride_om, stride_hm, stride_pr,
-    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """One output tile per program, pointer loads (portable Triton; also runs interpreted); the tail
-    after the K loop whatever TAIL says."""
+    """One output tile per program, pointer loads (portable Triton; also runs interpreted)."""
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -80,61 +77,56 @@ def _lora_linear_kernel(
         w_ptrs += BK
     acc = _rescale(acc, rm, rn, M, N, sa_ptr, sw_ptr, FP8)
     if HAS_LORA:
-        hs, rs = _rank_scales(hstart_ptr, rs_ptr, pid_n, RH, BR)
-        h, p = _tail_loads(h_ptr, p_ptr, hs, rm, rn, M, N, RH, RC, stride_hm, stride_pr, BR)
-        acc = _scaled_tail(acc, h, rs, p)
+        hs = tl.load(hstart_ptr + pid_n)
+        rr = tl.arange(0, BR)
+        h = tl.load(
+            h_ptr + rm[:, None].to(tl.int64) * stride_hm + (hs + rr)[None, :],
+            mask=(rm < M)[:, None] & (hs + rr < RH)[None, :],
+            other=0.0,
+        )
+        p = tl.load(p_ptr + rr[:, None] * stride_pr + rn[None, :], mask=(rr < RC)[:, None] & (rn < N)[None, :], other=0.0)  # fmt: skip
+        acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, hs + rr, RH), p)
     acc = _add_bias(acc, rn, N, bias_ptr, HAS_BIAS)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 @triton.jit
-def _tail_loads(h_ptr, p_ptr, hs, rm, rn, M, N, RH, RC, stride_hm, stride_pr, BR: tl.constexpr):
-    """The tile's h block (BM, BR) from column ``hs`` and P block (BR, BN), by pointers."""
-    rr = tl.arange(0, BR)
-    h = tl.load(
-        h_ptr + rm[:, None].to(tl.int64) * stride_hm + (hs + rr)[None, :],
-        mask=(rm < M)[:, None] & (hs + rr < RH)[None, :],
-        other=0.0,
-    )
-    p = tl.load(
-        p_ptr + rr[:, None] * stride_pr + rn[None, :], mask=(rr < RC)[:, None] & (rn < N)[None, :], other=0.0
-    )
-    return h, p
-
-
-@triton.jit
 def _lora_linear_tma_kernel(
-    a_desc, w_desc, o_desc, h_desc, p_desc, bias_ptr, sa_ptr, sw_ptr, h_ptr, hstart_ptr, rs_ptr, p_ptr,
-    M, N, K, RH, RC, stride_hm, stride_pr,
-    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr, TAIL: tl.constexpr,
+    a_desc, w_desc, o_desc, h_desc, p_desc, bias_ptr, sa_ptr, sw_ptr, hstart_ptr, rs_ptr,
+    M, N, K, RH, RC,
+    HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
+    NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, ONE_STEP: tl.constexpr,
 ):  # fmt: skip
-    """Persistent (one program per SM), tiles moved by the tensor memory accelerator (Hopper). The
-    tail's h and P blocks (contiguous by construction: ``kernels.pack_ups``): TAIL 0 moves them
-    by TMA after the K loop; TAIL 2 issues pointer loads before the loop (their latency hidden
-    behind it, their registers held through it)."""
+    """Persistent (one program per SM), every tile moved by the tensor memory accelerator (Hopper).
+    After the K loop, the tile's LoRA tail: h's run of columns from ``hstart[tile]`` and P's rows
+    (contiguous by construction: ``kernels.pack_ups``), BR ranks per step, pipelined when there are
+    several (ONE_STEP: a single step). FLATTEN makes the tile loop and the K loop one software
+    pipeline (the next tile's loads start during this epilogue; Triton flattens only a tile loop
+    with one inner loop, so with ONE_STEP)."""
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN):
         pid_m, pid_n = _tile(tile, M, N, BM, BN, GROUP_M)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        if HAS_LORA:
-            hs, rs = _rank_scales(hstart_ptr, rs_ptr, pid_n, RH, BR)
-            if TAIL == 2:
-                h, p = _tail_loads(h_ptr, p_ptr, hs, rm, rn, M, N, RH, RC, stride_hm, stride_pr, BR)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, K, BK):
             a = a_desc.load([pid_m * BM, k])
             w = w_desc.load([pid_n * BN, k])
             acc = tl.dot(a, w.T, acc)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
         acc = _rescale(acc, rm, rn, M, N, sa_ptr, sw_ptr, FP8)
         if HAS_LORA:
-            if TAIL != 2:
+            hs = tl.load(hstart_ptr + pid_n)
+            if ONE_STEP:  # one inner loop: the tile loop can still be flattened
                 h = h_desc.load([pid_m * BM, hs])
                 p = p_desc.load([0, pid_n * BN])
-            acc = _scaled_tail(acc, h, rs, p)
+                acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, hs + tl.arange(0, BR), RH), p)
+            else:
+                for r in range(0, RC, BR):
+                    h = h_desc.load([pid_m * BM, hs + r])
+                    p = p_desc.load([r, pid_n * BN])
+                    acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, hs + r + tl.arange(0, BR), RH), p)
         acc = _add_bias(acc, rn, N, bias_ptr, HAS_BIAS)
         o_desc.store([pid_m * BM, pid_n * BN], acc.to(o_desc.dtype))
 
@@ -164,8 +156,10 @@ def _unused(device: torch.device, slot: int) -> Tensor:
     return torch.zeros(1, device=device)
 
 
-def _rank_block(rc: int) -> int:
-    return max(16, triton.next_power_of_2(rc)) if rc else 16
+def _rank_block(rc: int, tma: bool) -> int:
+    """Ranks per step of the tail: the TMA kernel loops over them 16 at a time (little shared memory
+    whatever the rank); the pointer kernel takes them in one block."""
+    return 16 if tma else max(16, triton.next_power_of_2(rc))
 
 
 def lora_linear(
@@ -181,26 +175,36 @@ def lora_linear(
     fp8 = scales is not None
     M, K = a.shape
     N = weight.shape[0]
-    BM, BN, BK, warps, stages, tma, tail, flatten = config(fp8)
+    tiles = config(fp8)
     out = torch.empty(M, N, device=a.device, dtype=out_dtype or a.dtype)
     if lora is not None:
         h, hstart, rank_scale, packed = lora
-        if hstart.shape[0] != triton.cdiv(N, BN):
-            raise ValueError(f"packed for tile width {N // max(hstart.shape[0], 1)}, kernel uses {BN}")
+        if hstart.shape[0] != triton.cdiv(N, tiles.bn):
+            raise ValueError(f"packed for tile width {N // max(hstart.shape[0], 1)}, kernel uses {tiles.bn}")
     else:
         h, hstart, rank_scale, packed = (_unused(a.device, k) for k in range(4))
     sa, sw = scales if fp8 else (_unused(a.device, 4), _unused(a.device, 5))
-    flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, TAIL=tail, BM=BM, BN=BN, BK=BK,
-                 BR=_rank_block(packed.shape[0] if lora is not None else 0), GROUP_M=8, num_warps=warps)  # fmt: skip
-    bias = bias if bias is not None else _unused(a.device, 6)
-    if tma:
-        flags["FLATTEN"] = flatten
-    for depth in range(stages, 0, -1):  # fewer pipeline stages where shared memory runs out
+    rc = packed.shape[0] if lora is not None else 0
+    flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, BM=tiles.bm, BN=tiles.bn,
+                 BK=tiles.bk, BR=_rank_block(rc, tiles.tma), GROUP_M=8, num_warps=tiles.warps)  # fmt: skip
+    args = (
+        a,
+        weight,
+        out,
+        bias if bias is not None else _unused(a.device, 6),
+        sa,
+        sw,
+        h,
+        hstart,
+        rank_scale,
+        packed,
+    )
+    for depth in range(tiles.stages, 0, -1):  # fewer pipeline stages where shared memory runs out
         try:
-            launch = _launch_tma if tma else _launch_pointers
-            launch(
-                a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, lora is not None, flags, depth
-            )
+            if tiles.tma:
+                _launch_tma(*args, rc, flags, depth, tiles.flatten)
+            else:
+                _launch_pointers(*args, rc, flags, depth)
             break
         except OutOfResources:
             if depth == 1:
@@ -208,33 +212,31 @@ def lora_linear(
     return out
 
 
-def _launch_tma(a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, has_lora, flags, stages) -> None:
+def _launch_tma(
+    a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc, flags, stages, flatten
+) -> None:
     BM, BN, BK, BR = flags["BM"], flags["BN"], flags["BK"], flags["BR"]
     M, K = a.shape
     N = weight.shape[0]
     descs = [TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(weight, [BN, BK]),
              TensorDescriptor.from_tensor(out, [BM, BN])]  # fmt: skip
-    if has_lora:
+    if flags["HAS_LORA"]:
         descs += [TensorDescriptor.from_tensor(h, [BM, BR]), TensorDescriptor.from_tensor(packed, [BR, BN])]
     else:
         descs += descs[:2]  # never read
     sms = _sm_count(a.device)
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    RH, RC = (h.shape[1], packed.shape[0]) if has_lora else (0, 0)
     _lora_linear_tma_kernel[(min(sms, tiles),)](
-        *descs, bias, sa, sw, h, hstart, rank_scale, packed, M, N, K, RH, RC, h.stride(0), packed.stride(0),
-        NUM_SMS=sms, num_stages=stages, **flags,
+        *descs, bias, sa, sw, hstart, rank_scale, M, N, K, h.shape[-1] if rc else 0, rc,
+        NUM_SMS=sms, FLATTEN=flatten, ONE_STEP=rc <= BR, num_stages=stages, **flags,
     )  # fmt: skip
 
 
-def _launch_pointers(
-    a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, has_lora, flags, stages
-) -> None:
+def _launch_pointers(a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc, flags, stages) -> None:
     M, K = a.shape
     N = weight.shape[0]
-    RH, RC = (h.shape[1], packed.shape[0]) if has_lora else (0, 0)
     _lora_linear_kernel[(triton.cdiv(M, flags["BM"]) * triton.cdiv(N, flags["BN"]),)](
-        a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, M, N, K, RH, RC,
+        a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, M, N, K, h.shape[-1] if rc else 0, rc,
         a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0), num_stages=stages, **flags,
     )  # fmt: skip
 
