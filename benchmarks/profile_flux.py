@@ -1,6 +1,8 @@
 """Where a bypass forward spends its time, by kernel: torch.profiler over one forward of the Flux
-transformer with and without a LoRA, the device time grouped into base GEMMs, LoRA GEMMs, the
-fused kernel, elementwise and attention, written to $OUT/profile_flux.json.
+transformer with and without a LoRA, on the bf16 and on the fp8 base, the device time grouped into
+GEMMs, the fused kernel, fp8 quantization, elementwise and attention, against the forward's wall
+time (device time well under wall time: the host, not the GPU, sets the pace), written to
+$OUT/profile_flux.json; and the host time of one call of each path on a tiny layer (launch cost).
 
     OUT=results python benchmarks/profile_flux.py          # GPU machine, Flux-dev size
     TINY=1 python benchmarks/profile_flux.py               # any machine: a tiny model, CPU
@@ -70,10 +72,57 @@ def profile_forward(model, inp, device: str) -> dict:
             torch.cuda.synchronize()
     totals: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
-        time_us = event.device_time_total if device == "cuda" else event.self_cpu_time_total
+        time_us = event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
         if time_us and (device == "cuda" or event.key.startswith("aten::")):
             totals[kind(event.key)] += time_us / 1e3
-    return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    out = {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    out["device_total"] = round(sum(totals.values()), 3)
+    if device == "cuda":
+        from loraplug.bench import _time_fn
+
+        out["wall"] = round(_time_fn(lambda: model(**inp), iters=5), 3)
+    return out
+
+
+def host_cost(device: str, calls: int = 2000) -> dict:
+    """Host microseconds per call of each path on a tiny layer (the GPU does almost nothing):
+    what eager mode pays per module before the GPU sees any work."""
+    import time
+
+    from loraplug.fp8 import quantize_fp8
+
+    def per_call(fn) -> float:
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - t
+        torch.cuda.synchronize()
+        return round(elapsed / calls * 1e6, 2)
+
+    holder = torch.nn.Module()
+    holder.layer = torch.nn.Linear(256, 256, device=device, dtype=torch.bfloat16)
+    x = torch.randn(64, 256, device=device, dtype=torch.bfloat16)
+    sd = {
+        "layer.lora_A.weight": torch.randn(16, 256, device=device, dtype=torch.bfloat16),
+        "layer.lora_B.weight": torch.randn(256, 16, device=device, dtype=torch.bfloat16),
+    }
+    res = {"linear": per_call(lambda: holder.layer(x))}
+    with torch.no_grad():
+        for mode, env in (("portable", "0"), ("fused", "all")):
+            os.environ["LORAPLUG_KERNELS"] = env
+            handle = lp.apply(holder, sd)
+            res[f"lora_{mode}"] = per_call(lambda: holder.layer(x))
+            handle.remove()
+        os.environ.pop("LORAPLUG_KERNELS")
+        quantize_fp8(holder)
+        res["fp8_linear"] = per_call(lambda: holder.layer(x))
+        handle = lp.apply(holder, sd)
+        res["fp8_lora_fused"] = per_call(lambda: holder.layer(x))
+        handle.remove()
+    return res
 
 
 def main() -> dict:
@@ -83,10 +132,20 @@ def main() -> dict:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "base_ms": profile_forward(model, inp, device),
     }
-    handle = lp.apply(model, lora_for(model))
+    sd = lora_for(model)
+    handle = lp.apply(model, sd)
     assert handle.report.ok, handle.report.unmatched
     res["lora_r16_ms"] = profile_forward(model, inp, device)
     handle.remove()
+    if device == "cuda":
+        from loraplug.fp8 import quantize_fp8
+
+        quantize_fp8(model, targets=r"blocks\.")
+        res["fp8_base_ms"] = profile_forward(model, inp, device)
+        handle = lp.apply(model, sd)
+        res["fp8_lora_r16_ms"] = profile_forward(model, inp, device)
+        handle.remove()
+        res["host_us_per_call"] = host_cost(device)
     Path(os.environ.get("OUT", "."), "profile_flux.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     return res
