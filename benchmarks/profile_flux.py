@@ -122,6 +122,11 @@ def host_cost(device: str, calls: int = 2000) -> dict:
         handle = lp.apply(holder, sd)
         res["fp8_lora_fused"] = per_call(lambda: holder.layer(x))
         handle.remove()
+        from loraplug.runtime import kernels
+
+        kernels.CONFIGS["fp8"] = kernels.config(True)._replace(device_desc=False)
+        res["fp8_linear_host_descriptors"] = per_call(lambda: holder.layer(x))
+        kernels.CONFIGS["fp8"] = kernels.config(True)._replace(device_desc=True)
     return res
 
 

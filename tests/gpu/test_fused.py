@@ -93,10 +93,13 @@ def _rel(a, b):
     ],
 )
 def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, flatten, whole, monkeypatch):
-    """Both tile loops (the benchmarks pick one per GPU); slices off the tile grid; with a
+    """Both tile loops (the benchmarks pick one per GPU; host-made descriptors with the flattened
+    one, device-made with the other); slices off the tile grid; with a
     whole-output adapter beside the slice adapters (repeated h columns, a tail of two 16-rank
     steps) and without (one step)."""
-    monkeypatch.setitem(kernels.CONFIGS, "bf16", kernels.config(False)._replace(flatten=flatten))
+    monkeypatch.setitem(
+        kernels.CONFIGS, "bf16", kernels.config(False)._replace(flatten=flatten, device_desc=flatten)
+    )
     layer = _layer(i, o, dtype)
     parts = [_lora(i, slices, 16, 1), _lora(i, [(0, o)], 8, 2)][: 2 if whole else 1]
     strengths, changed = [0.7, 1.3][: len(parts)], [0.0, 2.0][: len(parts)]
@@ -116,11 +119,13 @@ def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, flatten, who
     assert "forward" not in layer.__dict__ and runners(layer) is None
 
 
-@pytest.mark.parametrize("flatten", [True, False])
-def test_fp8_base_with_lora_matches_reference(flatten, monkeypatch):
+@pytest.mark.parametrize("flatten, device_desc", [(True, True), (False, True), (True, False)])
+def test_fp8_base_with_lora_matches_reference(flatten, device_desc, monkeypatch):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 matmul needs sm_89+")
-    monkeypatch.setitem(kernels.CONFIGS, "fp8", kernels.config(True)._replace(flatten=flatten))
+    monkeypatch.setitem(
+        kernels.CONFIGS, "fp8", kernels.config(True)._replace(flatten=flatten, device_desc=device_desc)
+    )
     layer = _layer(3072, 3 * 3072, torch.bfloat16)
     model = nn.Sequential(layer)
     lp.quantize_fp8(model)

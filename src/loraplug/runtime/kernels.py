@@ -69,8 +69,9 @@ def ops():
 
 class Tiles(NamedTuple):
     """A kernel configuration: output tile BM × BN, reduction step BK, warps, pipeline stages, TMA
-    (the persistent Hopper kernel) or pointer loads, and whether the persistent kernel's tile loop
-    is flattened into its K loop (one software pipeline across tiles)."""
+    (the persistent Hopper kernel) or pointer loads, whether the persistent kernel's tile loop is
+    flattened into its K loop (one software pipeline across tiles), and whether its TMA
+    descriptors are made on the device (cheap launches) or encoded by the host at every launch."""
 
     bm: int
     bn: int
@@ -79,6 +80,7 @@ class Tiles(NamedTuple):
     stages: int
     tma: bool
     flatten: bool = True
+    device_desc: bool = True
 
 
 # the fastest measured on an H200 (benchmarks/linear_stack.py, kernel_parts.py)

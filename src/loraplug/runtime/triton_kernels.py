@@ -92,19 +92,38 @@ def _lora_linear_kernel(
 
 
 @triton.jit
+def _descriptor(t, rows, cols, stride, B0: tl.constexpr, B1: tl.constexpr, ON_DEVICE: tl.constexpr):
+    """A TMA descriptor for the 2-D tensor at ``t``: made here on the device, or ``t`` itself when
+    the host made it."""
+    if ON_DEVICE:
+        desc = tl.make_tensor_descriptor(t, shape=[rows, cols], strides=[stride, 1], block_shape=[B0, B1])
+    else:
+        desc = t
+    return desc
+
+
+@triton.jit
 def _lora_linear_tma_kernel(
     a_desc, w_desc, o_desc, h_desc, p_desc, bias_ptr, sa_ptr, sw_ptr, hstart_ptr, rs_ptr,
-    M, N, K, RH, RC,
+    M, N, K, RH, RC, stride_am, stride_wn, stride_om, stride_hm, stride_pr,
     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, ONE_STEP: tl.constexpr,
+    NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, ONE_STEP: tl.constexpr, DEVICE_DESC: tl.constexpr,
 ):  # fmt: skip
     """Persistent (one program per SM), every tile moved by the tensor memory accelerator (Hopper).
     After the K loop, the tile's LoRA tail: h's run of columns from ``hstart[tile]`` and P's rows
     (contiguous by construction: ``kernels.pack_ups``), BR ranks per step, pipelined when there are
     several (ONE_STEP: a single step). FLATTEN makes the tile loop and the K loop one software
     pipeline (the next tile's loads start during this epilogue; Triton flattens only a tile loop
-    with one inner loop, so with ONE_STEP)."""
+    with one inner loop, so with ONE_STEP). DEVICE_DESC: the descriptors are made here from plain
+    pointers (the host then only passes pointers: measured far cheaper per launch than encoding
+    five host descriptors)."""
+    a_desc = _descriptor(a_desc, M, K, stride_am, BM, BK, DEVICE_DESC)
+    w_desc = _descriptor(w_desc, N, K, stride_wn, BN, BK, DEVICE_DESC)
+    o_desc = _descriptor(o_desc, M, N, stride_om, BM, BN, DEVICE_DESC)
+    if HAS_LORA:
+        h_desc = _descriptor(h_desc, M, RH, stride_hm, BM, BR, DEVICE_DESC)
+        p_desc = _descriptor(p_desc, RC, N, stride_pr, BR, BN, DEVICE_DESC)
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN):
         pid_m, pid_n = _tile(tile, M, N, BM, BN, GROUP_M)
@@ -202,7 +221,7 @@ def lora_linear(
     for depth in range(tiles.stages, 0, -1):  # fewer pipeline stages where shared memory runs out
         try:
             if tiles.tma:
-                _launch_tma(*args, rc, flags, depth, tiles.flatten)
+                _launch_tma(*args, rc, flags, depth, tiles)
             else:
                 _launch_pointers(*args, rc, flags, depth)
             break
@@ -213,23 +232,40 @@ def lora_linear(
 
 
 def _launch_tma(
-    a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc, flags, stages, flatten
+    a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc, flags, stages, tiles_cfg
 ) -> None:
     BM, BN, BK, BR = flags["BM"], flags["BN"], flags["BK"], flags["BR"]
     M, K = a.shape
     N = weight.shape[0]
-    descs = [TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(weight, [BN, BK]),
-             TensorDescriptor.from_tensor(out, [BM, BN])]  # fmt: skip
-    if flags["HAS_LORA"]:
-        descs += [TensorDescriptor.from_tensor(h, [BM, BR]), TensorDescriptor.from_tensor(packed, [BR, BN])]
+    operands = [(a, [BM, BK]), (weight, [BN, BK]), (out, [BM, BN])]
+    operands += [(h, [BM, BR]), (packed, [BR, BN])] if flags["HAS_LORA"] else operands[:2]  # else never read
+    if tiles_cfg.device_desc:
+        _ensure_allocator()
+        descs = [t for t, _ in operands]
     else:
-        descs += descs[:2]  # never read
+        descs = [TensorDescriptor.from_tensor(t, block) for t, block in operands]
     sms = _sm_count(a.device)
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     _lora_linear_tma_kernel[(min(sms, tiles),)](
         *descs, bias, sa, sw, hstart, rank_scale, M, N, K, h.shape[-1] if rc else 0, rc,
-        NUM_SMS=sms, FLATTEN=flatten, ONE_STEP=rc <= BR, num_stages=stages, **flags,
+        a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0),
+        NUM_SMS=sms, FLATTEN=tiles_cfg.flatten, ONE_STEP=rc <= BR, DEVICE_DESC=tiles_cfg.device_desc,
+        num_stages=stages, **flags,
     )  # fmt: skip
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    """Global memory Triton asks for at launch (where kernels write their TMA descriptors)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+@functools.cache
+def _ensure_allocator() -> None:
+    """Device-made descriptors need a scratch allocator: ours, unless one is set already."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def _launch_pointers(a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc, flags, stages) -> None:
