@@ -12,7 +12,13 @@ else
   export PYTHONPATH="$PWD/src"
 fi
 export OUT
-step() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? $(tail -1 "$OUT/$name.log")"; }
+# BUDGET (seconds, optional): no step runs past it (the device tool stops a call at 600 s)
+START=$(date +%s)
+step() {
+  local name=$1 limit=$2; shift 2
+  if [ -n "${BUDGET:-}" ]; then local left=$((BUDGET - $(date +%s) + START)); [ "$left" -lt "$limit" ] && limit=$left; fi
+  echo "== $name (limit ${limit}s)"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? $(tail -1 "$OUT/$name.log")"
+}
 for s in ${STEPS:-tests linear parts profile eager train}; do
   case $s in
     tests) step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/gpu ;;
