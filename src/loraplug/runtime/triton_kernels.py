@@ -168,13 +168,6 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-@functools.cache
-def _unused(device: torch.device, slot: int) -> Tensor:
-    """A pointer argument the kernel never reads: one per slot, so no two arguments alias (the
-    Triton interpreter copies every tensor argument back after a launch)."""
-    return torch.zeros(1, device=device)
-
-
 def _rank_block(rc: int, tma: bool) -> int:
     """Ranks per step of the tail: the TMA kernel loops over them 16 at a time (little shared memory
     whatever the rank); the pointer kernel takes them in one block."""
@@ -201,8 +194,11 @@ def lora_linear(
         if hstart.shape[0] != triton.cdiv(N, tiles.bn):
             raise ValueError(f"packed for tile width {N // max(hstart.shape[0], 1)}, kernel uses {tiles.bn}")
     else:
-        h, hstart, rank_scale, packed = (_unused(a.device, k) for k in range(4))
-    sa, sw = scales if fp8 else (_unused(a.device, 4), _unused(a.device, 5))
+        h = hstart = rank_scale = packed = a  # never read (HAS_LORA is off)
+    # Arguments a kernel never reads point at the input ``a``: no placeholder allocations (which a
+    # CUDA graph's memory pool would see outlive its capture), never the output (the Triton
+    # interpreter copies every tensor argument back after a launch)
+    sa, sw = scales if fp8 else (a, a)
     rc = packed.shape[0] if lora is not None else 0
     flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, BM=tiles.bm, BN=tiles.bn,
                  BK=tiles.bk, BR=_rank_block(rc, tiles.tma), GROUP_M=8, num_warps=tiles.warps)  # fmt: skip
@@ -210,7 +206,7 @@ def lora_linear(
         a,
         weight,
         out,
-        bias if bias is not None else _unused(a.device, 6),
+        bias if bias is not None else a,
         sa,
         sw,
         h,
