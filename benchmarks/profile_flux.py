@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import loraplug as lp
@@ -72,8 +73,11 @@ def profile_forward(model, inp, device: str) -> dict:
             torch.cuda.synchronize()
     totals: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
-        time_us = event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
-        if time_us and (device == "cuda" or event.key.startswith("aten::")):
+        if device == "cuda":  # kernels only (an aten op's entry repeats its kernels' time)
+            time_us = event.self_device_time_total if event.device_type == DeviceType.CUDA else 0
+        else:
+            time_us = event.self_cpu_time_total if event.key.startswith("aten::") else 0
+        if time_us:
             totals[kind(event.key)] += time_us / 1e3
     out = {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
     out["device_total"] = round(sum(totals.values()), 3)
