@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 from conftest import assert_identical, snapshot
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import loraplug as lp
@@ -44,6 +46,53 @@ def test_packed_ups_reproduce_every_slice(bn):
         sum(-(-r // 8) * 8 for _, r, off, size in spans if off < min((t + 1) * bn, n) and off + size > t * bn)
         for t in range(packing.hstart.shape[0])
     )
+
+
+@st.composite
+def _layouts(draw):
+    """Entries (rank start, rank, offset, size) on an output of n columns, sorted by offset as the
+    runtime stacks them, and a tile width."""
+    n = draw(st.integers(1, 200))
+    entries = []
+    for _ in range(draw(st.integers(1, 6))):
+        off = draw(st.integers(0, n - 1))
+        entries.append((draw(st.integers(1, 20)), off, draw(st.integers(1, n - off))))
+    entries.sort(key=lambda e: e[1])
+    starts = [sum(r for r, _, _ in entries[:i]) for i in range(len(entries))]
+    spans = [(st_, r, off, size) for st_, (r, off, size) in zip(starts, entries, strict=True)]
+    return spans, n, draw(st.sampled_from([16, 32, 64]))
+
+
+@given(_layouts(), st.integers(0, 2**31 - 1))
+def test_packing_runs_are_contiguous_aligned_and_exact(layout, seed):
+    """For any slices, ranks and tile width: each tile reads one 8-aligned run of h's columns,
+    P's rows beyond a tile's ranks are zero, every column lists a real rank or padding, and
+    tile by tile the run times P is the sum of the adapters covering it."""
+    spans, n, bn = layout
+    g = torch.Generator().manual_seed(seed)
+    ups = [torch.randn(r, size, generator=g, dtype=torch.float64) for _, r, _, size in spans]
+    total = sum(r for _, r, _, _ in spans)
+    h = torch.randn(5, total, generator=g, dtype=torch.float64)
+    packing = kernels.pack_ups(spans, ups, n, bn)
+    columns = packing.columns if packing.columns is not None else list(range(total))
+    assert len(columns) % 8 == 0 and set(columns) - {-1} == set(range(total))
+    assert packing.columns is not None or all(r % 8 == 0 for _, r, _, _ in spans)
+    laid = torch.cat([h, torch.zeros(5, 1, dtype=h.dtype)], 1)[:, columns]
+    rc = packing.packed.shape[0]
+    laid = torch.cat([laid, torch.full((5, rc), float("nan"), dtype=h.dtype)], 1)  # never multiplied
+    for t in range(-(-n // bn)):
+        start, cols = int(packing.hstart[t]), slice(t * bn, min((t + 1) * bn, n))
+        assert start % 8 == 0
+        want = torch.zeros(5, cols.stop - cols.start, dtype=h.dtype)
+        for (s0, r, off, size), up in zip(spans, ups, strict=True):
+            lo, hi = max(off, cols.start), min(off + size, cols.stop)
+            if lo < hi:
+                want[:, lo - cols.start : hi - cols.start] += h[:, s0 : s0 + r] @ up[:, lo - off : hi - off]
+        block = packing.packed[:, cols]
+        used = block.abs().sum(1) > 0
+        run = laid[:, start : start + rc][:, used]
+        assert not run.isnan().any()  # the rows P uses never reach past h
+        torch.testing.assert_close(run @ block[used], want, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize(
