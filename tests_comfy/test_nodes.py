@@ -214,3 +214,84 @@ def test_freefuse_node_pair(comfy):
         applied.unpatch_model()
     assert torch.isfinite(got).all() and not torch.allclose(got, run(patcher), atol=1e-5)
     assert not any(m._forward_hooks for m in patcher.model.modules())
+
+
+def _tiny_clip(env):
+    """A ComfyUI CLIP (comfy.sd.CLIP around a two-layer CLIP-L text encoder), weights filled."""
+    import functools
+    import importlib
+
+    comfy = env["comfy"]
+    sd1_clip = importlib.import_module("comfy.sd1_clip")
+
+    config = {"hidden_act": "quick_gelu", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+              "num_hidden_layers": 2, "vocab_size": 1000, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
+              "projection_dim": 32, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}  # fmt: skip
+    text_model = functools.partial(
+        comfy.sd1_clip.SDClipModel,
+        textmodel_json_config=config,
+        special_tokens={"start": 0, "end": 2, "pad": 1},
+    )
+    model = sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32, clip_model=text_model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    clip = comfy.sd.CLIP(no_init=True)
+    cpu = torch.device("cpu")
+    clip.cond_stage_model, clip.tokenizer, clip.layer_idx = model, None, None
+    clip.patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    clip.tokenizer_options, clip.use_clip_schedule, clip.apply_hooks_to_conds = {}, False, None
+    return clip
+
+
+def _encode(clip):
+    clip.patcher.patch_model()
+    try:
+        with torch.no_grad():
+            tokens = torch.tensor([[0, 5, 17, 300, 2] + [1] * 72])  # 77 positions
+            return clip.cond_stage_model.clip_l.transformer(tokens)[0]
+    finally:
+        clip.patcher.unpatch_model()
+
+
+def test_loader_applies_text_encoder_keys_to_clip_like_comfy(comfy):
+    """A kohya file with text-encoder (lora_te_) and UNet keys: the loader's CLIP output equals
+    ComfyUI's own merge on the CLIP, the UNet keys go to the model, the CLIP comes back untouched."""
+    from safetensors.torch import save_file
+
+    from comfyui_loraplug.nodes import LoraplugLoraLoader
+
+    patcher, clip = tiny_flux_patcher(comfy), _tiny_clip(comfy)
+    _, kohya_sd = _files(comfy, patcher)
+    g = torch.Generator().manual_seed(4)
+    sd = dict(kohya_sd)
+    for b in range(2):
+        for part in ("self_attn_q_proj", "self_attn_v_proj", "mlp_fc1"):
+            name = part.replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
+            lin = clip.cond_stage_model.get_submodule(
+                f"clip_l.transformer.text_model.encoder.layers.{b}.{name}"
+            )
+            key = f"lora_te_text_model_encoder_layers_{b}_{part}"
+            sd[key + ".lora_down.weight"] = torch.randn(2, lin.in_features, generator=g) * 0.3
+            sd[key + ".lora_up.weight"] = torch.randn(lin.out_features, 2, generator=g) * 0.3
+            sd[key + ".alpha"] = torch.tensor(1.0)
+    save_file(sd, str(comfy["loras"] / "with_te.safetensors"))
+    before = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+    plain = _encode(clip)
+    model, new_clip, text = LoraplugLoraLoader().load(patcher, "with_te.safetensors", 1.0, clip, 0.7)[
+        "result"
+    ]
+    got = _encode(new_clip)
+    _, reference = comfy["comfy"].sd.load_lora_for_models(None, clip, sd, 0.0, 0.7)
+    want = _encode(reference)
+    assert not torch.allclose(want, plain, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    after = clip.cond_stage_model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not any(m._forward_hooks for m in clip.cond_stage_model.modules())
+    model.patch_model()
+    torch.testing.assert_close(
+        run(model), _comfy_merged(comfy, patcher, [(kohya_sd, 1.0)]), rtol=1e-5, atol=1e-5
+    )
+    model.unpatch_model()
