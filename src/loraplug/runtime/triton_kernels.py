@@ -202,18 +202,7 @@ def lora_linear(
     rc = packed.shape[0] if lora is not None else 0
     flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, BM=tiles.bm, BN=tiles.bn,
                  BK=tiles.bk, BR=_rank_block(rc, tiles.tma), GROUP_M=8, num_warps=tiles.warps)  # fmt: skip
-    args = (
-        a,
-        weight,
-        out,
-        bias if bias is not None else a,
-        sa,
-        sw,
-        h,
-        hstart,
-        rank_scale,
-        packed,
-    )
+    args = (a, weight, out, bias if bias is not None else a, sa, sw, h, hstart, rank_scale, packed)  # fmt: skip
     for depth in range(tiles.stages, 0, -1):  # fewer pipeline stages where shared memory runs out
         try:
             if tiles.tma:
