@@ -168,6 +168,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """The tensor memory accelerator: Hopper (sm_90) and later; assumed under the interpreter."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _rank_block(rc: int, tma: bool) -> int:
     """Ranks per step of the tail: the TMA kernel loops over them 16 at a time (little shared memory
     whatever the rank); the pointer kernel takes them in one block."""
@@ -188,6 +194,8 @@ def lora_linear(
     M, K = a.shape
     N = weight.shape[0]
     tiles = config(fp8)
+    if tiles.tma and not _has_tma(a.device):  # before Hopper: the pointer-load kernel
+        tiles = tiles._replace(tma=False)
     out = torch.empty(M, N, device=a.device, dtype=out_dtype or a.dtype)
     if lora is not None:
         h, hstart, rank_scale, packed = lora
