@@ -404,6 +404,50 @@ def test_kernel_switches(monkeypatch):
         assert (_fusable(nn.Linear(8, 8)), _fusable(fp8)) == (float_base, fp8_base), env
 
 
+def test_compiled_graphs_call_scaled_mm_not_the_custom_ops(monkeypatch):
+    """Inside torch.compile the fp8 layer runs ``torch._scaled_mm`` (Inductor fuses its
+    quantization) with the LoRA on the portable path, equal to the reference arithmetic; the Triton
+    custom ops enter the graph only with LORAPLUG_KERNELS=all."""
+    from loraplug import fp8 as fp8_module
+
+    monkeypatch.setattr(fp8_module, "fp8_matmul_on", lambda device: True)  # CPU _scaled_mm stands in
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 128))
+    lp.quantize_fp8(model)
+    sd = {"0.lora_A.weight": torch.randn(4, 128), "0.lora_B.weight": torch.randn(128, 4) * 0.1}
+    handle = lp.apply(model, sd)
+    x = torch.randn(6, 128)
+    with torch.no_grad():
+        h = fp8_linear_reference(x, model[0].weight, model[0].weight_scale, model[0].bias)
+        h = h + (x @ sd["0.lora_A.weight"].T) @ sd["0.lora_B.weight"].T
+        want = fp8_linear_reference(
+            torch.nn.functional.gelu(h), model[2].weight, model[2].weight_scale, model[2].bias
+        )
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    with torch.no_grad():
+        got = torch.compile(model, backend=record)(x)
+    assert "_scaled_mm" in graphs[0] and "loraplug" not in graphs[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+    monkeypatch.setenv("LORAPLUG_KERNELS", "all")
+
+    def stop(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        raise RuntimeError("recorded")
+
+    with torch.no_grad(), pytest.raises(Exception, match="recorded"):
+        torch.compile(model, backend=stop)(x)
+    assert "loraplug.quantize_rows" in graphs[-1] and "loraplug.lora_linear" in graphs[-1]
+    torch._dynamo.reset()
+    handle.remove()
+
+
 def test_grouped_runtime_adds_no_copy_of_a_single_adapter():
     """One LoRA per module: the runtime reads the adapter's own tensors (transposed views), so
     bypass adds no adapter-sized memory; several entries share one stacked copy of their downs."""

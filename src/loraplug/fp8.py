@@ -84,13 +84,14 @@ class Fp8Linear(nn.Linear):
 
 
 def fp8_forward(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """The fp8 layer on any device: Triton kernels (one quantization pass, then the fp8 GEMM;
-    measured faster than cuBLAS row-wise), else ``torch._scaled_mm``, else the float32 emulation."""
+    """The fp8 layer on any device: Triton kernels in eager mode (one quantization pass, then the
+    fp8 GEMM), ``torch._scaled_mm`` inside torch.compile graphs (Inductor fuses the quantization;
+    ``kernels.here``) or without Triton, else the float32 emulation."""
     x2 = x.reshape(-1, x.shape[-1])
     if not fp8_matmul_on(x.device):
         return fp8_linear_reference(x2, weight, weight_scale, bias).to(x.dtype).view(*x.shape[:-1], -1)
     bias = None if bias is None else bias.to(x.dtype)
-    if kernels.available() and kernels.supports(x2.shape[1]):
+    if kernels.available() and kernels.here() and kernels.supports(x2.shape[1]):
         q, s = kernels.quantize_rows(x2.contiguous())
         y = kernels.lora_linear(q, weight, bias, None, None, None, None, s, weight_scale, x.dtype)
     else:

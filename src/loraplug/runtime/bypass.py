@@ -260,6 +260,8 @@ class ModuleBypass:
         would, else None."""
         if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and kernels.supports(x.shape[-1])):
             return None
+        if not kernels.here():  # a compiled graph: the portable path (see kernels.here)
+            return None
         if any(e.mask is not None and e.mask.value is not None for e in self.entries):
             return None
         w = module.weight

@@ -55,6 +55,16 @@ def fuses_adapters() -> bool:
     return os.environ.get("LORAPLUG_KERNELS") != "base"
 
 
+def here() -> bool:
+    """Whether the current call may launch the Triton kernels: always in eager mode; inside a
+    torch.compile graph (as custom ops) only with ``LORAPLUG_KERNELS=all``. Measured on the H200
+    (benchmarks/README.md), a compiled graph calling the custom ops paid their host cost on every
+    call and ran an fp8 Flux slower than eager (1.55× the compiled bf16 base, 1.31× with a LoRA),
+    while ``torch._scaled_mm`` with Inductor-fused quantization ran at 0.79× and a grouped LoRA
+    beside it at 1.02× (``shared/anchors``): compiled graphs use those by default."""
+    return not torch.compiler.is_compiling() or os.environ.get("LORAPLUG_KERNELS") == "all"
+
+
 @functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
