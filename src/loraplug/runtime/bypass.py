@@ -7,7 +7,8 @@ disabling an adapter) re-traces nothing under torch.compile.
 On an fp8 base (``Fp8Linear``, or any float Linear with ``LORAPLUG_KERNELS=all``) on CUDA with
 Triton, the runner instead sets the module's ``forward`` (an instance attribute, deleted on
 removal) to one fused GEMM that adds every low-rank adapter inside the base product
-(runtime.kernels); calls it cannot serve (training, masks, other adapters, CPU) take the path above.
+(runtime.kernels); calls it cannot serve (training, masks, other adapters, CPU, torch.compile
+graphs unless LORAPLUG_KERNELS=all) take the path above.
 """
 
 from __future__ import annotations
