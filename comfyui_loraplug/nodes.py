@@ -6,22 +6,25 @@ import logging
 import uuid
 
 import folder_paths
-from comfy.patcher_extension import PatcherInjection
+from comfy.patcher_extension import PatcherInjection, WrappersMP
 
 import loraplug as lp
 
 LOG = logging.getLogger("loraplug")
 
 
-def _attach(patcher, key: str, adapters, strength, target: str, masks=None, texts=None) -> list[str]:
+def _attach(
+    patcher, key: str, adapters, strength, target: str, masks=None, texts=None, handles=None
+) -> list[str]:
     """Register an injection on ``patcher`` that applies ``adapters`` (one set or a list) in bypass
-    mode on inject, with optional per-set image-space masks, and removes them on eject. Returns
-    the keys that matched nothing (also logged)."""
+    mode on inject, with optional per-set image-space masks, and removes them on eject (``handles``,
+    if given, holds the live handles by patcher). Returns the keys that matched nothing (also
+    logged)."""
     model = patcher.model.diffusion_model if target == "unet" else patcher.model
     probe = lp.apply(model, adapters, strength=strength, strict=False)  # resolve once, to report
     unmatched = sorted(probe.report.unmatched)
     probe.remove()
-    handles: dict[int, lp.Handle] = {}
+    handles = {} if handles is None else handles
 
     def inject(mp) -> None:
         root = mp.model.diffusion_model if target == "unet" else mp.model
@@ -124,6 +127,85 @@ class LoraplugLoraStack:
             f"; unmatched: {', '.join(unmatched[:10])}" if unmatched else ""
         )
         return {"ui": {"text": [text]}, "result": (new_model, text)}
+
+
+class LoraplugLoraSchedule:
+    """Load LoRA with a strength schedule (bypass, loraplug): the strength goes linearly from
+    ``strength_start`` to ``strength_end`` between ``start_percent`` and ``end_percent`` of the
+    sampling (ComfyUI's percent: through the model's own sigma schedule), and holds outside. Each
+    step only rewrites the strength in place: nothing is re-patched and nothing recompiles."""
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802 (ComfyUI's API)
+        percent = {"min": 0.0, "max": 1.0, "step": 0.001}
+        strength = {"min": -100.0, "max": 100.0, "step": 0.01}
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "lora_name": (folder_paths.get_filename_list("loras"),),
+                "strength_start": ("FLOAT", {"default": 1.0, **strength}),
+                "strength_end": ("FLOAT", {"default": 0.0, **strength}),
+                "start_percent": ("FLOAT", {"default": 0.0, **percent}),
+                "end_percent": ("FLOAT", {"default": 1.0, **percent}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("MODEL", "report")
+    FUNCTION = "load"
+    CATEGORY = "loaders/loraplug"
+
+    def load(self, model, lora_name, strength_start, strength_end, start_percent, end_percent):
+        adapters = lp.load(folder_paths.get_full_path_or_raise("loras", lora_name))
+        new_model = model.clone()
+        key = f"loraplug_{uuid.uuid4().hex}"
+        handles: dict[int, lp.Handle] = {}
+        unmatched = _attach(new_model, key, adapters, strength_start, "unet", handles=handles)
+        schedule = StrengthSchedule(strength_start, strength_end, start_percent, end_percent)
+
+        def apply_model(executor, x, t, *args, **kwargs):
+            strength = schedule.at(sigma_percent(executor.class_obj.model_sampling, float(t.flatten()[0])))
+            for handle in handles.values():
+                if handle.strength != [strength]:
+                    handle.set_strength(strength)
+            return executor(x, t, *args, **kwargs)
+
+        new_model.add_wrapper_with_key(WrappersMP.APPLY_MODEL, key, apply_model)
+        text = (
+            f"{lora_name}: {len(adapters) - len(unmatched)} of {len(adapters)} modules matched; strength "
+            f"{strength_start:g} → {strength_end:g} over {start_percent:g}–{end_percent:g} of sampling"
+        )
+        if unmatched:
+            text += f"; unmatched: {', '.join(unmatched[:10])}"
+        return {"ui": {"text": [text]}, "result": (new_model, text)}
+
+
+class StrengthSchedule:
+    """Strength as a function of sampling progress (0 = first step, 1 = end): ``start`` up to
+    ``begin``, linear to ``end`` at ``finish``, ``end`` after."""
+
+    def __init__(self, start: float, end: float, begin: float, finish: float):
+        self.start, self.end, self.begin, self.finish = start, end, begin, finish
+
+    def at(self, progress: float) -> float:
+        if progress <= self.begin:
+            return self.start
+        if progress >= self.finish:
+            return self.end
+        return self.start + (self.end - self.start) * (progress - self.begin) / (self.finish - self.begin)
+
+
+def sigma_percent(model_sampling, sigma: float) -> float:
+    """The sampling progress at ``sigma``: the inverse of ``model_sampling.percent_to_sigma``
+    (decreasing in percent), by bisection."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if model_sampling.percent_to_sigma(mid) > sigma:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 class LoraplugTrainLora:
@@ -243,12 +325,14 @@ NODE_CLASS_MAPPINGS = {
     "LoraplugFreeFuseApply": LoraplugFreeFuseApply,
     "LoraplugLoraLoader": LoraplugLoraLoader,
     "LoraplugLoraStack": LoraplugLoraStack,
+    "LoraplugLoraSchedule": LoraplugLoraSchedule,
     "LoraplugTrainLora": LoraplugTrainLora,
     "LoraplugSaveLora": LoraplugSaveLora,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraplugLoraLoader": "Load LoRA (bypass, loraplug)",
     "LoraplugLoraStack": "LoRA stack with masks (bypass, loraplug)",
+    "LoraplugLoraSchedule": "Load LoRA with strength schedule (bypass, loraplug)",
     "LoraplugTrainLora": "Train LoRA (bypass, loraplug)",
     "LoraplugSaveLora": "Save LoRA (loraplug)",
     "LoraplugFreeFuseMasks": "FreeFuse masks (loraplug)",

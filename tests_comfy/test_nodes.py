@@ -295,3 +295,59 @@ def test_loader_applies_text_encoder_keys_to_clip_like_comfy(comfy):
         run(model), _comfy_merged(comfy, patcher, [(kohya_sd, 1.0)]), rtol=1e-5, atol=1e-5
     )
     model.unpatch_model()
+
+
+def test_strength_schedule_follows_the_sigmas(comfy):
+    """Through ComfyUI's apply_model (its wrappers as sampling installs them): at the sigma of 25 %
+    of the sampling the schedule 0 → 1 over 0–50 % runs the LoRA at strength 0.5, at 75 % at 1.0,
+    equal to plain loaders at those strengths; sampling runs with it."""
+    from comfyui_loraplug.nodes import LoraplugLoraLoader, LoraplugLoraSchedule, sigma_percent
+
+    patcher = tiny_flux_patcher(comfy)
+    _files(comfy, patcher)
+    scheduled = LoraplugLoraSchedule().load(patcher, "kohya.safetensors", 0.0, 1.0, 0.0, 0.5)["result"][0]
+    sampling = patcher.model.model_sampling
+    g = torch.Generator().manual_seed(0)
+    x, context, y = (
+        torch.randn(1, 4, 8, 8, generator=g),
+        torch.randn(1, 5, 16, generator=g),
+        torch.randn(1, 8, generator=g),
+    )
+
+    def denoised(model, percent):
+        sigma = torch.tensor([sampling.percent_to_sigma(percent)])
+        model.patch_model()
+        try:
+            with torch.no_grad():
+                options = {"wrappers": model.wrappers}
+                return model.model.apply_model(
+                    x, sigma, c_crossattn=context, y=y, transformer_options=options
+                )
+        finally:
+            model.unpatch_model()
+
+    assert abs(sigma_percent(sampling, sampling.percent_to_sigma(0.3)) - 0.3) < 1e-6
+    loader = LoraplugLoraLoader()
+    for percent, strength in ((0.25, 0.5), (0.75, 1.0), (0.0, 0.0)):
+        want = denoised(loader.load(patcher, "kohya.safetensors", strength)["result"][0], percent)
+        torch.testing.assert_close(denoised(scheduled, percent), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(denoised(scheduled, 0.25), denoised(scheduled, 0.75), atol=1e-4)
+    sample = comfy["comfy"].sample
+    positive = [[context, {"pooled_output": y}]]
+    negative = [[torch.zeros(1, 5, 16), {"pooled_output": torch.zeros(1, 8)}]]
+    latent = torch.zeros(1, 4, 8, 8)
+    out = sample.sample(
+        scheduled,
+        sample.prepare_noise(latent, 0),
+        4,
+        1.0,
+        "euler",
+        "simple",
+        positive,
+        negative,
+        latent,
+        seed=0,
+    )
+    assert torch.isfinite(out).all()
+    comfy["comfy"].model_management.unload_all_models()  # ComfyUI keeps the last model loaded
+    assert not any(m._forward_hooks for m in patcher.model.modules())
