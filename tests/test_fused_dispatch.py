@@ -404,6 +404,13 @@ def test_kernel_switches(monkeypatch):
         assert (_fusable(nn.Linear(8, 8)), _fusable(fp8)) == (float_base, fp8_base), env
 
 
+def test_kernel_shapes():
+    """The kernels take reductions in whole 128-steps and outputs in whole 16-byte rows; anything
+    else (an odd width, say) keeps the portable path instead of misaligned TMA tiles."""
+    assert kernels.supports(3072, 9216) and kernels.supports(128, 8)
+    assert not kernels.supports(3000, 9216) and not kernels.supports(3072, 9217)
+
+
 def test_compiled_graphs_call_scaled_mm_not_the_custom_ops(monkeypatch):
     """Inside torch.compile the fp8 layer runs ``torch._scaled_mm`` (Inductor fuses its
     quantization) with the LoRA on the portable path, equal to the reference arithmetic; the Triton

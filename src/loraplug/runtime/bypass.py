@@ -259,19 +259,27 @@ class ModuleBypass:
     def _fused_group(self, module: nn.Module, x: Tensor) -> _LowRank | None:
         """The low-rank group when the fused kernel computes this call exactly as the portable path
         would, else None."""
-        if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and kernels.supports(x.shape[-1])):
+        w = module.weight
+        if not (
+            x.is_cuda
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and kernels.supports(x.shape[-1], w.shape[0])
+        ):
             return None
         if not kernels.here():  # a compiled graph: the portable path (see kernels.here)
             return None
         if any(e.mask is not None and e.mask.value is not None for e in self.entries):
             return None
-        w = module.weight
         if torch.is_grad_enabled() and (
             x.requires_grad or w.requires_grad or any(g.trained for g in self._lowrank.values())
         ):
             return None  # the kernels have no backward: training takes the portable path
-        if w.stride(-1) != 1 or not (
-            w.dtype == x.dtype or (isinstance(module, Fp8Linear) and fp8_matmul_on(x.device))
+        if (
+            not w.is_contiguous()
+            or w.data_ptr() % 16
+            or not (  # TMA: whole, 16-byte aligned rows
+                w.dtype == x.dtype or (isinstance(module, Fp8Linear) and fp8_matmul_on(x.device))
+            )
         ):
             return None
         lowrank = self._lowrank_for(x)

@@ -102,9 +102,10 @@ def config(fp8: bool) -> Tiles:
     return Tiles(*CONFIGS["fp8" if fp8 else "bf16"])
 
 
-def supports(k: int) -> bool:
-    """Shapes the kernel covers: the reduction length a multiple of every BK used."""
-    return k % 128 == 0
+def supports(k: int, n: int) -> bool:
+    """Shapes the kernel covers: the reduction length a multiple of every BK used, and output rows
+    of whole 16-byte units (the tensor memory accelerator moves the output and P by rows)."""
+    return k % 128 == 0 and n % 8 == 0
 
 
 @dataclass
