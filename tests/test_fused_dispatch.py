@@ -404,6 +404,30 @@ def test_kernel_switches(monkeypatch):
         assert (_fusable(nn.Linear(8, 8)), _fusable(fp8)) == (float_base, fp8_base), env
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_scratch_allocator_in_every_thread():
+    """Triton's allocator lives in a context variable: a worker thread (ComfyUI runs prompts in
+    one) starts without it, and the launcher must set it there too."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    from loraplug.runtime import triton_kernels as tk
+
+    seen = {}
+
+    def worker():
+        seen["before"] = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+        tk._ensure_allocator()
+        seen["after"] = _allocation._allocator.get()
+
+    tk._ensure_allocator()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == {"before": True, "after": tk._scratch}
+
+
 def test_kernel_shapes():
     """The kernels take reductions in whole 128-steps and outputs in whole 16-byte rows; anything
     else (an odd width, say) keeps the portable path instead of misaligned TMA tiles."""

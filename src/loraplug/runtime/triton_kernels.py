@@ -252,9 +252,10 @@ def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
     return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
-@functools.cache
 def _ensure_allocator() -> None:
-    """Device-made descriptors need a scratch allocator: ours, unless one is set already."""
+    """Device-made descriptors need a scratch allocator: ours, unless one is set already. Triton
+    keeps it in a context variable (per thread): checked at every launch, so a worker thread (as
+    in ComfyUI) gets one too."""
     from triton.runtime import _allocation
 
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
