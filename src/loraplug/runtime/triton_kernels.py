@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -211,17 +212,23 @@ def lora_linear(
     flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, BM=tiles.bm, BN=tiles.bn,
                  BK=tiles.bk, BR=_rank_block(rc, tiles.tma), GROUP_M=8, num_warps=tiles.warps)  # fmt: skip
     args = (a, weight, out, bias if bias is not None else a, sa, sw, h, hstart, rank_scale, packed)  # fmt: skip
-    for depth in range(tiles.stages, 0, -1):  # fewer pipeline stages where shared memory runs out
-        try:
-            if tiles.tma:
-                _launch_tma(*args, rc, flags, depth, tiles)
-            else:
-                _launch_pointers(*args, rc, flags, depth)
-            break
-        except OutOfResources:
-            if depth == 1:
-                raise
+    with _on(a.device):
+        for depth in range(tiles.stages, 0, -1):  # fewer pipeline stages where shared memory runs out
+            try:
+                if tiles.tma:
+                    _launch_tma(*args, rc, flags, depth, tiles)
+                else:
+                    _launch_pointers(*args, rc, flags, depth)
+                break
+            except OutOfResources:
+                if depth == 1:
+                    raise
     return out
+
+
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (models on a second GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _launch_tma(
@@ -277,17 +284,9 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     q = torch.empty(M, K, device=x.device, dtype=E4M3)
     s = torch.empty(M, device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(K)
-    _quantize_rows_kernel[(M,)](
-        x,
-        q,
-        s,
-        K,
-        x.stride(0),
-        q.stride(0),
-        BK=block,
-        FMAX=E4M3_MAX,
-        num_warps=min(16, max(4, block // 1024)),
-    )
+    with _on(x.device):
+        _quantize_rows_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), BK=block, FMAX=E4M3_MAX,
+                                    num_warps=min(16, max(4, block // 1024)))  # fmt: skip
     return q, s
 
 
