@@ -435,19 +435,24 @@ def test_kernel_shapes():
     assert not kernels.supports(3000, 9216) and not kernels.supports(3072, 9217)
 
 
-def test_compiled_graphs_call_scaled_mm_not_the_custom_ops(monkeypatch):
-    """Inside torch.compile the fp8 layer runs ``torch._scaled_mm`` (Inductor fuses its
-    quantization) with the LoRA on the portable path, equal to the reference arithmetic; the Triton
-    custom ops enter the graph only with LORAPLUG_KERNELS=all."""
+def _fp8_model_with_lora(monkeypatch):
+    """Two Fp8Linear layers, a LoRA on the first, as if on an fp8-capable GPU with Triton (CPU
+    ``torch._scaled_mm`` stands in for the GPU's)."""
     from loraplug import fp8 as fp8_module
 
-    monkeypatch.setattr(fp8_module, "fp8_matmul_on", lambda device: True)  # CPU _scaled_mm stands in
+    monkeypatch.setattr(fp8_module, "fp8_matmul_on", lambda device: True)
     monkeypatch.setattr(kernels, "available", lambda: True)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 128))
     lp.quantize_fp8(model)
     sd = {"0.lora_A.weight": torch.randn(4, 128), "0.lora_B.weight": torch.randn(128, 4) * 0.1}
-    handle = lp.apply(model, sd)
+    return model, sd, lp.apply(model, sd)
+
+
+def test_compiled_graphs_call_scaled_mm_not_the_custom_ops(monkeypatch):
+    """Inside torch.compile the fp8 layer runs ``torch._scaled_mm`` (Inductor fuses its
+    quantization) with the LoRA on the portable path, equal to the reference arithmetic."""
+    model, sd, handle = _fp8_model_with_lora(monkeypatch)
     x = torch.randn(6, 128)
     with torch.no_grad():
         h = fp8_linear_reference(x, model[0].weight, model[0].weight_scale, model[0].bias)
@@ -463,20 +468,28 @@ def test_compiled_graphs_call_scaled_mm_not_the_custom_ops(monkeypatch):
 
     with torch.no_grad():
         got = torch.compile(model, backend=record)(x)
-    assert "_scaled_mm" in graphs[0] and "loraplug" not in graphs[0]
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
+    handle.remove()
+    assert len(graphs) == 1 and "_scaled_mm" in graphs[0] and "loraplug" not in graphs[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_compiled_graphs_hold_the_custom_ops_when_asked(monkeypatch):
+    """LORAPLUG_KERNELS=all puts the Triton kernels into compiled graphs (as custom ops)."""
+    model, _, handle = _fp8_model_with_lora(monkeypatch)
     monkeypatch.setenv("LORAPLUG_KERNELS", "all")
+    graphs = []
 
     def stop(gm, example_inputs):
         graphs.append(str(gm.graph))
         raise RuntimeError("recorded")
 
     with torch.no_grad(), pytest.raises(Exception, match="recorded"):
-        torch.compile(model, backend=stop)(x)
-    assert "loraplug.quantize_rows" in graphs[-1] and "loraplug.lora_linear" in graphs[-1]
+        torch.compile(model, backend=stop)(torch.randn(6, 128))
     torch._dynamo.reset()
     handle.remove()
+    assert "loraplug.quantize_rows" in graphs[-1] and "loraplug.lora_linear" in graphs[-1]
 
 
 def test_grouped_runtime_adds_no_copy_of_a_single_adapter():
