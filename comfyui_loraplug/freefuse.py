@@ -3,9 +3,13 @@ steps (LoRAs off), turn it into one region mask per LoRA, then run the LoRAs mas
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from loraplug.freefuse import FreeFuseConfig, concept_maps, masks_from_maps, text_masks
+from loraplug.freefuse import FreeFuseConfig, attention_bias, concept_maps, masks_from_maps, text_masks
+
+LOG = logging.getLogger("loraplug")
 
 
 class ComfyFluxProbe:
@@ -124,6 +128,14 @@ class LoraplugFreeFuseApply:
 
         loras = folder_paths.get_filename_list("loras")
         optional = {f"lora_{i}": (["None", *loras],) for i in range(3, 5)}
+        optional["attention_bias"] = (
+            "BOOLEAN",
+            {
+                "default": False,
+                "tooltip": "FreeFuse's attention bias: "
+                "each subject's region and words attend more to each other, less to the others'",
+            },
+        )
         return {
             "required": {"model": ("MODEL",), "freefuse": ("FREEFUSE",), "lora_1": (loras,), "lora_2": (loras,),
                          "strength": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})},
@@ -134,10 +146,13 @@ class LoraplugFreeFuseApply:
     FUNCTION = "apply"
     CATEGORY = "loaders/loraplug"
 
-    def apply(self, model, freefuse, lora_1, lora_2, strength, lora_3="None", lora_4="None"):
+    def apply(
+        self, model, freefuse, lora_1, lora_2, strength, lora_3="None", lora_4="None", attention_bias=False
+    ):
         import uuid
 
         import folder_paths
+        from comfy.patcher_extension import WrappersMP
 
         import loraplug as lp
 
@@ -149,6 +164,37 @@ class LoraplugFreeFuseApply:
         sets = [lp.load(folder_paths.get_full_path_or_raise("loras", n)) for n in names]
         masks = [freefuse["masks"][i] for i in range(len(sets))]
         new = model.clone()
-        _attach(new, f"loraplug_{uuid.uuid4().hex}", sets, [strength] * len(sets), "unet", masks,
-                texts=freefuse["text"][: len(sets)])  # fmt: skip
+        key = f"loraplug_{uuid.uuid4().hex}"
+        _attach(new, key, sets, [strength] * len(sets), "unet", masks, texts=freefuse["text"][: len(sets)])
+        if attention_bias:
+            new.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, key, _biased(freefuse, len(sets)))
         return (new,)
+
+
+def _biased(freefuse: dict, count: int):
+    """A DIFFUSION_MODEL wrapper passing FreeFuse's attention bias as the Flux model's
+    ``attention_mask`` (added to a float mask already there; skipped, with a warning, where the
+    token count is not text + the masks' image grid)."""
+    masks, concepts = freefuse["masks"][:count], freefuse["concepts"][:count]
+    image_tokens = masks[0].numel()
+
+    cache: dict = {}
+
+    def wrapper(executor, x, timestep, context, *args, **kwargs):
+        refs = args[2] if len(args) > 2 else kwargs.get("ref_latents")
+        if ((x.shape[-2] + 1) // 2) * ((x.shape[-1] + 1) // 2) != image_tokens or refs is not None:
+            LOG.warning("loraplug FreeFuse: the latent does not match the masks' grid; no attention bias")
+            return executor(x, timestep, context, *args, **kwargs)
+        slot = (context.shape[1], x.device, x.dtype)
+        if slot not in cache:  # (T, T) per text length: built once
+            cache[slot] = attention_bias(masks[None], concepts, context.shape[1]).to(
+                device=x.device, dtype=x.dtype
+            )
+        present = kwargs.get("attention_mask")
+        if present is not None and present.dtype == torch.bool:
+            LOG.warning("loraplug FreeFuse: a boolean attention mask is set already; no attention bias")
+        else:
+            kwargs["attention_mask"] = cache[slot] if present is None else present + cache[slot]
+        return executor(x, timestep, context, *args, **kwargs)
+
+    return wrapper

@@ -214,6 +214,35 @@ def test_freefuse_node_pair(comfy):
         applied.unpatch_model()
     assert torch.isfinite(got).all() and not torch.allclose(got, run(patcher), atol=1e-5)
     assert not any(m._forward_hooks for m in patcher.model.modules())
+    # the attention bias: passed as the Flux model's attention_mask, as loraplug.freefuse builds it
+    from loraplug.freefuse import attention_bias
+
+    biased = LoraplugFreeFuseApply().apply(
+        patcher, freefuse, "diffusers.safetensors", "kohya.safetensors", 1.0, attention_bias=True
+    )[0]
+    x, sigma, context, y = (
+        torch.randn(1, 4, 8, 8, generator=g),
+        torch.tensor([0.6]),
+        positive[0][0],
+        positive[0][1]["pooled_output"],
+    )
+
+    def denoised(model, **kwargs):
+        model.patch_model()
+        try:
+            with torch.no_grad():
+                options = {"wrappers": model.wrappers}
+                return model.model.apply_model(
+                    x, sigma, c_crossattn=context, y=y, transformer_options=options, **kwargs
+                )
+        finally:
+            model.unpatch_model()
+
+    bias = attention_bias(freefuse["masks"][None], freefuse["concepts"], context.shape[1])
+    assert bias.shape == (1, 1, 5 + 16, 5 + 16) and bias.abs().sum() > 0
+    want = denoised(applied, attention_mask=bias)
+    torch.testing.assert_close(denoised(biased), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want, denoised(applied), atol=1e-5)
 
 
 def _tiny_clip(env):
