@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+import warnings
 
 import folder_paths
 from comfy.patcher_extension import PatcherInjection, WrappersMP
@@ -13,22 +14,29 @@ import loraplug as lp
 LOG = logging.getLogger("loraplug")
 
 
-def _attach(
-    patcher, key: str, adapters, strength, target: str, masks=None, texts=None, handles=None
-) -> list[str]:
+def _attach(patcher, key: str, adapters, strength, target: str, masks=None, texts=None, handles=None,
+            other_components_applied: bool = False) -> list[str]:  # fmt: skip
     """Register an injection on ``patcher`` that applies ``adapters`` (one set or a list) in bypass
     mode on inject, with optional per-set image-space masks, and removes them on eject (``handles``,
     if given, holds the live handles by patcher). Returns the keys that matched nothing (also
-    logged)."""
+    logged). ``other_components_applied``: the file's text-encoder keys go to a CLIP loaded beside
+    (no warning that they were left out here)."""
     model = patcher.model.diffusion_model if target == "unet" else patcher.model
-    probe = lp.apply(model, adapters, strength=strength, strict=False)  # resolve once, to report
+
+    def apply(root):
+        with warnings.catch_warnings():
+            if other_components_applied:
+                warnings.filterwarnings("ignore", message=".*adapter keys are for")
+            return lp.apply(root, adapters, strength=strength, strict=False)
+
+    probe = apply(model)  # resolve once, to report
     unmatched = sorted(probe.report.unmatched)
     probe.remove()
     handles = {} if handles is None else handles
 
     def inject(mp) -> None:
         root = mp.model.diffusion_model if target == "unet" else mp.model
-        handle = lp.apply(root, adapters, strength=strength, strict=False)
+        handle = apply(root)
         if masks is not None and any(m is not None for m in masks):
             handle.set_mask([None if m is None else m.float() for m in masks], text=texts)
         handles[id(mp)] = handle
@@ -77,13 +85,13 @@ class LoraplugLoraLoader:
         adapters = lp.load(path)
         new_model = model.clone()
         key = f"loraplug_{uuid.uuid4().hex}"
-        unmatched = _attach(
-            new_model, key, adapters, strength_model, "unet", None if mask is None else [mask]
-        )
+        unmatched = _attach(new_model, key, adapters, strength_model, "unet", None if mask is None else [mask],
+                            other_components_applied=clip is not None)  # fmt: skip
         new_clip = clip
         if clip is not None:
             new_clip = clip.clone()
-            _attach(new_clip.patcher, f"loraplug_{uuid.uuid4().hex}", adapters, strength_clip, "clip")
+            _attach(new_clip.patcher, f"loraplug_{uuid.uuid4().hex}", adapters, strength_clip, "clip",
+                    other_components_applied=True)  # fmt: skip
         text = f"{lora_name}: {len(adapters) - len(unmatched)} of {len(adapters)} modules matched"
         if unmatched:
             text += f"; unmatched (text-encoder keys apply to CLIP): {', '.join(unmatched[:10])}"
