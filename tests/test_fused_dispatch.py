@@ -492,6 +492,31 @@ def test_compiled_graphs_hold_the_custom_ops_when_asked(monkeypatch):
     assert "loraplug.quantize_rows" in graphs[-1] and "loraplug.lora_linear" in graphs[-1]
 
 
+def test_stacked_adapters_on_one_slice_add_with_one_gemm():
+    """Adapters stacked on the same output slice form one run: one addmm_ (one read-modify-write of
+    the slice) for all of them, exact against adding them one by one; a single adapter keeps its
+    own up projection (no copy)."""
+    model = _model()
+    x = torch.randn(5, 32)
+    first, second = _lora(0), _lora(1)
+    with torch.no_grad():
+        want = model[0](x) + 0.5 * (x @ first["0.lora_A.weight"].T) @ first["0.lora_B.weight"].T
+        want = want + 1.5 * (x @ second["0.lora_A.weight"].T) @ second["0.lora_B.weight"].T
+    handle = lp.apply(model, [first, second], strength=[0.5, 1.5])
+    with torch.no_grad():
+        got = model[0](x)
+    group = next(iter(runners(model[0])._lowrank.values()))
+    assert group.runs == [(0, 8, 0, 48)] and group.run_ups()[0].shape == (8, 48)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    handle.remove()
+    single = lp.apply(model, first)
+    with torch.no_grad():
+        model[0](x)
+    group = next(iter(runners(model[0])._lowrank.values()))
+    assert group.run_ups()[0] is group.ups_t[0]
+    single.remove()
+
+
 def test_grouped_runtime_adds_no_copy_of_a_single_adapter():
     """One LoRA per module: the runtime reads the adapter's own tensors (transposed views), so
     bypass adds no adapter-sized memory; several entries share one stacked copy of their downs."""

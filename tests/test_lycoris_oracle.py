@@ -115,11 +115,14 @@ def test_functions_match_lycoris_functional(rank, out_dim, in_dim, kernel, tucke
     else:
         down, mid = torch.randn(rank, in_dim, *kernel, generator=g), None
     up = torch.randn(out_dim, rank, *([1] * len(kernel)), generator=g)
+    reference = locon.diff_weight(down, up, mid, gamma=gamma, backend="torch")
+    # fp32 at 1e-5 of the tensor's scale (sums of hundreds of products: entries that cancel to
+    # near zero carry the rounding of their large terms)
     close(
         lora_delta_weight(down, up, mid, gamma),
-        locon.diff_weight(down, up, mid, gamma=gamma, backend="torch"),
+        reference,
         rtol=1e-5,
-        atol=1e-5,
+        atol=1e-5 * reference.abs().max().item(),
     )
     layer = (
         nn.Linear(in_dim, out_dim)
@@ -130,4 +133,9 @@ def test_functions_match_lycoris_functional(rank, out_dim, in_dim, kernel, tucke
     x = torch.randn(2, in_dim, *([5] * len(kernel)), generator=g)
     extra = {} if not kernel else {"padding": 1}
     want = locon.bypass_forward_diff(x, None, down, up, mid, gamma=gamma, extra_args=extra, backend="torch")
-    close(lora_bypass(x, down, up, mid, gamma, op), want, rtol=1e-5, atol=1e-5)
+    close(
+        lora_bypass(x, down, up, mid, gamma, op),
+        want,
+        rtol=1e-5,
+        atol=1e-5 * max(1.0, want.abs().max().item()),
+    )

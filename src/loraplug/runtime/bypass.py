@@ -13,6 +13,7 @@ graphs unless LORAPLUG_KERNELS=all) take the path above.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -52,7 +53,9 @@ class _LowRank:
     down_t (in, Σr) runs every adapter's down projection in one GEMM; rank_scale (Σr,) holds
     scale·strength per rank column and is rewritten in place when a strength changes (so a
     compiled graph sees the new value without re-tracing); ups_t[i] (rᵢ, sizeᵢ) adds entry i into
-    its output slice.
+    its output slice. Entries are sorted by output offset, so adapters stacked on one slice are
+    neighbours: inference adds each slice's run of them with one GEMM (``runs``, ``run_ups``), one
+    read-modify-write of that slice however many adapters it carries.
     """
 
     entries: list[Entry]
@@ -64,6 +67,33 @@ class _LowRank:
     trained: bool
     width: int
     packs: dict[int, _FusedOperands] = field(default_factory=dict)
+    _run_ups: list[Tensor] | None = None
+
+    @functools.cached_property
+    def runs(self) -> list[tuple[int, int, int, int]]:
+        """(rank start, ranks, output offset, output size) per run of neighbouring entries on one slice."""
+        runs: list[tuple[int, int, int, int]] = []
+        for start, rank, offset, size in self.spans:
+            if runs and runs[-1][2:] == (offset, size):
+                runs[-1] = (runs[-1][0], runs[-1][1] + rank, offset, size)
+            else:
+                runs.append((start, rank, offset, size))
+        return runs
+
+    def run_ups(self) -> list[Tensor]:
+        """Each run's up projections in one (Σr, size) matrix: the entry's own for a run of one,
+        else one copy (built on first use)."""
+        if self._run_ups is None:
+            ups = []
+            for start, ranks, _, _ in self.runs:
+                members = [
+                    u
+                    for (s, _, _, _), u in zip(self.spans, self.ups_t, strict=True)
+                    if start <= s < start + ranks
+                ]
+                ups.append(members[0] if len(members) == 1 else torch.cat(members))
+            self._run_ups = ups
+        return self._run_ups
 
     @classmethod
     def build(cls, found: list[tuple[Entry, tuple[Tensor, Tensor, float]]], out_features: int) -> _LowRank:
@@ -95,6 +125,7 @@ class _LowRank:
     def retensor(self, found: list[tuple[Entry, tuple[Tensor, Tensor, float]]]) -> None:
         """Point a trained group at its adapters' current tensors; spans and scales stay."""
         self.down_t, self.ups_t = _operands(found)
+        self._run_ups = None
 
     def packed(self, block_n: int) -> _FusedOperands:
         """The operands of the fused kernel for output tiles of width ``block_n`` (built once)."""
@@ -103,7 +134,7 @@ class _LowRank:
             self.packs[block_n] = _FusedOperands.build(packing, self.down_t, self.rank_scale)
             views = None if self.trained else kernels.up_views(self.spans, packing)
             if views is not None:  # the portable path reads the packing too: one copy, not two
-                self.ups_t = views
+                self.ups_t, self._run_ups = views, None
         return self.packs[block_n]
 
     def refresh(self) -> None:
@@ -147,8 +178,9 @@ class _LowRank:
             hidden = torch.cat(parts, 1)
         if training:
             return torch.addmm(y2, hidden, self._block_up(y2.shape[1])).view(y.shape)
-        for (start, rank, offset, size), up_t in zip(self.spans, self.ups_t, strict=True):
-            y2.narrow(1, offset, size).addmm_(hidden.narrow(1, start, rank), up_t)
+        for (start, ranks, offset, size), up in zip(self.runs, self.run_ups(), strict=True):
+            out = y2 if size == y2.shape[1] else y2.narrow(1, offset, size)
+            out.addmm_(hidden if ranks == hidden.shape[1] else hidden.narrow(1, start, ranks), up)
         return y
 
 
