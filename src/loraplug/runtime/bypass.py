@@ -200,7 +200,10 @@ class _FusedOperands:
         if packing.columns is None:
             return cls(down_t, rank_scale, packing.hstart, packing.packed, None)
         columns = torch.tensor(packing.columns, device=down_t.device)
-        fused = cls(_gather_columns(down_t.detach(), columns), torch.empty(len(packing.columns), device=rank_scale.device, dtype=rank_scale.dtype), packing.hstart, packing.packed, columns)  # fmt: skip
+        scales = rank_scale.new_empty(len(packing.columns))
+        fused = cls(
+            _gather_columns(down_t.detach(), columns), scales, packing.hstart, packing.packed, columns
+        )
         fused.refresh(rank_scale)
         return fused
 
