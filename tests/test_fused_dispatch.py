@@ -517,6 +517,34 @@ def test_stacked_adapters_on_one_slice_add_with_one_gemm():
     single.remove()
 
 
+def test_adapters_on_one_slice_are_neighbours_whatever_the_order(monkeypatch):
+    """Entries sort by output slice (offset, size), so two LoRAs on q stay one run even when a
+    whole-output adapter came between them; the sum is unchanged."""
+    from loraplug import arch
+
+    monkeypatch.setattr(arch, "PROVIDERS", [*arch.PROVIDERS, lambda model, ops: (
+        {"q": [arch.Target("layer", 0, 32)]} if hasattr(model, "layer") else {}, set())])  # fmt: skip
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.layer = nn.Linear(16, 96)
+    g = torch.Generator().manual_seed(2)
+    q1, q2 = ({"q.lora_A.weight": torch.randn(4, 16, generator=g), "q.lora_B.weight": torch.randn(32, 4, generator=g)}
+              for _ in range(2))  # fmt: skip
+    whole = {"layer.lora_A.weight": torch.randn(2, 16, generator=g), "layer.lora_B.weight": torch.randn(96, 2, generator=g)}  # fmt: skip
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        want = holder.layer(x)
+        want[:, :32] += (x @ q1["q.lora_A.weight"].T) @ q1["q.lora_B.weight"].T
+        want[:, :32] += (x @ q2["q.lora_A.weight"].T) @ q2["q.lora_B.weight"].T
+        want += (x @ whole["layer.lora_A.weight"].T) @ whole["layer.lora_B.weight"].T
+        handle = lp.apply(holder, [{**q1, **whole}, q2])
+        got = holder.layer(x)
+    group = next(iter(runners(holder.layer)._lowrank.values()))
+    assert group.runs == [(0, 8, 0, 32), (8, 2, 0, 96)]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    handle.remove()
+
+
 def test_grouped_runtime_adds_no_copy_of_a_single_adapter():
     """One LoRA per module: the runtime reads the adapter's own tensors (transposed views), so
     bypass adds no adapter-sized memory; several entries share one stacked copy of their downs."""

@@ -309,13 +309,9 @@ class ModuleBypass:
             x.requires_grad or w.requires_grad or any(g.trained for g in self._lowrank.values())
         ):
             return None  # the kernels have no backward: training takes the portable path
-        if (
-            not w.is_contiguous()
-            or w.data_ptr() % 16
-            or not (  # TMA: whole, 16-byte aligned rows
-                w.dtype == x.dtype or (isinstance(module, Fp8Linear) and fp8_matmul_on(x.device))
-            )
-        ):
+        if not w.is_contiguous() or w.data_ptr() % 16:  # TMA moves whole, 16-byte aligned rows
+            return None
+        if not (w.dtype == x.dtype or (isinstance(module, Fp8Linear) and fp8_matmul_on(x.device))):
             return None
         lowrank = self._lowrank_for(x)
         if lowrank is None or len(lowrank.entries) != len(self.entries) or lowrank.trained:
@@ -386,9 +382,9 @@ class ModuleBypass:
         group = self._lowrank.get(slot)
         if group is None or group.trained:
             found = [(e, e.patch.low_rank(x)) for e in self.entries if not e.patch.reads_base]
-            # by output offset: stacked adapters on one slice become neighbours, so that each output
-            # tile's ranks are one run of columns (kernels.pack_ups)
-            found = sorted(((e, f) for e, f in found if f is not None), key=lambda ef: ef[0].target.offset)
+            # by output slice: adapters stacked on one slice become neighbours (one run each in
+            # add_into, one run of columns per output tile in kernels.pack_ups)
+            found = sorted(((e, f) for e, f in found if f is not None), key=lambda ef: self._slice_key(ef[0]))
             if not found:
                 return None
             if group is not None:  # trained: same structure, new tensors
@@ -396,6 +392,10 @@ class ModuleBypass:
                 return group
             group = self._lowrank[slot] = _LowRank.build(found, self.op.out_features)
         return group
+
+    def _slice_key(self, entry: Entry) -> tuple[int, int]:
+        size = entry.target.size
+        return entry.target.offset, self.op.out_features if size is None else size
 
     def refresh_strengths(self) -> None:
         for group in self._lowrank.values():

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime import _allocation
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -263,8 +264,6 @@ def _ensure_allocator() -> None:
     """Device-made descriptors need a scratch allocator: ours, unless one is set already. Triton
     keeps it in a context variable (per thread): checked at every launch, so a worker thread (as
     in ComfyUI) gets one too."""
-    from triton.runtime import _allocation
-
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
 
