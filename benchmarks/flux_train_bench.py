@@ -1,8 +1,10 @@
 """GPU training benchmark: one step on the full Flux-dev-size transformer (random weights, bf16,
 512x512 = 1024 image + 512 text tokens, batch 1, AdamW), ratios to the frozen forward+backward
-measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on the split layout,
-the fused layout (one adapter per q/k/v slice) and an fp8 base (``lp.quantize_fp8``), peak memory
-of each; with COMPILE=1 also the split layout and the frozen model under torch.compile. Writes $OUT/flux_train_bench.json."""
+measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on the split layout
+(split_hooked: adapters added after the base GEMM, the previous default), the fused layout (one
+adapter per q/k/v slice) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
+picks); with COMPILE=1 also the split layout, the fp8 base and the frozen model under
+torch.compile. Writes $OUT/flux_train_bench.json."""
 
 import json
 import os
@@ -72,34 +74,47 @@ def main():
     time_steps(model, params, "peft_r16_step")
     del model, params
     torch.cuda.empty_cache()
-    for layout in ("split", "fused", "fp8"):  # fused: diffusers keeps the split weights too (+ memory)
+    layouts = os.environ.get("LAYOUTS", "split split_hooked fused fp8").split()
+    for layout in layouts:  # fused: diffusers keeps the split weights too (+ memory)
         model = build()
         if layout == "fused":
             model.fuse_qkv_projections()
         if layout == "fp8":  # the blocks' linear layers in fp8 (per-row weights, per-token activations)
             lp.quantize_fp8(model, targets=r"blocks\.")
             torch.cuda.empty_cache()
+        if layout == "split_hooked":  # adapters added after the base GEMM (the previous default)
+            os.environ["LORAPLUG_ACCUMULATE"] = "0"
         handle = lp.create(model, "lora", rank=16, alpha=16, targets="attn+mlp", init="random")
         params = handle.parameters()
         res["loraplug_trainable_M"] = sum(p.numel() for p in params) / 1e6
         time_steps(model, params, f"loraplug_{layout}_r16_step")
-        if layout == "split" and os.environ.get("COMPILE") == "1":  # what lp.train(compile=True) does
+        if (
+            layout in ("split", "fp8") and os.environ.get("COMPILE") == "1"
+        ):  # what lp.train(compile=True) does
             model.compile()
-            time_steps(model, params, "loraplug_split_r16_step_compiled")
+            time_steps(model, params, f"loraplug_{layout}_r16_step_compiled")
             model._compiled_call_impl = None
-            handle.remove()
-            model.compile()
-            time_steps(model, [], "frozen_fwd_bwd_compiled", input_grad=True)
+            if layout == "split":
+                handle.remove()
+                torch._dynamo.reset()
+                model.compile()
+                time_steps(model, [], "frozen_fwd_bwd_compiled", input_grad=True)
+            model._compiled_call_impl = None
+        os.environ.pop("LORAPLUG_ACCUMULATE", None)
         del model, params, handle
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
     for key in [k for k in res if k.endswith("_ms")]:
         res[key.replace("_ms", "_ratio")] = round(res[key] / res["frozen_fwd_bwd_ms"], 4)
     if "frozen_fwd_bwd_compiled_ms" in res:
-        res["loraplug_split_compiled_vs_frozen_compiled"] = round(
-            res["loraplug_split_r16_step_compiled_ms"] / res["frozen_fwd_bwd_compiled_ms"], 4
-        )
-    res["loraplug_fp8_vs_peft_step"] = round(res["loraplug_fp8_r16_step_ms"] / res["peft_r16_step_ms"], 4)
-    for layout in ("split", "fused", "fp8"):
+        for layout in ("split", "fp8"):
+            if f"loraplug_{layout}_r16_step_compiled_ms" in res:
+                res[f"loraplug_{layout}_compiled_vs_frozen_compiled"] = round(
+                    res[f"loraplug_{layout}_r16_step_compiled_ms"] / res["frozen_fwd_bwd_compiled_ms"], 4
+                )
+    for key in [k for k in res if k.startswith("loraplug_fp8_r16_step") and k.endswith("_ms")]:
+        res[key.replace("_ms", "_vs_peft_step")] = round(res[key] / res["peft_r16_step_ms"], 4)
+    for layout in layouts:
         peak = res[f"loraplug_{layout}_r16_step_peak_GB"]
         res[f"loraplug_{layout}_vs_peft_peak_memory"] = round(peak / res["peft_r16_step_peak_GB"], 4)
     out = Path(os.environ.get("OUT", ".")) / "flux_train_bench.json"

@@ -257,7 +257,7 @@ def linear_stack() -> dict:
                 tk.lora_linear(q, m.weight, m.bias, None, (sx, m.weight_scale), x.dtype)
 
         res["fp8_tiles"] = _sweep(res, "triton_fp8_base", FP8_TILES, triton_fp8)
-    for mode in _modes():
+    for mode in [m for m in _modes() if m != "hooked"]:  # hooked = portable on an fp8 base
         _mode(mode)
         handle = lp.apply(root, loras["r16"])
         if mode == "fused":
@@ -286,7 +286,8 @@ def _set_module(root: torch.nn.Module, path: str, module: torch.nn.Module) -> No
 
 
 def _check_paths(root, name: str, xs: dict, first, second) -> dict:
-    """Relative error of the portable and fused paths against float32, on one fused qkv layer."""
+    """Relative error of the hooked, portable (accumulating) and fused paths against float32, on
+    one fused qkv layer."""
     from .runtime.bypass import runners
 
     mod = root.get_submodule(name)
@@ -296,7 +297,9 @@ def _check_paths(root, name: str, xs: dict, first, second) -> dict:
     handle = lp.apply(root, [first, second], strength=[0.7, 1.2])
     _default_mode()
     runner, ref = runners(mod), _float_reference(mod, x)
-    paths = {"portable": runner._run(mod, (x,), {}, torch.nn.Linear.forward(mod, x))}
+    paths = {"hooked": runner._run(mod, (x,), {}, torch.nn.Linear.forward(mod, x))}
+    if runner.accumulating:
+        paths["portable"] = runner._accumulated_output(mod, x)
     if runner.fused:
         paths["fused"] = runner._fused_output(mod, x)
     handle.remove()
@@ -336,20 +339,26 @@ def table(results: dict) -> Table:
 
 
 def _modes() -> tuple[str, ...]:
-    """portable (LORAPLUG_KERNELS=0: no Triton at all), and where Triton runs: hybrid (=base:
-    Triton fp8 base GEMM, adapters on the portable path) and fused (=all: adapters inside the
-    base GEMM on every base). The default is fused on fp8 bases, portable on float ones."""
+    """hooked (adapters added after the base GEMM, no Triton: LORAPLUG_ACCUMULATE=0,
+    LORAPLUG_KERNELS=0), portable (no Triton; a plain Linear's base GEMM accumulates into the
+    adapters' output), and where Triton runs: hybrid (=base: Triton fp8 base GEMM, adapters on the
+    portable path) and fused (=all: adapters inside the base GEMM on every base). The default is
+    fused on fp8 bases, portable on float ones. ``MODES`` (space-separated) picks a subset."""
     from .runtime import kernels
 
-    return ("portable", "hybrid", "fused") if kernels.available() else ("portable",)
+    modes = ("hooked", "portable", "hybrid", "fused") if kernels.available() else ("hooked", "portable")
+    chosen = os.environ.get("MODES", "").split()
+    return tuple(m for m in modes if not chosen or m in chosen)
 
 
 def _mode(name: str) -> None:
-    os.environ["LORAPLUG_KERNELS"] = {"portable": "0", "hybrid": "base", "fused": "all"}[name]
+    os.environ["LORAPLUG_KERNELS"] = {"hooked": "0", "portable": "0", "hybrid": "base", "fused": "all"}[name]
+    os.environ["LORAPLUG_ACCUMULATE"] = "0" if name == "hooked" else "1"
 
 
 def _default_mode() -> None:
     os.environ.pop("LORAPLUG_KERNELS", None)
+    os.environ.pop("LORAPLUG_ACCUMULATE", None)
 
 
 def _compile(model):
@@ -411,7 +420,7 @@ def main() -> None:
     if os.environ.get("FP8") == "1":  # fp8 base: the blocks' linear layers, per row / per token
         quantize_fp8(model, targets=r"blocks\.")
         b.time(model, "fp8_base")
-        for mode in _modes():
+        for mode in [m for m in _modes() if m != "hooked"]:  # hooked = portable on an fp8 base
             _mode(mode)
             handle = lp.apply(model, loras[16])
             b.time(model, f"fp8_loraplug_{mode}_r16")

@@ -192,9 +192,43 @@ def test_fp8_base_passes_gradients_on_the_gpu():
     assert _rel(x.grad, grad.float() @ model[0].dequantized()) < 1e-2
 
 
-def test_float_bases_keep_the_hook_unless_opted_in(monkeypatch):
+def test_float_bases_take_the_kernel_only_when_opted_in(monkeypatch):
     monkeypatch.delenv("LORAPLUG_KERNELS")
     layer = _layer(256, 512, torch.bfloat16)
     handle = _apply(layer, [_lora(256, [(0, 512)], 8, 7)], [1.0], torch.bfloat16)
-    assert not runners(layer).fused and "forward" not in layer.__dict__
+    assert not runners(layer).fused and runners(layer).accumulating
     handle.remove()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    "slices, covered",
+    [
+        ([(0, 3072), (3072, 3072), (6144, 3072)], True),  # Flux qkv: three runs side by side
+        ([(0, 9216)], True),  # one whole-output run
+        ([(0, 3072)], False),  # q only: the hook order
+    ],
+)
+def test_accumulating_base_gemm_matches_the_hooked_path(slices, covered, bias, monkeypatch):
+    """cuBLAS accumulating into the adapters' output (each slice's run written through out=
+    views) against float32 and the hooked order, two stacked LoRAs, strength change, gradients."""
+    monkeypatch.setenv("LORAPLUG_KERNELS", "0")
+    layer = _layer(3072, 9216, torch.bfloat16, bias=bias)
+    parts = [_lora(3072, slices, 16, 1), _lora(3072, slices, 16, 2)]
+    x = torch.randn(4096, 3072, device="cuda", dtype=torch.bfloat16)
+    handle = _apply(layer, parts, [0.7, 1.3], torch.bfloat16)
+    runner = runners(layer)
+    got = runner._accumulated_output(layer, x)
+    assert (got is not None) == covered
+    hooked = runner._run(layer, (x,), {}, type(layer).forward(layer, x))
+    ref = _reference(layer, x, parts, [0.7, 1.3])
+    assert _rel(layer(x), ref) <= max(1.5 * _rel(hooked, ref), 2e-3)
+    handle.set_strength([0.0, 2.0])
+    assert _rel(layer(x), _reference(layer, x, parts, [0.0, 2.0])) < 1e-2
+    xg = x[:256].clone().requires_grad_(True)
+    layer(xg).float().square().sum().backward()
+    want = xg.detach().clone().requires_grad_(True)
+    runner._run(layer, (want,), {}, type(layer).forward(layer, want)).float().square().sum().backward()
+    assert _rel(xg.grad, want.grad) < 1e-2
+    handle.remove()
+    assert "forward" not in layer.__dict__

@@ -66,6 +66,7 @@ class _LowRank:
     rank_scale: Tensor
     trained: bool
     width: int
+    scaled_down_t: Tensor | None = None  # inference: down_t · rank_scale (no rescaling pass per call)
     packs: dict[int, _FusedOperands] = field(default_factory=dict)
     _run_ups: list[Tensor] | None = None
 
@@ -79,6 +80,16 @@ class _LowRank:
             else:
                 runs.append((start, rank, offset, size))
         return runs
+
+    @functools.cached_property
+    def covers_output(self) -> bool:
+        """The runs tile the whole output side by side (one whole-output run, or q/k/v slices)."""
+        end = 0
+        for _, _, offset, size in self.runs:
+            if offset != end:
+                return False
+            end = offset + size
+        return end == self.width
 
     def run_ups(self) -> list[Tensor]:
         """Each run's up projections in one (Σr, size) matrix: the entry's own for a run of one,
@@ -119,6 +130,8 @@ class _LowRank:
             ),
             width=out_features,
         )
+        if not group.trained:
+            group.scaled_down_t = torch.empty_like(group.down_t)
         group.refresh()
         return group
 
@@ -147,6 +160,8 @@ class _LowRank:
         )
         with torch.no_grad():
             self.rank_scale.copy_(self.static_scale * strengths.to(self.static_scale))
+            if self.scaled_down_t is not None:
+                self.scaled_down_t.copy_(self.down_t * self.rank_scale)
             for fused in self.packs.values():
                 fused.refresh(self.rank_scale)
 
@@ -157,6 +172,37 @@ class _LowRank:
         blocks = [F.pad(up_t, (offset, width - offset - size)) for (_, _, offset, size), up_t in zip(self.spans, self.ups_t, strict=True)]  # fmt: skip
         return torch.cat(blocks)
 
+    def hidden(self, x2: Tensor) -> Tensor:
+        """x·Aᵀ of every entry, each rank scaled by scale·strength (folded into the downs unless trained)."""
+        if self.scaled_down_t is None:
+            return torch.mm(x2, self.down_t) * self.rank_scale
+        return torch.mm(x2, self.scaled_down_t)
+
+    def under_base(self, x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """x·Wᵀ + bias + every entry, for runs that cover the output: the adapters' output is
+        written first and the base GEMM accumulates into it (cuBLAS reads it in its epilogue), so y
+        is not read back and rewritten after the base. Inference in eager mode writes each slice's
+        run into its columns; training and compiled graphs take one block-diagonal up projection."""
+        hidden = self.hidden(x2)
+        tracked = torch.is_grad_enabled() and (
+            self.trained or x2.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        if len(self.runs) == 1:
+            up = self.run_ups()[0]
+            y = torch.mm(hidden, up) if bias is None else torch.addmm(bias, hidden, up)
+        elif tracked or torch.compiler.is_compiling():  # out= writes are neither differentiable nor traced
+            up = self._block_up(self.width)
+            y = torch.mm(hidden, up) if bias is None else torch.addmm(bias, hidden, up)
+        else:
+            y = x2.new_empty(x2.shape[0], self.width)
+            for (start, ranks, offset, size), up in zip(self.runs, self.run_ups(), strict=True):
+                out, part = y.narrow(1, offset, size), hidden.narrow(1, start, ranks)
+                if bias is None:
+                    torch.mm(part, up, out=out)
+                else:
+                    torch.addmm(bias.narrow(0, offset, size), part, up, out=out)
+        return y.addmm_(x2, weight.t())
+
     def add_into(self, x: Tensor, y: Tensor, masks: list[Tensor | None] | None = None) -> Tensor:
         """y + Σ mᵢ·sᵢ·scaleᵢ·(x Aᵢᵀ) Bᵢᵀ, each into its slice; a token mask mᵢ scales the rows of
         the small hidden activation (exact, since Bᵢ acts per row).
@@ -166,11 +212,10 @@ class _LowRank:
         autograd tracks would copy its whole gradient once per slice in the backward pass.
         """
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        hidden = torch.mm(x2, self.down_t)
+        hidden = self.hidden(x2)
         # training: no in-place writes into tracked outputs; compiled: one out-of-place addmm that
         # inductor can fuse, instead of in-place writes into views of the output
         training = (self.trained and torch.is_grad_enabled()) or torch.compiler.is_compiling()
-        hidden = hidden * self.rank_scale if self.trained else hidden.mul_(self.rank_scale)
         if masks is not None:
             rows = [None if m is None else m.expand(*y.shape[:-1], 1).reshape(-1, 1) for m in masks]
             parts = [hidden.narrow(1, s, r) * m if m is not None else hidden.narrow(1, s, r)
@@ -237,12 +282,14 @@ class ModuleBypass:
         self._lowrank: dict[tuple, _LowRank] = {}
         self._weight_key: tuple | None = None
         self._weight: Tensor | None = None
-        # Where the fused kernels may run, the runner takes the module's forward (an instance
-        # attribute, removed again by close()) so that it can replace the base GEMM; elsewhere it is
-        # a forward hook after the module's own forward.
+        # Where the runner computes the base GEMM itself (the fused kernels; a plain Linear's GEMM
+        # accumulating into the adapters' output), it takes the module's forward (an instance
+        # attribute, removed again by close()); elsewhere it is a forward hook after the module's
+        # own forward.
         self.fused = self.grouping and _fusable(module)
-        if self.fused:
-            module.forward = self._forward
+        self.accumulating = self.grouping and _accumulable(module)
+        if self.fused or self.accumulating:
+            module.forward = _Forward(self, module)
             self._hook = None
         else:
             self._hook = module.register_forward_hook(self._run, with_kwargs=True)
@@ -282,14 +329,42 @@ class ModuleBypass:
         t = entry.target
         return y if t.size is None else y.narrow(self.op.channel_dim, t.offset, t.size)
 
-    def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """The module's forward while fused kernels may run: the fused path where it applies,
-        otherwise the module's own forward followed by the portable path."""
-        module = self.module_ref()
-        y = None if args or kwargs else self._fused_output(module, x)
+    def forward(self, module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+        """The module's forward while the runner owns it: the fused kernel or the accumulating base
+        GEMM where they apply, otherwise the module's own forward followed by the portable path."""
+        y = None
+        if not (args or kwargs):
+            y = self._fused_output(module, x) if self.fused else None
+            if y is None and self.accumulating:
+                y = self._accumulated_output(module, x)
         if y is None:
             y = self._run(module, (x, *args), kwargs, type(module).forward(module, x, *args, **kwargs))
         return y
+
+    def _accumulated_output(self, module: nn.Module, x: Tensor) -> Tensor | None:
+        """y = adapters, then the base GEMM accumulating into it (_LowRank.under_base); None where
+        that is not exactly the hook path's result (weights of another dtype or kind, masks,
+        adapters that read the base output, runs that leave part of the output bare)."""
+        w = module.weight
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
+            return None  # autocast would change the dtype of some GEMMs but not the in-place one
+        if not (
+            kernels.accumulates()
+            and type(w) in (nn.Parameter, Tensor)  # quantized weights are tensor subclasses
+            and w.dtype == x.dtype
+            and x.is_floating_point()
+            and w.device == x.device
+        ):
+            return None
+        if any(e.mask is not None and e.mask.value is not None for e in self.entries):
+            return None
+        lowrank = self._lowrank_for(x)
+        if lowrank is None or len(lowrank.entries) != len(self.entries) or not lowrank.covers_output:
+            return None
+        bias = module.bias
+        y = lowrank.under_base(x.reshape(-1, x.shape[-1]), w, None if bias is None else bias.to(x.dtype))
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def _fused_group(self, module: nn.Module, x: Tensor) -> _LowRank | None:
         """The low-rank group when the fused kernel computes this call exactly as the portable path
@@ -417,13 +492,27 @@ class ModuleBypass:
             if group is not None and self.fused and w.is_cuda:
                 kernels.ops()  # imported now, not inside a compiled region
                 group.packed(_block_n(self.module_ref()))
+            elif group is not None and not group.trained:
+                group.run_ups()  # built now: a compiled graph would guard on the cache being empty
 
     def close(self) -> None:
         module = self.module_ref()
         if self._hook is not None:
             self._hook.remove()
-        elif module is not None and module.__dict__.get("forward") == self._forward:
+        elif module is not None and getattr(module.__dict__.get("forward"), "runner", None) is self:
             del module.forward
+
+
+class _Forward:
+    """A module's forward while its runner owns it. It holds the module itself (not a weak
+    reference), so that a deep copy of the model (an EMA copy, say) computes with the copy's own
+    weights and adapters."""
+
+    def __init__(self, runner: ModuleBypass, module: nn.Module):
+        self.runner, self.module = runner, module
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        return self.runner.forward(self.module, *args, **kwargs)
 
 
 def _block_n(module: nn.Module) -> int:
@@ -441,6 +530,12 @@ def _fusable(module: nn.Module) -> bool:
         and type(module) in kinds
         and "forward" not in module.__dict__
     )
+
+
+def _accumulable(module: nn.Module) -> bool:
+    """A plain ``nn.Linear`` (not a subclass with its own forward), no other wrapper on its forward:
+    its base GEMM can run after the adapters, accumulating into their output."""
+    return kernels.accumulates() and type(module) is nn.Linear and "forward" not in module.__dict__
 
 
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, ModuleBypass] = weakref.WeakKeyDictionary()

@@ -55,6 +55,14 @@ def fuses_adapters() -> bool:
     return os.environ.get("LORAPLUG_KERNELS") != "base"
 
 
+def accumulates() -> bool:
+    """Whether a plain float ``nn.Linear`` runs its base GEMM last, accumulating into the adapters'
+    output (written first; the base GEMM reads it in its epilogue instead of a separate pass reading
+    and rewriting y after the base; the default). ``LORAPLUG_ACCUMULATE=0``: the base first, the
+    adapters added after it (the path every other layer type takes)."""
+    return os.environ.get("LORAPLUG_ACCUMULATE") != "0"
+
+
 def here() -> bool:
     """Whether the current call may launch the Triton kernels: always in eager mode; inside a
     torch.compile graph (as custom ops) only with ``LORAPLUG_KERNELS=all``. Measured on the H200
