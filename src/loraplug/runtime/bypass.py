@@ -66,7 +66,6 @@ class _LowRank:
     rank_scale: Tensor
     trained: bool
     width: int
-    scaled_down_t: Tensor | None = None  # inference: down_t · rank_scale (no rescaling pass per call)
     packs: dict[int, _FusedOperands] = field(default_factory=dict)
     _run_ups: list[Tensor] | None = None
 
@@ -130,8 +129,6 @@ class _LowRank:
             ),
             width=out_features,
         )
-        if not group.trained:
-            group.scaled_down_t = torch.empty_like(group.down_t)
         group.refresh()
         return group
 
@@ -160,8 +157,6 @@ class _LowRank:
         )
         with torch.no_grad():
             self.rank_scale.copy_(self.static_scale * strengths.to(self.static_scale))
-            if self.scaled_down_t is not None:
-                self.scaled_down_t.copy_(self.down_t * self.rank_scale)
             for fused in self.packs.values():
                 fused.refresh(self.rank_scale)
 
@@ -173,34 +168,18 @@ class _LowRank:
         return torch.cat(blocks)
 
     def hidden(self, x2: Tensor) -> Tensor:
-        """x·Aᵀ of every entry, each rank scaled by scale·strength (folded into the downs unless trained)."""
-        if self.scaled_down_t is None:
-            return torch.mm(x2, self.down_t) * self.rank_scale
-        return torch.mm(x2, self.scaled_down_t)
+        """x·Aᵀ of every entry, each rank scaled by scale·strength (in place unless trained)."""
+        hidden = torch.mm(x2, self.down_t)
+        return hidden * self.rank_scale if self.trained else hidden.mul_(self.rank_scale)
 
     def under_base(self, x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """x·Wᵀ + bias + every entry, for runs that cover the output: the adapters' output is
         written first and the base GEMM accumulates into it (cuBLAS reads it in its epilogue), so y
-        is not read back and rewritten after the base. Inference in eager mode writes each slice's
-        run into its columns; training and compiled graphs take one block-diagonal up projection."""
+        is not read back and rewritten after the base; several runs take one block-diagonal up
+        projection (the portable path in training and compiled graphs, see ``accumulates``)."""
         hidden = self.hidden(x2)
-        tracked = torch.is_grad_enabled() and (
-            self.trained or x2.requires_grad or (bias is not None and bias.requires_grad)
-        )
-        if len(self.runs) == 1:
-            up = self.run_ups()[0]
-            y = torch.mm(hidden, up) if bias is None else torch.addmm(bias, hidden, up)
-        elif tracked or torch.compiler.is_compiling():  # out= writes are neither differentiable nor traced
-            up = self._block_up(self.width)
-            y = torch.mm(hidden, up) if bias is None else torch.addmm(bias, hidden, up)
-        else:
-            y = x2.new_empty(x2.shape[0], self.width)
-            for (start, ranks, offset, size), up in zip(self.runs, self.run_ups(), strict=True):
-                out, part = y.narrow(1, offset, size), hidden.narrow(1, start, ranks)
-                if bias is None:
-                    torch.mm(part, up, out=out)
-                else:
-                    torch.addmm(bias.narrow(0, offset, size), part, up, out=out)
+        up = self.run_ups()[0] if len(self.runs) == 1 else self._block_up(self.width)
+        y = torch.mm(hidden, up) if bias is None else torch.addmm(bias, hidden, up)
         return y.addmm_(x2, weight.t())
 
     def add_into(self, x: Tensor, y: Tensor, masks: list[Tensor | None] | None = None) -> Tensor:
@@ -344,7 +323,8 @@ class ModuleBypass:
     def _accumulated_output(self, module: nn.Module, x: Tensor) -> Tensor | None:
         """y = adapters, then the base GEMM accumulating into it (_LowRank.under_base); None where
         that is not exactly the hook path's result (weights of another dtype or kind, masks,
-        adapters that read the base output, runs that leave part of the output bare)."""
+        adapters that read the base output, runs that leave part of the output bare) or where the
+        hook order measured faster (several slices in eager inference: benchmarks/README.md)."""
         w = module.weight
         device = x.device.type
         if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
@@ -362,6 +342,9 @@ class ModuleBypass:
         lowrank = self._lowrank_for(x)
         if lowrank is None or len(lowrank.entries) != len(self.entries) or not lowrank.covers_output:
             return None
+        tracked = torch.is_grad_enabled() and (lowrank.trained or x.requires_grad)
+        if len(lowrank.runs) > 1 and not (tracked or torch.compiler.is_compiling()):
+            return None  # eager inference on slices: in place per slice after the base (measured faster)
         bias = module.bias
         y = lowrank.under_base(x.reshape(-1, x.shape[-1]), w, None if bias is None else bias.to(x.dtype))
         return y.view(*x.shape[:-1], y.shape[-1])
