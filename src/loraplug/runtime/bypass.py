@@ -13,7 +13,6 @@ graphs unless LORAPLUG_KERNELS=all) take the path above.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -66,29 +65,10 @@ class _LowRank:
     rank_scale: Tensor
     trained: bool
     width: int
+    runs: list[tuple[int, int, int, int]]  # (rank start, ranks, output offset, output size) per slice
+    covers_output: bool  # the runs tile the whole output side by side (one run, or q/k/v slices)
     packs: dict[int, _FusedOperands] = field(default_factory=dict)
     _run_ups: list[Tensor] | None = None
-
-    @functools.cached_property
-    def runs(self) -> list[tuple[int, int, int, int]]:
-        """(rank start, ranks, output offset, output size) per run of neighbouring entries on one slice."""
-        runs: list[tuple[int, int, int, int]] = []
-        for start, rank, offset, size in self.spans:
-            if runs and runs[-1][2:] == (offset, size):
-                runs[-1] = (runs[-1][0], runs[-1][1] + rank, offset, size)
-            else:
-                runs.append((start, rank, offset, size))
-        return runs
-
-    @functools.cached_property
-    def covers_output(self) -> bool:
-        """The runs tile the whole output side by side (one whole-output run, or q/k/v slices)."""
-        end = 0
-        for _, _, offset, size in self.runs:
-            if offset != end:
-                return False
-            end = offset + size
-        return end == self.width
 
     def run_ups(self) -> list[Tensor]:
         """Each run's up projections in one (Σr, size) matrix: the entry's own for a run of one,
@@ -128,6 +108,8 @@ class _LowRank:
                 d.requires_grad or f[1].requires_grad for d, (_, f) in zip(downs, found, strict=True)
             ),
             width=out_features,
+            runs=(runs := _runs(spans)),
+            covers_output=_covers(runs, out_features),
         )
         group.refresh()
         return group
@@ -206,6 +188,27 @@ class _LowRank:
             out = y2 if size == y2.shape[1] else y2.narrow(1, offset, size)
             out.addmm_(hidden if ranks == hidden.shape[1] else hidden.narrow(1, start, ranks), up)
         return y
+
+
+def _runs(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Neighbouring spans on the same output slice merged into one run (their ranks side by side)."""
+    runs: list[tuple[int, int, int, int]] = []
+    for start, rank, offset, size in spans:
+        if runs and runs[-1][2:] == (offset, size):
+            runs[-1] = (runs[-1][0], runs[-1][1] + rank, offset, size)
+        else:
+            runs.append((start, rank, offset, size))
+    return runs
+
+
+def _covers(runs: list[tuple[int, int, int, int]], width: int) -> bool:
+    """The runs' slices lie side by side from column 0 to ``width``."""
+    end = 0
+    for _, _, offset, size in runs:
+        if offset != end:
+            return False
+        end = offset + size
+    return end == width
 
 
 @dataclass(eq=False)
@@ -438,16 +441,15 @@ class ModuleBypass:
         """The stacked low-rank entries for x's device/dtype (cached unless being trained)."""
         slot = (x.device, x.dtype)
         group = self._lowrank.get(slot)
-        if group is None or group.trained:
+        if group is not None and group.trained:  # same structure, the parameters' current tensors
+            group.retensor([(e, e.patch.low_rank(x)) for e in group.entries])
+        elif group is None:
             found = [(e, e.patch.low_rank(x)) for e in self.entries if not e.patch.reads_base]
             # by output slice: adapters stacked on one slice become neighbours (one run each in
             # add_into, one run of columns per output tile in kernels.pack_ups)
             found = sorted(((e, f) for e, f in found if f is not None), key=lambda ef: self._slice_key(ef[0]))
             if not found:
                 return None
-            if group is not None:  # trained: same structure, new tensors
-                group.retensor(found)
-                return group
             group = self._lowrank[slot] = _LowRank.build(found, self.op.out_features)
         return group
 
