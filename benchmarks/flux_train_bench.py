@@ -3,12 +3,14 @@
 measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on the split layout
 (split_hooked: adapters added after the base GEMM, the previous default), the fused layout (one
 adapter per q/k/v slice) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
-picks); with COMPILE=1 also the split layout, the fp8 base and the frozen model under
-torch.compile. Writes $OUT/flux_train_bench.json."""
+picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step); with COMPILE=1 also the split layout,
+the fp8 base and (``FROZEN_COMPILED=0`` skips it) the frozen model under torch.compile. Writes
+$OUT/flux_train_bench.json, and after every variant flux_train_bench.partial.json."""
 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -87,14 +89,15 @@ def main():
         handle = lp.create(model, "lora", rank=16, alpha=16, targets="attn+mlp", init="random")
         params = handle.parameters()
         res["loraplug_trainable_M"] = sum(p.numel() for p in params) / 1e6
-        time_steps(model, params, f"loraplug_{layout}_r16_step")
-        if (
-            layout in ("split", "fp8") and os.environ.get("COMPILE") == "1"
-        ):  # what lp.train(compile=True) does
+        if layout not in os.environ.get("COMPILED_ONLY", "").split():
+            time_steps(model, params, f"loraplug_{layout}_r16_step")
+        if layout in ("split", "fp8") and os.environ.get("COMPILE") == "1":  # as lp.train(compile=True)
             model.compile()
+            t0 = time.time()
             time_steps(model, params, f"loraplug_{layout}_r16_step_compiled")
+            res[f"loraplug_{layout}_compile_and_time_s"] = round(time.time() - t0, 1)
             model._compiled_call_impl = None
-            if layout == "split":
+            if layout == "split" and os.environ.get("FROZEN_COMPILED", "1") == "1":
                 handle.remove()
                 torch._dynamo.reset()
                 model.compile()
@@ -114,7 +117,7 @@ def main():
                 )
     for key in [k for k in res if k.startswith("loraplug_fp8_r16_step") and k.endswith("_ms")]:
         res[key.replace("_ms", "_vs_peft_step")] = round(res[key] / res["peft_r16_step_ms"], 4)
-    for layout in layouts:
+    for layout in [x for x in layouts if f"loraplug_{x}_r16_step_peak_GB" in res]:
         peak = res[f"loraplug_{layout}_r16_step_peak_GB"]
         res[f"loraplug_{layout}_vs_peft_peak_memory"] = round(peak / res["peft_r16_step_peak_GB"], 4)
     out = Path(os.environ.get("OUT", ".")) / "flux_train_bench.json"
