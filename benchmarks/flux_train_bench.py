@@ -61,6 +61,7 @@ def time_steps(model, params, name, input_grad=False):
     res[name + "_ms"] = _time_fn(step, ITERS)
     res[name + "_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
     print(f"{name:24s} {res[name + '_ms']:8.1f} ms  peak {res[name + '_peak_GB']:.1f} GB", flush=True)
+    (Path(os.environ.get("OUT", ".")) / "flux_train_bench.partial.json").write_text(json.dumps(res, indent=1))
 
 
 def main():
