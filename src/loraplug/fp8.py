@@ -43,7 +43,10 @@ def fp8_matmul_on(device: torch.device) -> bool:
 
 @functools.cache
 def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    # get_device_properties: torch.compile folds it to a constant (get_device_capability broke the
+    # graph at every fp8 layer, the custom autograd function included)
+    props = torch.cuda.get_device_properties(index)
+    return props.major, props.minor
 
 
 class Fp8Linear(nn.Linear):
