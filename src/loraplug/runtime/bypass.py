@@ -1,14 +1,19 @@
-"""Bypass mode: one forward hook per module runs every adapter bound to it.
+"""Bypass mode: one runner per module runs every adapter bound to it.
 
 y' = y + Σ sᵢ · Δyᵢ(x), each Δyᵢ written in place into its output slice. The module's class, its
 parameters and its state_dict keys are never changed. Strengths are tensors, so changing them (or
 disabling an adapter) re-traces nothing under torch.compile.
 
-On an fp8 base (``Fp8Linear``, or any float Linear with ``LORAPLUG_KERNELS=all``) on CUDA with
-Triton, the runner instead sets the module's ``forward`` (an instance attribute, deleted on
-removal) to one fused GEMM that adds every low-rank adapter inside the base product
-(runtime.kernels); calls it cannot serve (training, masks, other adapters, CPU, torch.compile
-graphs unless LORAPLUG_KERNELS=all) take the path above.
+Most layers get a forward hook after their own forward. Where the runner computes the base GEMM
+itself it sets the module's ``forward`` (an instance attribute, deleted on removal) instead:
+- a plain float ``nn.Linear``: the low-rank adapters' output first, then the base GEMM
+  accumulating into it (``_LowRank.under_base``), for one whole-output run and for training and
+  compiled graphs (``LORAPLUG_ACCUMULATE=0`` keeps the hooked order);
+- an fp8 base (``Fp8Linear``, or any float Linear with ``LORAPLUG_KERNELS=all``) on CUDA with
+  Triton: one fused GEMM that adds every low-rank adapter inside the base product
+  (runtime.kernels).
+Calls these cannot serve (masks, adapters that read the base output, other dtypes, CPU for the
+kernels, training for the kernels) take the hooked order.
 """
 
 from __future__ import annotations
@@ -184,9 +189,12 @@ class _LowRank:
             hidden = torch.cat(parts, 1)
         if training:
             return torch.addmm(y2, hidden, self._block_up(y2.shape[1])).view(y.shape)
+        hidden = hidden.to(y2.dtype)  # autocast casts the GEMMs above, never an in-place one
         for (start, ranks, offset, size), up in zip(self.runs, self.run_ups(), strict=True):
             out = y2 if size == y2.shape[1] else y2.narrow(1, offset, size)
-            out.addmm_(hidden if ranks == hidden.shape[1] else hidden.narrow(1, start, ranks), up)
+            out.addmm_(
+                hidden if ranks == hidden.shape[1] else hidden.narrow(1, start, ranks), up.to(y2.dtype)
+            )
         return y
 
 

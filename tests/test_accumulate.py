@@ -1,0 +1,159 @@
+"""The accumulating base GEMM (a plain Linear's base product runs last, into the adapters' output)
+against the hooked order (base first, adapters added after it): same outputs and gradients for
+whole-output and sliced adapters, the cases that must keep the hooked order, deep copies, and
+one graph under torch.compile for inference and training."""
+
+import copy
+
+import pytest
+import torch
+from conftest import close
+from torch import nn
+
+import loraplug as lp
+from loraplug import arch
+from loraplug.runtime.bypass import runners
+from loraplug.testing import flux_inputs, tiny_flux
+
+
+@pytest.fixture
+def sliced(monkeypatch):
+    """Names q/k/v (thirds of ``holder.layer``'s output) and ``layer`` (all of it)."""
+    monkeypatch.setattr(arch, "PROVIDERS", [*arch.PROVIDERS, lambda model, ops: (
+        {n: [arch.Target("layer", 16 * i, 16)] for i, n in enumerate("qkv")} if hasattr(model, "layer") else {},
+        set())])  # fmt: skip
+
+
+def _holder(bias: bool) -> nn.Module:
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.layer = nn.Linear(24, 48, bias=bias)
+    return holder
+
+
+def _lora(names: str, seed: int, size: int = 16) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name in names.split():
+        width = 48 if name == "layer" else size
+        sd[f"{name}.lora_A.weight"] = torch.randn(3, 24, generator=g)
+        sd[f"{name}.lora_B.weight"] = torch.randn(width, 3, generator=g)
+    return sd
+
+
+LAYOUTS = {  # adapters' targets, whether the accumulating GEMM takes inference / tracked calls
+    "whole": (["layer"], True, True),
+    "two stacked on the whole output": (["layer", "layer"], True, True),
+    "q, k and v": (["q k v"], False, True),  # eager inference on slices keeps the hooked order
+    "q, k, v twice": (["q k v", "q k v"], False, True),
+    "q only": (["q"], False, False),  # part of the output bare
+    "slices and the whole output": (["q k v layer"], False, False),
+}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_accumulating_equals_the_hooked_order(layout, bias, sliced, monkeypatch):
+    names, inference, tracked = LAYOUTS[layout]
+    holder = _holder(bias)
+    adapters = [lp.load(_lora(n, seed), name=f"a{seed}") for seed, n in enumerate(names)]
+    strengths = [0.7, -1.3][: len(adapters)]
+    handle = lp.apply(holder, adapters, strength=strengths)
+    assert handle.report.ok, handle.report.unmatched
+    runner = runners(holder.layer)
+    assert runner.accumulating and "forward" in holder.layer.__dict__
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        assert (runner._accumulated_output(holder.layer, x) is not None) == inference
+        got = holder.layer(x)
+    xg = x.clone().requires_grad_(True)
+    assert (runner._accumulated_output(holder.layer, xg) is not None) == tracked
+    holder.layer(xg).square().sum().backward()
+    monkeypatch.setenv("LORAPLUG_ACCUMULATE", "0")  # read at call time: the same runner, hooked order
+    assert runner._accumulated_output(holder.layer, xg) is None
+    with torch.no_grad():
+        want = holder.layer(x)
+    xw = x.clone().requires_grad_(True)
+    holder.layer(xw).square().sum().backward()
+    close(got, want, rtol=1e-5, atol=1e-5)
+    close(xg.grad, xw.grad, rtol=1e-4, atol=1e-4)
+    handle.remove()
+    assert "forward" not in holder.layer.__dict__ and runners(holder.layer) is None
+
+
+def test_trained_slices_get_the_same_gradients(monkeypatch):
+    """Training per-slice adapters on a fused qkv (block-diagonal up projection, base GEMM last)
+    gives the adapters the gradients of the hooked order."""
+
+    def grads(accumulate: str) -> list[torch.Tensor]:
+        monkeypatch.setenv("LORAPLUG_ACCUMULATE", accumulate)
+        model = tiny_flux()
+        model.fuse_qkv_projections()
+        torch.manual_seed(1)
+        handle = lp.create(model, "lora", rank=2, targets="attn", init="random")
+        assert handle.report.ok and handle.report.fused
+        model(**flux_inputs())[0].square().mean().backward()
+        out = [p.grad.clone() for p in handle.parameters()]
+        handle.remove()
+        return out
+
+    for got, want in zip(grads("1"), grads("0"), strict=True):
+        close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_autocast_to_another_dtype_keeps_the_hooked_order():
+    holder = _holder(True)
+    lp.apply(holder, _lora("layer", 0))
+    x = torch.randn(4, 24)
+    runner = runners(holder.layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert runner._accumulated_output(holder.layer, x) is None
+        assert holder.layer(x).dtype == torch.bfloat16
+    assert runner._accumulated_output(holder.layer, x) is not None
+
+
+def test_a_deep_copy_computes_with_its_own_weights():
+    """The runner's forward holds its module: a copied model (an EMA copy, say) uses the copy's
+    weights and adapters, and keeps working when the original is gone."""
+    holder = _holder(True)
+    sd = _lora("layer", 0)
+    handle = lp.apply(holder, sd, strength=0.5)
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        before = holder.layer(x)
+        twin = copy.deepcopy(holder)
+        twin.layer.weight.add_(1.0)
+        want = before + x.sum(-1, keepdim=True)
+        close(twin.layer(x), want, rtol=1e-5, atol=1e-5)
+        close(holder.layer(x), before, rtol=0, atol=0)
+        handle.remove()
+        del holder
+        close(twin.layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def _graphs(model, run) -> int:
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    run(torch.compile(model, backend=record))
+    torch._dynamo.reset()
+    return len(graphs)
+
+
+def test_compiled_training_and_inference_are_one_graph():
+    """No graph breaks with the bypass inside (a lazily cached property's lock and a sort by tuple
+    keys each broke the graph at every adapted module)."""
+    model = tiny_flux()
+    model.fuse_qkv_projections()
+    handle = lp.create(model, "lora", rank=2, targets="attn+mlp", init="random")
+    inputs = flux_inputs()
+    assert _graphs(model, lambda m: m(**inputs)[0].square().mean().backward()) == 1
+    handle.remove()
+    trained = lp.apply(model, [handle.adapters[0], handle.adapters[0]], strength=[0.5, 1.0])
+    with torch.no_grad():
+        assert _graphs(model, lambda m: m(**inputs)) == 1
+    trained.remove()
