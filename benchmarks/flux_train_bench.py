@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import loraplug as lp  # noqa: E402
-from loraplug.bench import CFG, _time_fn  # noqa: E402
+from loraplug.bench import CFG, _graphs, _time_fn  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
 ITERS = int(os.environ.get("ITERS", 6))
@@ -93,10 +93,12 @@ def main():
         if layout not in os.environ.get("COMPILED_ONLY", "").split():
             time_steps(model, params, f"loraplug_{layout}_r16_step")
         if layout in ("split", "fp8") and os.environ.get("COMPILE") == "1":  # as lp.train(compile=True)
+            torch._dynamo.utils.counters.clear()
             model.compile()
             t0 = time.time()
             time_steps(model, params, f"loraplug_{layout}_r16_step_compiled")
             res[f"loraplug_{layout}_compile_and_time_s"] = round(time.time() - t0, 1)
+            res[f"loraplug_{layout}_r16_step_compiled_dynamo"] = _graphs()
             model._compiled_call_impl = None
             if layout == "split" and os.environ.get("FROZEN_COMPILED", "1") == "1":
                 handle.remove()

@@ -362,8 +362,26 @@ def _default_mode() -> None:
 
 
 def _compile(model):
-    """torch.compile with COMPILE_MODE (e.g. reduce-overhead: CUDA graphs, no host cost per launch)."""
+    """torch.compile with COMPILE_MODE (e.g. reduce-overhead: CUDA graphs, no host cost per launch);
+    Dynamo's counters start from zero (``_graphs`` reads them)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     return torch.compile(model, mode=os.environ.get("COMPILE_MODE") or None)
+
+
+def _graphs() -> dict:
+    """What Dynamo made of the model since ``_compile``: graphs, graph breaks (and their first
+    reasons), recompilations — a compiled model split into many graphs runs far slower."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(breaks.values()),
+        "break_reasons": [reason[:160] for reason in list(breaks)[:3]],
+        "recompiles": counters["recompiles"].get("total", 0) if "recompiles" in counters else 0,
+    }
 
 
 def main() -> None:
@@ -402,6 +420,7 @@ def main() -> None:
     if compile_:
         t0 = time.time()
         b.time(_compile(model), "compiled_base_fused")
+        b.res["compiled_base_fused_dynamo"] = _graphs()
         b.res["compile_base_s"] = time.time() - t0
         for mode in [m for m in _modes() if m != "hybrid" and os.environ.get("COMPILE_LORA", "1") == "1"]:
             _mode(mode)
@@ -409,6 +428,7 @@ def main() -> None:
             torch._dynamo.reset()
             compiled = _compile(model)
             b.time(compiled, f"compiled_loraplug_{mode}_fused_r16")
+            b.res[f"compiled_loraplug_{mode}_fused_r16_dynamo"] = _graphs()
             with torch._dynamo.config.patch(error_on_recompile=True):
                 for s in (0.2, 1.3):
                     handle.set_strength(s)
@@ -428,9 +448,11 @@ def main() -> None:
         _default_mode()
         if compile_:
             b.time(_compile(model), "compiled_fp8_base")
+            b.res["compiled_fp8_base_dynamo"] = _graphs()
             handle = lp.apply(model, loras[16])
             torch._dynamo.reset()
             b.time(_compile(model), "compiled_fp8_loraplug_r16")
+            b.res["compiled_fp8_loraplug_r16_dynamo"] = _graphs()
             handle.remove()
     if os.environ.get("PEFT", "1") == "1" and os.environ.get("FP8") != "1":
         from peft import LoraConfig  # last: PEFT leaves its wrappers in the model
