@@ -41,20 +41,20 @@ def _lora(names: str, seed: int, size: int = 16) -> dict:
     return sd
 
 
-LAYOUTS = {  # adapters' targets, whether the accumulating GEMM takes inference / tracked calls
-    "whole": (["layer"], True, True),
-    "two stacked on the whole output": (["layer", "layer"], True, True),
-    "q, k and v": (["q k v"], False, True),  # eager inference on slices keeps the hooked order
-    "q, k, v twice": (["q k v", "q k v"], False, True),
-    "q only": (["q"], False, False),  # part of the output bare
-    "slices and the whole output": (["q k v layer"], False, False),
+LAYOUTS = {  # adapters' targets, whether the accumulating GEMM takes tracked and compiled calls
+    "whole": (["layer"], True),
+    "two stacked on the whole output": (["layer", "layer"], True),
+    "q, k and v": (["q k v"], True),
+    "q, k, v twice": (["q k v", "q k v"], True),
+    "q only": (["q"], False),  # part of the output bare
+    "slices and the whole output": (["q k v layer"], False),
 }
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_accumulating_equals_the_hooked_order(layout, bias, sliced, monkeypatch):
-    names, inference, tracked = LAYOUTS[layout]
+    names, tracked = LAYOUTS[layout]
     holder = _holder(bias)
     adapters = [lp.load(_lora(n, seed), name=f"a{seed}") for seed, n in enumerate(names)]
     strengths = [0.7, -1.3][: len(adapters)]
@@ -64,8 +64,10 @@ def test_accumulating_equals_the_hooked_order(layout, bias, sliced, monkeypatch)
     assert runner.accumulating and "forward" in holder.layer.__dict__
     x = torch.randn(2, 5, 24)
     with torch.no_grad():
-        assert (runner._accumulated_output(holder.layer, x) is not None) == inference
-        got = holder.layer(x)
+        assert runner._accumulated_output(holder.layer, x) is None  # eager inference: hooked order
+        torch._dynamo.reset()
+        got = torch.compile(holder.layer, backend="eager")(x)  # traced: the accumulating GEMM
+        torch._dynamo.reset()
     xg = x.clone().requires_grad_(True)
     assert (runner._accumulated_output(holder.layer, xg) is not None) == tracked
     holder.layer(xg).square().sum().backward()
@@ -104,7 +106,7 @@ def test_trained_slices_get_the_same_gradients(monkeypatch):
 def test_autocast_to_another_dtype_keeps_the_hooked_order():
     holder = _holder(True)
     lp.apply(holder, _lora("layer", 0))
-    x = torch.randn(4, 24)
+    x = torch.randn(4, 24, requires_grad=True)
     runner = runners(holder.layer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert runner._accumulated_output(holder.layer, x) is None

@@ -6,9 +6,9 @@ disabling an adapter) re-traces nothing under torch.compile.
 
 Most layers get a forward hook after their own forward. Where the runner computes the base GEMM
 itself it sets the module's ``forward`` (an instance attribute, deleted on removal) instead:
-- a plain float ``nn.Linear``: the low-rank adapters' output first, then the base GEMM
-  accumulating into it (``_LowRank.under_base``), for one whole-output run and for training and
-  compiled graphs (``LORAPLUG_ACCUMULATE=0`` keeps the hooked order);
+- a plain float ``nn.Linear``: in training and compiled graphs the low-rank adapters' output
+  first, then the base GEMM accumulating into it (``_LowRank.under_base``; adding after the base
+  would be out of place there, a copy of y), ``LORAPLUG_ACCUMULATE=0`` keeps the hooked order;
 - an fp8 base (``Fp8Linear``, or any float Linear with ``LORAPLUG_KERNELS=all``) on CUDA with
   Triton: one fused GEMM that adds every low-rank adapter inside the base product
   (runtime.kernels).
@@ -162,8 +162,8 @@ class _LowRank:
     def under_base(self, x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """x·Wᵀ + bias + every entry, for runs that cover the output: the adapters' output is
         written first and the base GEMM accumulates into it (cuBLAS reads it in its epilogue), so y
-        is not read back and rewritten after the base; several runs take one block-diagonal up
-        projection (the portable path in training and compiled graphs, see ``accumulates``)."""
+        is not copied and rewritten after the base (training and compiled graphs add out of place);
+        several runs take one block-diagonal up projection."""
         hidden = self.hidden(x2)
         up = self.run_ups()[0] if len(self.runs) == 1 else self._block_up(self.width)
         y = torch.mm(hidden, up) if bias is None else torch.addmm(bias, hidden, up)
@@ -332,10 +332,11 @@ class ModuleBypass:
         return y
 
     def _accumulated_output(self, module: nn.Module, x: Tensor) -> Tensor | None:
-        """y = adapters, then the base GEMM accumulating into it (_LowRank.under_base); None where
+        """y = adapters, then the base GEMM accumulating into it (_LowRank.under_base), in training
+        and compiled graphs, where adding after the base would copy y (out of place); None where
         that is not exactly the hook path's result (weights of another dtype or kind, masks,
-        adapters that read the base output, runs that leave part of the output bare) or where the
-        hook order measured faster (several slices in eager inference: benchmarks/README.md)."""
+        adapters that read the base output, runs that leave part of the output bare) and in eager
+        inference (in place after the base, measured equal: benchmarks/README.md)."""
         w = module.weight
         device = x.device.type
         if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
@@ -354,8 +355,8 @@ class ModuleBypass:
         if lowrank is None or len(lowrank.entries) != len(self.entries) or not lowrank.covers_output:
             return None
         tracked = torch.is_grad_enabled() and (lowrank.trained or x.requires_grad)
-        if len(lowrank.runs) > 1 and not (tracked or torch.compiler.is_compiling()):
-            return None  # eager inference on slices: in place per slice after the base (measured faster)
+        if not (tracked or torch.compiler.is_compiling()):
+            return None  # eager inference adds in place after the base: no copy either way (measured equal)
         bias = module.bias
         y = lowrank.under_base(x.reshape(-1, x.shape[-1]), w, None if bias is None else bias.to(x.dtype))
         return y.view(*x.shape[:-1], y.shape[-1])

@@ -56,10 +56,10 @@ def fuses_adapters() -> bool:
 
 
 def accumulates() -> bool:
-    """Whether a plain float ``nn.Linear`` runs its base GEMM last, accumulating into the adapters'
-    output (written first; the base GEMM reads it in its epilogue instead of a separate pass reading
-    and rewriting y after the base; the default). ``LORAPLUG_ACCUMULATE=0``: the base first, the
-    adapters added after it (the path every other layer type takes)."""
+    """Whether a plain float ``nn.Linear`` in training or a compiled graph runs its base GEMM last,
+    accumulating into the adapters' output (the default: adding after the base is out of place
+    there, one more copy of y per layer). ``LORAPLUG_ACCUMULATE=0``: the base first, the adapters
+    added after it (the order every other layer type and eager inference take)."""
     return os.environ.get("LORAPLUG_ACCUMULATE") != "0"
 
 
