@@ -159,3 +159,27 @@ def test_compiled_training_and_inference_are_one_graph():
     with torch.no_grad():
         assert _graphs(model, lambda m: m(**inputs)) == 1
     trained.remove()
+
+
+@pytest.mark.parametrize("accumulate", ["1", "0"])
+def test_a_model_in_training_deep_copies(accumulate, monkeypatch):
+    """Copying a model with trainable adapters (an EMA copy) gives the copy its own adapters,
+    runners and strengths; training or removing on the original leaves the copy as it was."""
+    monkeypatch.setenv("LORAPLUG_ACCUMULATE", accumulate)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    handle = lp.create(model, "lora", rank=2, targets="all-linear", init="random")
+    x = torch.randn(3, 8)
+    model(x).square().mean().backward()  # the runners' caches now hold views of the parameters
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        want = model(x)
+        close(twin(x), want, rtol=0, atol=0)
+        assert runners(twin[0]) is not runners(model[0]) and runners(twin[0]).module_ref() is twin[0]
+        for p in handle.parameters():
+            p.add_(1.0)
+        handle.set_strength(0.3)
+        close(twin(x), want, rtol=0, atol=0)
+        handle.remove()
+        assert runners(model[0]) is None
+        close(twin(x), want, rtol=0, atol=0)

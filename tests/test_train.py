@@ -227,3 +227,24 @@ def test_inits(init):
     handle.remove()
     with pytest.raises(lp.LoraplugError, match="init="):
         lp.create(model, "lora", targets="all-linear", init="kaiming")
+
+
+def test_adapters_in_the_base_dtype_train_and_8_bit_is_refused():
+    """dtype=torch.bfloat16 (what diffusers' add_adapter gives PEFT's adapters): half the memory
+    of float32 masters for the parameters, their gradients and the optimizer's state."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)).to(torch.bfloat16)
+    target = copy.deepcopy(model)
+    with torch.no_grad():
+        target[0].weight.add_(0.3 * torch.randn(32, 2) @ torch.randn(2, 16))
+    data = [(x := torch.randn(64, 16, dtype=torch.bfloat16), target(x).detach())]
+    full = lp.create(copy.deepcopy(target), "lora", rank=2, targets="all-linear")
+    handle = lp.create(model, "lora", rank=2, targets="all-linear", init="gaussian", dtype=torch.bfloat16)
+    assert {p.dtype for p in handle.parameters()} == {torch.bfloat16}
+    assert sum(p.nbytes for p in handle.parameters()) * 2 == sum(p.nbytes for p in full.parameters())
+    result = lp.train(handle, data, lambda b: ((model(b[0]) - b[1]).float() ** 2).mean(), steps=150, lr=2e-2,
+                      progress=False)  # fmt: skip
+    assert result.losses[-1] < result.losses[0] / 10
+    for bad in (torch.float8_e4m3fn, torch.int8):
+        with pytest.raises(lp.LoraplugError, match="8-bit"):
+            lp.create(nn.Sequential(nn.Linear(4, 4)), "lora", rank=2, targets="all-linear", dtype=bad)

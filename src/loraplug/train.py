@@ -164,6 +164,7 @@ def create(
     init: str = "standard",
     dora: bool = False,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> TrainHandle:
     """Trainable adapters in bypass mode on ``model`` (frozen, any weight type).
 
@@ -171,7 +172,14 @@ def create(
     fused modules get one adapter per slice. ``alpha`` defaults to the rank (scale 1). ``init``:
     "standard" (LoRA B = 0, OFT identity, LoHa/LoKr as LyCORIS: the model starts unchanged),
     "gaussian" (PEFT's: LoRA A ~ N(0, 1/r)), "random" (every tensor small and random).
+    ``dtype``: the adapters' parameters (float32 masters by default; ``torch.bfloat16`` halves
+    their memory and the optimizer's, as diffusers' ``add_adapter`` keeps PEFT's adapters).
     """
+    if not (dtype.is_floating_point and dtype.itemsize >= 2):
+        raise LoraplugError(
+            f"dtype={dtype}: adapters train in float32, bfloat16 or float16 (never in 8-bit formats, "
+            "whatever the base's weights are)."
+        )
     generator = torch.Generator().manual_seed(seed)
     index = ModelIndex(model)
     adapters = {}
@@ -188,7 +196,7 @@ def create(
             tensors["magnitude"] = weight.reshape(size, -1).norm(dim=1)
         device = index.modules[target.module].weight.device
         device = torch.device("cpu") if device.type == "meta" else device
-        params = {k: nn.Parameter(v.float().to(device)) for k, v in tensors.items()}  # float32 masters
+        params = {k: nn.Parameter(v.float().to(device=device, dtype=dtype)) for k, v in tensors.items()}
         adapters[name] = Adapter(name, algo, params, alpha=float(alpha if alpha is not None else rank))
     adapter_set = AdapterSet(
         adapters, "loraplug", {"loraplug_algo": algo, "loraplug_rank": str(rank)}, name=algo

@@ -18,6 +18,7 @@ kernels, training for the kernels) take the hooked order.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass, field
 
@@ -283,6 +284,24 @@ class ModuleBypass:
             self._hook = None
         else:
             self._hook = module.register_forward_hook(self._run, with_kwargs=True)
+
+    def __deepcopy__(self, memo: dict) -> ModuleBypass:
+        """A copied model (an EMA copy, say) gets its own runner: copied entries (adapters,
+        strengths), empty caches (they hold views of trained parameters, which do not copy),
+        bound to the module's copy and registered for it."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        caches = {"_lowrank": {}, "_weight_key": None, "_weight": None}
+        for key, value in self.__dict__.items():
+            if key not in caches and key != "module_ref":
+                setattr(copied, key, copy.deepcopy(value, memo))
+        copied.__dict__.update(caches)
+        module = self.module_ref()
+        twin = memo.get(id(module), module)
+        copied.module_ref = weakref.ref(twin)
+        if twin is not module:
+            _ACTIVE[twin] = copied
+        return copied
 
     def _float_weight(self) -> Tensor:
         """The whole weight in float32, computed once per weight version (DoRA/OFT need it)."""
