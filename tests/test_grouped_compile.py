@@ -97,3 +97,20 @@ def test_added_memory_is_one_copy_of_the_adapter():
     )
     assert held <= 1.05 * adapter_bytes
     handle.remove()
+
+
+def test_an_fp8_base_without_kernels_has_its_group_before_compiling():
+    """warm() builds the stacked adapters of an fp8 layer (bf16 activations) at apply, Triton or
+    not: built lazily, a compiled graph would hold the build and redo it on every call."""
+    from loraplug.runtime import kernels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64))
+    lp.quantize_fp8(model)
+    g = torch.Generator().manual_seed(0)
+    handle = lp.apply(model, {"0.lora_A.weight": torch.randn(4, 128, generator=g),
+                              "0.lora_B.weight": torch.randn(64, 4, generator=g)})  # fmt: skip
+    runner = bypass.runners(model[0])
+    assert not (kernels.available() and runner.fused)  # this machine: no kernels for it
+    assert (torch.device("cpu"), torch.bfloat16) in runner._lowrank
+    handle.remove()

@@ -498,7 +498,7 @@ class ModuleBypass:
             self.grouping
             and w is not None
             and w.device.type != "meta"
-            and (float_dtype(w.dtype) or self.fused)
+            and (float_dtype(w.dtype) or isinstance(self.module_ref(), Fp8Linear))
         ):
             dtype = w.dtype if float_dtype(w.dtype) else torch.bfloat16  # fp8: bf16 activations
             group = self._lowrank_for(torch.empty(0, device=w.device, dtype=dtype))
