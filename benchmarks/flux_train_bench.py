@@ -1,7 +1,8 @@
 """GPU training benchmark: one step on the full Flux-dev-size transformer (random weights, bf16,
 512x512 = 1024 image + 512 text tokens, batch 1, AdamW), ratios to the frozen forward+backward
 measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on the split layout
-(split_hooked: adapters added after the base GEMM, the previous default), the fused layout (one
+(split_hooked: adapters added after the base GEMM, the previous default; split_bf16: bf16
+adapters, as diffusers' add_adapter gives PEFT), the fused layout (one
 adapter per q/k/v slice) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
 picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step); with COMPILE=1 also the split layout,
 the fp8 base and (``FROZEN_COMPILED=0`` skips it) the frozen model under torch.compile. Writes
@@ -77,7 +78,7 @@ def main():
     time_steps(model, params, "peft_r16_step")
     del model, params
     torch.cuda.empty_cache()
-    layouts = os.environ.get("LAYOUTS", "split split_hooked fused fp8").split()
+    layouts = os.environ.get("LAYOUTS", "split split_bf16 split_hooked fused fp8").split()
     for layout in layouts:  # fused: diffusers keeps the split weights too (+ memory)
         model = build()
         if layout == "fused":
@@ -87,7 +88,8 @@ def main():
             torch.cuda.empty_cache()
         if layout == "split_hooked":  # adapters added after the base GEMM (the previous default)
             os.environ["LORAPLUG_ACCUMULATE"] = "0"
-        handle = lp.create(model, "lora", rank=16, alpha=16, targets="attn+mlp", init="random")
+        dtype = torch.bfloat16 if layout == "split_bf16" else torch.float32  # PEFT's, via diffusers
+        handle = lp.create(model, "lora", rank=16, alpha=16, targets="attn+mlp", init="random", dtype=dtype)
         params = handle.parameters()
         res["loraplug_trainable_M"] = sum(p.numel() for p in params) / 1e6
         if layout not in os.environ.get("COMPILED_ONLY", "").split():

@@ -164,3 +164,22 @@ def test_bench_shows_saved_runs_and_rejects_unknown_suites():
         assert "loraplug_auto" in result.output and "ratio" in result.output
     result = runner.invoke(app, ["bench", "--suite", "tiny"])
     assert result.exit_code == 2 and "--suite" in result.output
+
+
+def test_bench_counts_compiled_graphs_and_breaks():
+    """The benchmarks' record of what Dynamo made of a compiled model (graphs, breaks, reasons)."""
+    from loraplug.bench import _compile, _graphs
+
+    layer = torch.nn.Linear(4, 4)
+
+    def broken(x):
+        y = layer(x)
+        print(end="")  # Dynamo breaks the graph here
+        return y * 2
+
+    _compile(broken)(torch.randn(2, 4))
+    counts = _graphs()
+    assert counts["graphs"] == 2 and counts["graph_breaks"] == 1 and "print" in counts["break_reasons"][0]
+    _compile(layer)(torch.randn(2, 4))
+    assert _graphs()["graphs"] == 1 and _graphs()["graph_breaks"] == 0
+    torch._dynamo.reset()
