@@ -183,3 +183,18 @@ def test_a_model_in_training_deep_copies(accumulate, monkeypatch):
         handle.remove()
         assert runners(model[0]) is None
         close(twin(x), want, rtol=0, atol=0)
+
+
+def test_a_forward_wrapped_after_apply_survives_removal():
+    """A tool that wraps the module's forward after apply (accelerate's offload hooks do) keeps
+    calling the runner's forward; once the adapters are removed that forward is the plain layer."""
+    holder = _holder(True)
+    x = torch.randn(4, 24, requires_grad=True)
+    want = holder.layer(x)
+    handle = lp.apply(holder, _lora("layer", 0))
+    inner = holder.layer.forward
+    holder.layer.forward = lambda *a, **k: inner(*a, **k)  # the other tool's wrapper
+    assert not torch.allclose(holder.layer(x), want)
+    handle.remove()
+    assert "forward" in holder.layer.__dict__  # the wrapper stays, it is not ours to delete
+    close(holder.layer(x), want, rtol=0, atol=0)
