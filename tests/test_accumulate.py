@@ -198,3 +198,21 @@ def test_a_forward_wrapped_after_apply_survives_removal():
     handle.remove()
     assert "forward" in holder.layer.__dict__  # the wrapper stays, it is not ours to delete
     close(holder.layer(x), want, rtol=0, atol=0)
+
+
+def test_a_model_with_adapters_is_freed_without_the_cycle_collector(sliced):
+    """The runner's forward is its bound method and the runner holds its module weakly: deleting
+    the model frees it (and its GPU memory) at once, not at the next garbage collection."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        holder = _holder(True)
+        lp.apply(holder, [_lora("layer", 0), _lora("q k v", 1)])
+        assert "forward" in holder.layer.__dict__
+        ref = weakref.ref(holder.layer)
+        del holder
+        assert ref() is None
+    finally:
+        gc.enable()

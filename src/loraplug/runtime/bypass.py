@@ -280,15 +280,16 @@ class ModuleBypass:
         self.fused = self.grouping and _fusable(module)
         self.accumulating = self.grouping and _accumulable(module)
         if self.fused or self.accumulating:
-            module.forward = _Forward(self, module)
+            module.forward = self.forward  # a bound method: no reference cycle through the module
             self._hook = None
         else:
             self._hook = module.register_forward_hook(self._run, with_kwargs=True)
 
     def __deepcopy__(self, memo: dict) -> ModuleBypass:
-        """A copied model (an EMA copy, say) gets its own runner: copied entries (adapters,
-        strengths), empty caches (they hold views of trained parameters, which do not copy),
-        bound to the module's copy and registered for it."""
+        """A copied model (an EMA copy, say) gets its own runner — copied entries (adapters,
+        strengths), empty caches (they hold views of trained parameters, which do not copy) — bound
+        to the module's copy (copied first: the runner is reached through its forward or hooks)
+        and registered for it, so the copy computes with its own weights."""
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         caches = {"_lowrank": {}, "_weight_key": None, "_weight": None}
@@ -338,9 +339,10 @@ class ModuleBypass:
         t = entry.target
         return y if t.size is None else y.narrow(self.op.channel_dim, t.offset, t.size)
 
-    def forward(self, module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """The module's forward while the runner owns it: the fused kernel or the accumulating base
         GEMM where they apply, otherwise the module's own forward followed by the portable path."""
+        module = self.module_ref()
         y = None
         if not (args or kwargs):
             y = self._fused_output(module, x) if self.fused else None
@@ -512,20 +514,8 @@ class ModuleBypass:
         module = self.module_ref()
         if self._hook is not None:
             self._hook.remove()
-        elif module is not None and getattr(module.__dict__.get("forward"), "runner", None) is self:
+        elif module is not None and module.__dict__.get("forward") == self.forward:
             del module.forward
-
-
-class _Forward:
-    """A module's forward while its runner owns it. It holds the module itself (not a weak
-    reference), so that a deep copy of the model (an EMA copy, say) computes with the copy's own
-    weights and adapters."""
-
-    def __init__(self, runner: ModuleBypass, module: nn.Module):
-        self.runner, self.module = runner, module
-
-    def __call__(self, *args, **kwargs) -> Tensor:
-        return self.runner.forward(self.module, *args, **kwargs)
 
 
 def _block_n(module: nn.Module) -> int:
