@@ -30,6 +30,7 @@ for s in ${STEPS:-tests linear parts profile eager train}; do
     eager_portable) NAME=flux_eager_portable.json MODES="hooked portable" FP8=0 PEFT=0 COMPILE=0 step flux_eager_portable 200 python3 benchmarks/flux_bench.py ;;
     train) step flux_train 200 python3 benchmarks/flux_train_bench.py ;;
     train_compiled) LAYOUTS="${LAYOUTS:-split fp8}" COMPILE=1 step flux_train_compiled "${TRAIN_LIMIT:-420}" python3 benchmarks/flux_train_bench.py ;;
+    train_graphs) LAYOUTS="${LAYOUTS:-split fp8}" COMPILE=1 COMPILE_MODE=reduce-overhead FROZEN_COMPILED=0 step flux_train_graphs "${TRAIN_LIMIT:-420}" python3 benchmarks/flux_train_bench.py ;;
     compile_fp8) NAME=flux_compiled_fp8.json EAGER=0 FP8=1 PEFT=0 COMPILE=1 COMPILE_LORA=0 step flux_compiled_fp8 330 python3 benchmarks/flux_bench.py ;;
     compile_graphs) NAME=flux_compiled_graphs.json COMPILE_MODE=reduce-overhead EAGER=0 FP8=1 PEFT=0 COMPILE=1 step flux_compiled_graphs 330 python3 benchmarks/flux_bench.py ;;
     compile) NAME=flux_compiled.json EAGER=0 FP8=1 PEFT=0 COMPILE=1 step flux_compiled 390 python3 benchmarks/flux_bench.py ;;

@@ -210,6 +210,12 @@ def test_compiled_training_matches_eager():
     eager, compiled = run(False), run(True)
     assert compiled == pytest.approx(eager, rel=1e-4)
     torch._dynamo.reset()
+    assert run("reduce-overhead") == pytest.approx(eager, rel=1e-4)  # CUDA graphs where there is CUDA
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(lp.LoraplugError, match="torch.compile mode"):
+        lp.train(lp.create(model, "lora", rank=2, targets="all-linear"), [torch.randn(2, 4)],
+                 lambda b: model(b).sum(), steps=1, progress=False, compile="fast")  # fmt: skip
 
 
 @pytest.mark.parametrize("init", ["standard", "gaussian", "random"])

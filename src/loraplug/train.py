@@ -224,7 +224,7 @@ def train(
     checkpoint: str | Path | None = None,
     resume: str | Path | None = None,
     progress: bool = True,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> TrainResult:
     """Optimise the handle's adapters for ``steps`` steps of ``grad_accum`` batches each.
 
@@ -232,8 +232,14 @@ def train(
     (to zero over ``steps``); ``autocast_dtype`` runs the loss in mixed precision. Deterministic for a seed; with
     ``checkpoint`` the adapters, optimiser state and losses are saved at the end (and loaded
     again with ``resume=`` to continue). ``compile=True`` runs the model under ``torch.compile``
-    while training (one graph with the adapters inside; undone at the end).
+    while training (one graph with the adapters inside; undone at the end); a string is
+    torch.compile's mode, e.g. ``"reduce-overhead"`` (CUDA graphs: no host cost per kernel launch).
     """
+    modes = (True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if compile not in modes:
+        raise LoraplugError(
+            f"compile={compile!r}: use True/False or a torch.compile mode ({', '.join(map(repr, modes[2:]))})."
+        )
     torch.manual_seed(seed)
     params = handle.parameters()
     opt = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
@@ -265,7 +271,7 @@ def train(
     if compile and model is None:
         raise LoraplugError("compile=True needs the handle lp.create returned (it knows the model).")
     if model is not None:
-        model.compile()
+        model.compile(mode=compile if isinstance(compile, str) else None)
     try:
         for _ in bar:
             total = torch.zeros((), device=params[0].device if params else "cpu")
