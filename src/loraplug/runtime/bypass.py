@@ -358,6 +358,8 @@ class ModuleBypass:
         that is not exactly the hook path's result (weights of another dtype or kind, masks,
         adapters that read the base output, runs that leave part of the output bare) and in eager
         inference (in place after the base, measured equal: benchmarks/README.md)."""
+        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            return None  # inference without autograd: the in-place order (first, it is the common call)
         w = module.weight
         device = x.device.type
         if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
