@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh            # ~10 min: tests, linear stack, parts, eager, training
 #   STEPS="compile" bash benchmarks/gpu_session.sh   # the torch.compile runs (~8 min)
 #   STEPS="eager_portable train_compiled" …          # hooked vs accumulating portable path; compiled training
+#   STEPS="compile_graphs" / "train_graphs" …        # the same under CUDA graphs (one device call each)
 set -uo pipefail
 OUT="${OUT:-results}"; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -32,7 +33,7 @@ for s in ${STEPS:-tests linear parts profile eager train}; do
     train_compiled) LAYOUTS="${LAYOUTS:-split fp8}" COMPILE=1 step flux_train_compiled "${TRAIN_LIMIT:-420}" python3 benchmarks/flux_train_bench.py ;;
     train_graphs) LAYOUTS="${LAYOUTS:-split fp8}" COMPILE=1 COMPILE_MODE=reduce-overhead FROZEN_COMPILED=0 step flux_train_graphs "${TRAIN_LIMIT:-420}" python3 benchmarks/flux_train_bench.py ;;
     compile_fp8) NAME=flux_compiled_fp8.json EAGER=0 FP8=1 PEFT=0 COMPILE=1 COMPILE_LORA=0 step flux_compiled_fp8 330 python3 benchmarks/flux_bench.py ;;
-    compile_graphs) NAME=flux_compiled_graphs.json COMPILE_MODE=reduce-overhead EAGER=0 FP8=1 PEFT=0 COMPILE=1 step flux_compiled_graphs 330 python3 benchmarks/flux_bench.py ;;
-    compile) NAME=flux_compiled.json EAGER=0 FP8=1 PEFT=0 COMPILE=1 step flux_compiled 390 python3 benchmarks/flux_bench.py ;;
+    compile_graphs) NAME=flux_compiled_graphs.json MODES="${MODES:-portable}" COMPILE_MODE=reduce-overhead EAGER=0 FP8=1 PEFT=0 COMPILE=1 step flux_compiled_graphs 450 python3 benchmarks/flux_bench.py ;;
+    compile) NAME=flux_compiled.json MODES="${MODES:-portable}" EAGER=0 FP8=1 PEFT=0 COMPILE=1 step flux_compiled 450 python3 benchmarks/flux_bench.py ;;
   esac
 done
