@@ -335,6 +335,10 @@ class ModuleBypass:
             output=out,
         )
 
+    def _masked(self) -> bool:
+        """Some entry has a region mask set (the fused and accumulating paths then step aside)."""
+        return any(e.mask is not None and e.mask.value is not None for e in self.entries)
+
     def _slice(self, entry: Entry, y: Tensor) -> Tensor:
         t = entry.target
         return y if t.size is None else y.narrow(self.op.channel_dim, t.offset, t.size)
@@ -372,7 +376,7 @@ class ModuleBypass:
             and w.device == x.device
         ):
             return None
-        if any(e.mask is not None and e.mask.value is not None for e in self.entries):
+        if self._masked():
             return None
         lowrank = self._lowrank_for(x)
         if lowrank is None or len(lowrank.entries) != len(self.entries) or not lowrank.covers_output:
@@ -396,7 +400,7 @@ class ModuleBypass:
             return None
         if not kernels.here():  # a compiled graph: the portable path (see kernels.here)
             return None
-        if any(e.mask is not None and e.mask.value is not None for e in self.entries):
+        if self._masked():
             return None
         if torch.is_grad_enabled() and (
             x.requires_grad or w.requires_grad or any(g.trained for g in self._lowrank.values())
@@ -439,7 +443,7 @@ class ModuleBypass:
         x = args[0] if args else next(iter(kwargs.values()))
         y = output
         lowrank = self._lowrank_for(x) if self.grouping and y.is_contiguous() else None
-        masked = any(e.mask is not None and e.mask.value is not None for e in self.entries)
+        masked = self._masked()
         masks = [e.mask_for(y, self.op.channel_dim) for e in lowrank.entries] if masked and lowrank else None
         if lowrank is not None and len(lowrank.entries) == len(self.entries):  # the common, fast case
             return lowrank.add_into(x, y, masks)
