@@ -41,6 +41,21 @@ def randomize_(module, prefix_filter=("lora_",), std=0.1, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if "magnitude" in name else 0.0))
 
 
+def compiled_graphs(model, run):
+    """(``run(torch.compile(model))``'s result, the text of every graph Dynamo made on the way),
+    compiled with a backend that records each graph and runs it as traced."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    result = run(torch.compile(model, backend=record))
+    torch._dynamo.reset()
+    return result, graphs
+
+
 @pytest.fixture
 def clone():
     return copy.deepcopy

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import close
+from conftest import close, compiled_graphs
 from torch import nn
 
 import loraplug as lp
@@ -133,19 +133,6 @@ def test_a_deep_copy_computes_with_its_own_weights():
         close(twin.layer(x), want, rtol=1e-5, atol=1e-5)
 
 
-def _graphs(model, run) -> int:
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    run(torch.compile(model, backend=record))
-    torch._dynamo.reset()
-    return len(graphs)
-
-
 def test_compiled_training_and_inference_are_one_graph():
     """No graph breaks with the bypass inside (a lazily cached property's lock and a sort by tuple
     keys each broke the graph at every adapted module)."""
@@ -153,11 +140,11 @@ def test_compiled_training_and_inference_are_one_graph():
     model.fuse_qkv_projections()
     handle = lp.create(model, "lora", rank=2, targets="attn+mlp", init="random")
     inputs = flux_inputs()
-    assert _graphs(model, lambda m: m(**inputs)[0].square().mean().backward()) == 1
+    assert len(compiled_graphs(model, lambda m: m(**inputs)[0].square().mean().backward())[1]) == 1
     handle.remove()
     trained = lp.apply(model, [handle.adapters[0], handle.adapters[0]], strength=[0.5, 1.0])
     with torch.no_grad():
-        assert _graphs(model, lambda m: m(**inputs)) == 1
+        assert len(compiled_graphs(model, lambda m: m(**inputs))[1]) == 1
     trained.remove()
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_identical, snapshot
+from conftest import assert_identical, compiled_graphs, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -461,15 +461,8 @@ def test_compiled_graphs_call_scaled_mm_not_the_custom_ops(monkeypatch):
         want = fp8_linear_reference(
             torch.nn.functional.gelu(h), model[2].weight, model[2].weight_scale, model[2].bias
         )
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(str(gm.graph))
-        return gm.forward
-
     with torch.no_grad():
-        got = torch.compile(model, backend=record)(x)
-    torch._dynamo.reset()
+        got, graphs = compiled_graphs(model, lambda m: m(x))
     handle.remove()
     assert len(graphs) == 1 and "_scaled_mm" in graphs[0] and "loraplug" not in graphs[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
