@@ -251,6 +251,6 @@ def test_adapters_in_the_base_dtype_train_and_8_bit_is_refused():
     result = lp.train(handle, data, lambda b: ((model(b[0]) - b[1]).float() ** 2).mean(), steps=150, lr=2e-2,
                       progress=False)  # fmt: skip
     assert result.losses[-1] < result.losses[0] / 10
-    for bad in (torch.float8_e4m3fn, torch.int8):
+    for bad in (torch.float8_e4m3fn, torch.int8, "bfloat16"):
         with pytest.raises(lp.LoraplugError, match="8-bit"):
             lp.create(nn.Sequential(nn.Linear(4, 4)), "lora", rank=2, targets="all-linear", dtype=bad)

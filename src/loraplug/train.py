@@ -175,7 +175,7 @@ def create(
     ``dtype``: the adapters' parameters (float32 masters by default; ``torch.bfloat16`` halves
     their memory and the optimizer's, as diffusers' ``add_adapter`` keeps PEFT's adapters).
     """
-    if not (dtype.is_floating_point and dtype.itemsize >= 2):
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2):
         raise LoraplugError(
             f"dtype={dtype}: adapters train in float32, bfloat16 or float16 (never in 8-bit formats, "
             "whatever the base's weights are)."
