@@ -4,8 +4,8 @@ measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on
 (split_hooked: adapters added after the base GEMM, the previous default; split_bf16: bf16
 adapters, as diffusers' add_adapter gives PEFT), the fused layout (one
 adapter per q/k/v slice) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
-picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step); with COMPILE=1 also the split layout,
-the fp8 base and (``FROZEN_COMPILED=0`` skips it) the frozen model under torch.compile. Writes
+picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step); with COMPILE=1 also the layouts in
+COMPILE_LAYOUTS (default split and fp8) and (``FROZEN_COMPILED=0`` skips it) the frozen model under torch.compile. Writes
 $OUT/flux_train_bench.json, and after every variant flux_train_bench.partial.json."""
 
 import json
@@ -26,7 +26,11 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_
            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]  # fmt: skip
 T_IMG, T_TXT = 1024, 512
 torch.backends.cuda.enable_cudnn_sdp(False)  # its backward failed on torch 2.11 there (anchors)
-res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+res = {
+    "device": torch.cuda.get_device_name(),
+    "torch": torch.__version__,
+    "blocks": [CFG["num_layers"], CFG["num_single_layers"]],
+}
 g = torch.Generator(device=DEV).manual_seed(0)
 INP = dict(hidden_states=torch.randn(1, T_IMG, 64, device=DEV, dtype=DT, generator=g),
            encoder_hidden_states=torch.randn(1, T_TXT, 4096, device=DEV, dtype=DT, generator=g),
@@ -34,6 +38,7 @@ INP = dict(hidden_states=torch.randn(1, T_IMG, 64, device=DEV, dtype=DT, generat
            timestep=torch.tensor([0.5], device=DEV, dtype=DT), guidance=torch.tensor([3.5], device=DEV, dtype=DT),
            img_ids=torch.zeros(T_IMG, 3, device=DEV), txt_ids=torch.zeros(T_TXT, 3, device=DEV), return_dict=False)  # fmt: skip
 TARGET = torch.randn(1, T_IMG, 64, device=DEV, dtype=DT, generator=g)
+COMPILE_LAYOUTS = os.environ.get("COMPILE_LAYOUTS", "split fp8").split()  # with COMPILE=1
 
 
 def build():
@@ -94,7 +99,7 @@ def main():
         res["loraplug_trainable_M"] = sum(p.numel() for p in params) / 1e6
         if layout not in os.environ.get("COMPILED_ONLY", "").split():
             time_steps(model, params, f"loraplug_{layout}_r16_step")
-        if layout in ("split", "fp8") and os.environ.get("COMPILE") == "1":  # as lp.train(compile=True)
+        if layout in COMPILE_LAYOUTS and os.environ.get("COMPILE") == "1":  # as lp.train(compile=True)
             mode = os.environ.get("COMPILE_MODE") or None  # reduce-overhead: CUDA graphs
             torch._dynamo.utils.counters.clear()
             model.compile(mode=mode)
@@ -102,7 +107,7 @@ def main():
             time_steps(model, params, f"loraplug_{layout}_r16_step_compiled")
             res[f"loraplug_{layout}_compile_and_time_s"] = round(time.time() - t0, 1)
             res[f"loraplug_{layout}_r16_step_compiled_dynamo"] = _graphs()
-            if layout == "split" and os.environ.get("FROZEN_COMPILED", "1") == "1":
+            if "frozen_fwd_bwd_compiled_ms" not in res and os.environ.get("FROZEN_COMPILED", "1") == "1":
                 handle.remove()
                 torch._dynamo.reset()
                 model.compile(mode=mode)  # the same mode: the ratio compares like with like
@@ -115,7 +120,7 @@ def main():
     for key in [k for k in res if k.endswith("_ms")]:
         res[key.replace("_ms", "_ratio")] = round(res[key] / res["frozen_fwd_bwd_ms"], 4)
     if "frozen_fwd_bwd_compiled_ms" in res:
-        for layout in ("split", "fp8"):
+        for layout in COMPILE_LAYOUTS:
             if f"loraplug_{layout}_r16_step_compiled_ms" in res:
                 res[f"loraplug_{layout}_compiled_vs_frozen_compiled"] = round(
                     res[f"loraplug_{layout}_r16_step_compiled_ms"] / res["frozen_fwd_bwd_compiled_ms"], 4

@@ -1,0 +1,178 @@
+"""Where a compiled forward's time goes, at reduced depth (``ND``/``NS`` blocks, default 4 + 8, so
+that each compile takes seconds, not minutes): the bf16 base and + loraplug LoRA r16, loraplug's
+fp8 base (``quantize_fp8``; with and without the blocks' modulation linears, which run on one
+token) and fp8 + LoRA r16, and a reference fp8 layer written out below (the arithmetic of
+``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations, ``torch._scaled_mm``)
+with a reference grouped LoRA hook. Each variant under torch.compile with and without CUDA graphs
+(``GRAPHS=0`` skips them): median time, Dynamo's counts, device time by kind against the wall time
+(device time well under wall: the host sets the pace), the top kernels. Ratios against the
+compiled bf16 base of the same mode. Writes $OUT/compiled_probe.json (after every variant).
+
+    ND=4 NS=8 OUT=results python benchmarks/compiled_probe.py     # GPU machine
+"""
+
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("ND", "4")
+os.environ.setdefault("NS", "8")
+
+from profile_flux import kind  # noqa: E402
+
+import loraplug as lp  # noqa: E402
+from loraplug.bench import CFG, DEV, DT, _graphs, _time_fn, diffusers_lora, inputs  # noqa: E402
+from loraplug.fp8 import quantize_fp8  # noqa: E402
+
+E4M3 = torch.float8_e4m3fn
+OUT = Path(os.environ.get("OUT", "."))
+RES: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ND": CFG["num_layers"],
+             "NS": CFG["num_single_layers"]}  # fmt: skip
+INP = inputs()
+NOT_NORM = r"blocks\.\d+\.(?!norm)"  # the blocks' projections; not the modulation (norm*.linear)
+
+
+class ReferenceFp8(nn.Module):
+    """The anchors' fp8 layer: per-row weight scales, dynamic per-token activation scales."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / torch.finfo(E4M3).max
+        self.register_buffer("wq", (w / scale).to(E4M3))
+        self.register_buffer("ws", scale.t().contiguous())
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        xs = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(E4M3).max
+        y = torch._scaled_mm((x2 / xs).to(E4M3), self.wq.t(), scale_a=xs, scale_b=self.ws, out_dtype=x.dtype)
+        y = y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+
+def reference_fp8(model: nn.Module) -> None:
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}"
+            if isinstance(child, nn.Linear) and "blocks." in full and "norm" not in full:
+                setattr(parent, name, ReferenceFp8(child))
+
+
+def reference_lora_hooks(model: nn.Module, rank: int = 16) -> list:
+    """One down and one block-diagonal up projection per layer (q/k/v slices of a fused qkv),
+    added in place after the base: the anchors' grouped prototype."""
+    hooks = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Linear, ReferenceFp8)) or "blocks." not in name or "norm" in name:
+            continue
+        parts = 3 if name.endswith("to_qkv") or name.endswith("to_added_qkv") else 1
+        down = torch.randn(rank * parts, mod.in_features, device=DEV, dtype=DT) * 0.01
+        up = torch.zeros(mod.out_features, rank * parts, device=DEV, dtype=DT)
+        size = mod.out_features // parts
+        for i in range(parts):
+            up[i * size : (i + 1) * size, i * rank : (i + 1) * rank] = 0.01
+
+        def add(mod, args, y, down=down, up=up):
+            x = args[0]
+            return y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ down.T, up.T).view_as(y)
+
+        hooks.append(mod.register_forward_hook(add))
+    return hooks
+
+
+@torch.no_grad()
+def device_time(model) -> dict:
+    """Device milliseconds of one call by kind of kernel, the kernel count and the top kernels."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model(**INP)
+        torch.cuda.synchronize()
+    totals: dict[str, float] = defaultdict(float)
+    kernels = []
+    for event in prof.key_averages():
+        if event.device_type == DeviceType.CUDA and event.self_device_time_total:
+            totals[kind(event.key)] += event.self_device_time_total / 1e3
+            kernels.append((event.self_device_time_total / 1e3, event.count, event.key[:90]))
+    kernels.sort(reverse=True)
+    return {
+        "by_kind": {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+        "device_total": round(sum(totals.values()), 3),
+        "launches": sum(c for _, c, _ in kernels),
+        "top": [f"{ms:.3f} ms x{count} {name}" for ms, count, name in kernels[:8]],
+    }
+
+
+def measure(model, name: str, mode: str | None) -> None:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, mode=mode)
+    key = f"{name}_{'graphs' if mode else 'compiled'}"
+    try:
+        with torch.no_grad():
+            RES[key + "_ms"] = _time_fn(lambda: compiled(**INP), warmup=3)
+        RES[key + "_dynamo"] = _graphs()
+        RES[key + "_profile"] = device_time(compiled)
+        print(
+            f"{key:40s} {RES[key + '_ms']:8.2f} ms  device {RES[key + '_profile']['device_total']:8.2f}",
+            flush=True,
+        )
+    except Exception as err:  # a variant that fails is recorded, the others still run
+        RES[key + "_error"] = f"{type(err).__name__}: {err}"[:400]
+        print(key, RES[key + "_error"], flush=True)
+    base = RES.get(f"bf16_base_{'graphs' if mode else 'compiled'}_ms")
+    if base and key + "_ms" in RES:
+        RES[key + "_ratio"] = round(RES[key + "_ms"] / base, 4)
+    (OUT / "compiled_probe.json").write_text(json.dumps(RES, indent=1))
+
+
+def build() -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = FluxTransformer2DModel(**CFG).to(DT).eval().requires_grad_(False)
+    model.fuse_qkv_projections()
+    return model
+
+
+def main() -> None:
+    modes = [None] + (["reduce-overhead"] if os.environ.get("GRAPHS", "1") == "1" else [])
+    model = build()
+    lora = lp.load(diffusers_lora(model, 16, seed=16))
+    for mode in modes:
+        measure(model, "bf16_base", mode)
+        handle = lp.apply(model, lora)
+        measure(model, "bf16_lora_r16", mode)
+        handle.remove()
+    quantize_fp8(model, targets=NOT_NORM)
+    for mode in modes:
+        measure(model, "fp8_base", mode)
+        handle = lp.apply(model, lora)
+        measure(model, "fp8_lora_r16", mode)
+        handle.remove()
+    quantize_fp8(model, targets=r"blocks\.")  # the modulation linears too (what bench.py does)
+    measure(model, "fp8_with_modulation_base", None)
+    del model
+    torch.cuda.empty_cache()
+    reference = build()
+    reference_fp8(reference)
+    measure(reference, "reference_fp8_base", None)
+    hooks = reference_lora_hooks(reference)
+    measure(reference, "reference_fp8_lora_r16", None)
+    for hook in hooks:
+        hook.remove()
+    print(json.dumps({k: v for k, v in RES.items() if k.endswith("_ratio")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
