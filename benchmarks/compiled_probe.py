@@ -1,7 +1,8 @@
 """Where a compiled forward's time goes, at reduced depth (``ND``/``NS`` blocks, default 4 + 8, so
-that each compile takes seconds, not minutes): the bf16 base and + loraplug LoRA r16, loraplug's
-fp8 base (``quantize_fp8``; with and without the blocks' modulation linears, which run on one
-token) and fp8 + LoRA r16, and a reference fp8 layer written out below (the arithmetic of
+that each compile takes seconds, not minutes): the bf16 base and + loraplug LoRA r16 (also with the base GEMM accumulating into the adapters'
+output, and two LoRAs), loraplug's
+fp8 base (``quantize_fp8``, the blocks' projections) and fp8 + LoRA r16, and
+(``REFERENCE=0`` skips it) a reference fp8 layer written out below (the arithmetic of
 ``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations, ``torch._scaled_mm``)
 with a reference grouped LoRA hook. Each variant under torch.compile with and without CUDA graphs
 (``GRAPHS=0`` skips them): median time, Dynamo's counts, device time by kind against the wall time
@@ -14,20 +15,17 @@ compiled bf16 base of the same mode. Writes $OUT/compiled_probe.json (after ever
 import json
 import os
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("ND", "4")
 os.environ.setdefault("NS", "8")
 
-from profile_flux import kind  # noqa: E402
+from profile_flux import device_profile  # noqa: E402
 
 import loraplug as lp  # noqa: E402
 from loraplug.bench import CFG, DEV, DT, _graphs, _time_fn, diffusers_lora, inputs  # noqa: E402
@@ -91,27 +89,6 @@ def reference_lora_hooks(model: nn.Module, rank: int = 16) -> list:
     return hooks
 
 
-@torch.no_grad()
-def device_time(model) -> dict:
-    """Device milliseconds of one call by kind of kernel, the kernel count and the top kernels."""
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        model(**INP)
-        torch.cuda.synchronize()
-    totals: dict[str, float] = defaultdict(float)
-    kernels = []
-    for event in prof.key_averages():
-        if event.device_type == DeviceType.CUDA and event.self_device_time_total:
-            totals[kind(event.key)] += event.self_device_time_total / 1e3
-            kernels.append((event.self_device_time_total / 1e3, event.count, event.key[:90]))
-    kernels.sort(reverse=True)
-    return {
-        "by_kind": {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
-        "device_total": round(sum(totals.values()), 3),
-        "launches": sum(c for _, c, _ in kernels),
-        "top": [f"{ms:.3f} ms x{count} {name}" for ms, count, name in kernels[:8]],
-    }
-
-
 def measure(model, name: str, mode: str | None) -> None:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -121,7 +98,8 @@ def measure(model, name: str, mode: str | None) -> None:
         with torch.no_grad():
             RES[key + "_ms"] = _time_fn(lambda: compiled(**INP), warmup=3)
         RES[key + "_dynamo"] = _graphs()
-        RES[key + "_profile"] = device_time(compiled)
+        with torch.no_grad():
+            RES[key + "_profile"] = device_profile(lambda: compiled(**INP))
         print(
             f"{key:40s} {RES[key + '_ms']:8.2f} ms  device {RES[key + '_profile']['device_total']:8.2f}",
             flush=True,
@@ -149,28 +127,36 @@ def main() -> None:
     modes = [None] + (["reduce-overhead"] if os.environ.get("GRAPHS", "1") == "1" else [])
     model = build()
     lora = lp.load(diffusers_lora(model, 16, seed=16))
+    second = lp.load(diffusers_lora(model, 16, seed=99))
     for mode in modes:
         measure(model, "bf16_base", mode)
         handle = lp.apply(model, lora)
         measure(model, "bf16_lora_r16", mode)
         handle.remove()
+    os.environ["LORAPLUG_ACCUMULATE"] = "all"  # the base GEMM accumulating into the adapters' output
+    handle = lp.apply(model, lora)
+    measure(model, "bf16_lora_r16_accumulating", None)
+    handle.remove()
+    os.environ.pop("LORAPLUG_ACCUMULATE")
+    handle = lp.apply(model, [lora, second], strength=[1.0, 0.8])
+    measure(model, "bf16_lora_2x_r16", None)
+    handle.remove()
     quantize_fp8(model, targets=NOT_NORM)
     for mode in modes:
         measure(model, "fp8_base", mode)
         handle = lp.apply(model, lora)
         measure(model, "fp8_lora_r16", mode)
         handle.remove()
-    quantize_fp8(model, targets=r"blocks\.")  # the modulation linears too (what bench.py does)
-    measure(model, "fp8_with_modulation_base", None)
-    del model
-    torch.cuda.empty_cache()
-    reference = build()
-    reference_fp8(reference)
-    measure(reference, "reference_fp8_base", None)
-    hooks = reference_lora_hooks(reference)
-    measure(reference, "reference_fp8_lora_r16", None)
-    for hook in hooks:
-        hook.remove()
+    if os.environ.get("REFERENCE", "1") == "1":
+        del model
+        torch.cuda.empty_cache()
+        reference = build()
+        reference_fp8(reference)
+        measure(reference, "reference_fp8_base", None)
+        hooks = reference_lora_hooks(reference)
+        measure(reference, "reference_fp8_lora_r16", None)
+        for hook in hooks:
+            hook.remove()
     print(json.dumps({k: v for k, v in RES.items() if k.endswith("_ratio")}, indent=1))
 
 

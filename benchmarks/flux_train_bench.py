@@ -4,7 +4,8 @@ measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on
 (split_hooked: adapters added after the base GEMM, the previous default; split_bf16: bf16
 adapters, as diffusers' add_adapter gives PEFT), the fused layout (one
 adapter per q/k/v slice) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
-picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step); with COMPILE=1 also the layouts in
+picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step; ``PROFILE=1`` adds each step's device
+time by kernel kind); with COMPILE=1 also the layouts in
 COMPILE_LAYOUTS (default split and fp8) and (``FROZEN_COMPILED=0`` skips it) the frozen model under torch.compile. Writes
 $OUT/flux_train_bench.json, and after every variant flux_train_bench.partial.json."""
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loraplug as lp  # noqa: E402
 from loraplug.bench import CFG, _graphs, _time_fn  # noqa: E402
 
@@ -66,6 +68,10 @@ def time_steps(model, params, name, input_grad=False):
     torch.cuda.reset_peak_memory_stats()
     res[name + "_ms"] = _time_fn(step, ITERS)
     res[name + "_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    if os.environ.get("PROFILE") == "1":  # device time by kernel kind vs the step's wall time
+        from profile_flux import device_profile
+
+        res[name + "_profile"] = device_profile(step)
     print(f"{name:24s} {res[name + '_ms']:8.1f} ms  peak {res[name + '_peak_GB']:.1f} GB", flush=True)
     (Path(os.environ.get("OUT", ".")) / "flux_train_bench.partial.json").write_text(json.dumps(res, indent=1))
 

@@ -62,6 +62,27 @@ def lora_for(model, rank: int = 16) -> dict:
     return sd
 
 
+def device_profile(fn) -> dict:
+    """One call of ``fn`` under torch.profiler: device milliseconds by kind of kernel, their sum,
+    the number of kernel launches and the top kernels."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = defaultdict(float)
+    kernels = []
+    for event in prof.key_averages():
+        if event.device_type == DeviceType.CUDA and event.self_device_time_total:
+            totals[kind(event.key)] += event.self_device_time_total / 1e3
+            kernels.append((event.self_device_time_total / 1e3, event.count, event.key[:90]))
+    kernels.sort(reverse=True)
+    return {
+        "by_kind": {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+        "device_total": round(sum(totals.values()), 3),
+        "launches": sum(count for _, count, _ in kernels),
+        "top": [f"{ms:.3f} ms x{count} {name}" for ms, count, name in kernels[:10]],
+    }
+
+
 @torch.no_grad()
 def profile_forward(model, inp, device: str) -> dict:
     for _ in range(2):

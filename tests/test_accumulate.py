@@ -65,9 +65,13 @@ def test_accumulating_equals_the_hooked_order(layout, bias, sliced, monkeypatch)
     x = torch.randn(2, 5, 24)
     with torch.no_grad():
         assert runner._accumulated_output(holder.layer, x) is None  # eager inference: hooked order
+        compiled = []
+        for value in ("1", "all"):  # traced: the out-of-place add after the base; the accumulating GEMM
+            monkeypatch.setenv("LORAPLUG_ACCUMULATE", value)
+            torch._dynamo.reset()
+            compiled.append(torch.compile(holder.layer, backend="eager")(x))
         torch._dynamo.reset()
-        got = torch.compile(holder.layer, backend="eager")(x)  # traced: the accumulating GEMM
-        torch._dynamo.reset()
+        monkeypatch.delenv("LORAPLUG_ACCUMULATE")
     xg = x.clone().requires_grad_(True)
     assert (runner._accumulated_output(holder.layer, xg) is not None) == tracked
     holder.layer(xg).square().sum().backward()
@@ -77,7 +81,8 @@ def test_accumulating_equals_the_hooked_order(layout, bias, sliced, monkeypatch)
         want = holder.layer(x)
     xw = x.clone().requires_grad_(True)
     holder.layer(xw).square().sum().backward()
-    close(got, want, rtol=1e-5, atol=1e-5)
+    for got in compiled:
+        close(got, want, rtol=1e-5, atol=1e-5)
     close(xg.grad, xw.grad, rtol=1e-4, atol=1e-4)
     handle.remove()
     assert "forward" not in holder.layer.__dict__ and runners(holder.layer) is None
@@ -101,6 +106,27 @@ def test_trained_slices_get_the_same_gradients(monkeypatch):
 
     for got, want in zip(grads("1"), grads("0"), strict=True):
         close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_graphs_add_after_the_base_unless_asked(monkeypatch):
+    """In a compiled graph the adapters' product is added after the base GEMM, out of place (the
+    accumulating GEMM's in-place form copies y there); LORAPLUG_ACCUMULATE=all accumulates."""
+    holder = _holder(True)
+    lp.apply(holder, _lora("layer", 0))
+    runner = runners(holder.layer)
+    seen = []
+
+    def spy(layer, x):
+        seen.append(runner._accumulated_output(layer, x) is not None)
+        return layer(x)
+
+    for value, accumulating in (("1", False), ("all", True), ("0", False)):
+        monkeypatch.setenv("LORAPLUG_ACCUMULATE", value)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(spy, backend="eager")(holder.layer, torch.randn(4, 24))
+        assert seen.pop() is accumulating, value
+    torch._dynamo.reset()
 
 
 def test_autocast_to_another_dtype_keeps_the_hooked_order():

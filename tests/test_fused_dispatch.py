@@ -387,10 +387,30 @@ def test_runner_fused_path_under_the_triton_interpreter():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_kernel_availability_is_not_looked_up_per_call(monkeypatch):
+    """Whether Triton is installed is read once: ``importlib.util.find_spec`` inside a compiled
+    graph broke it at every fp8 layer (torch 2.11 skips that function)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+
+    def lookup(name, *args, **kwargs):
+        assert name != "triton", "Triton looked up per call"
+        return find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lookup)
+    torch._dynamo.reset()
+    checked = torch.compile(
+        lambda x: x + kernels.available() + kernels.here(), backend="eager", fullgraph=True
+    )
+    checked(torch.zeros(2))  # Dynamo ignores functools.cache: a cached lookup would be traced
+    torch._dynamo.reset()
+
+
 def test_kernel_switches(monkeypatch):
     """LORAPLUG_KERNELS: unset → fused only on fp8 bases; all → float bases too; base → adapters
     never fused; 0 → no kernels."""
-    monkeypatch.setattr(kernels, "_triton_installed", lambda: True)
+    monkeypatch.setattr(kernels, "TRITON_INSTALLED", True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     from loraplug.runtime.bypass import _fusable
 

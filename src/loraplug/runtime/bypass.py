@@ -6,9 +6,10 @@ disabling an adapter) re-traces nothing under torch.compile.
 
 Most layers get a forward hook after their own forward. Where the runner computes the base GEMM
 itself it sets the module's ``forward`` (an instance attribute, deleted on removal) instead:
-- a plain float ``nn.Linear``: in training and compiled graphs the low-rank adapters' output
-  first, then the base GEMM accumulating into it (``_LowRank.under_base``; adding after the base
-  would be out of place there, a copy of y), ``LORAPLUG_ACCUMULATE=0`` keeps the hooked order;
+- a plain float ``nn.Linear``: in eager training the low-rank adapters' output first, then the
+  base GEMM accumulating into it (``_LowRank.under_base``; adding after the base would be out of
+  place there, a copy of y), ``LORAPLUG_ACCUMULATE=0`` keeps the hooked order (compiled graphs take
+  it too: there the out-of-place add fuses into the next kernel, see ``kernels.accumulates``);
 - an fp8 base (``Fp8Linear``, or any float Linear with ``LORAPLUG_KERNELS=all``) on CUDA with
   Triton: one fused GEMM that adds every low-rank adapter inside the base product
   (runtime.kernels).
@@ -163,7 +164,7 @@ class _LowRank:
     def under_base(self, x2: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """x·Wᵀ + bias + every entry, for runs that cover the output: the adapters' output is
         written first and the base GEMM accumulates into it (cuBLAS reads it in its epilogue), so y
-        is not copied and rewritten after the base (training and compiled graphs add out of place);
+        is not copied and rewritten after the base (training adds out of place);
         several runs take one block-diagonal up projection."""
         hidden = self.hidden(x2)
         up = self.run_ups()[0] if len(self.runs) == 1 else self._block_up(self.width)
@@ -180,14 +181,18 @@ class _LowRank:
         """
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         hidden = self.hidden(x2)
-        # training: no in-place writes into tracked outputs; compiled: one out-of-place addmm that
-        # inductor can fuse, instead of in-place writes into views of the output
-        training = (self.trained and torch.is_grad_enabled()) or torch.compiler.is_compiling()
+        # training: no in-place writes into tracked outputs; compiled: the product added out of
+        # place, which Inductor fuses into the next kernel (an in-place or beta=1 GEMM there copies
+        # y into a new buffer first)
+        compiling = torch.compiler.is_compiling()
+        training = (self.trained and torch.is_grad_enabled()) or compiling
         if masks is not None:
             rows = [None if m is None else m.expand(*y.shape[:-1], 1).reshape(-1, 1) for m in masks]
             parts = [hidden.narrow(1, s, r) * m if m is not None else hidden.narrow(1, s, r)
                      for (s, r, _, _), m in zip(self.spans, rows, strict=True)]  # fmt: skip
             hidden = torch.cat(parts, 1)
+        if compiling:
+            return (y2 + torch.mm(hidden, self._block_up(y2.shape[1])).to(y2.dtype)).view(y.shape)
         if training:
             return torch.addmm(y2, hidden, self._block_up(y2.shape[1])).view(y.shape)
         hidden = hidden.to(y2.dtype)  # autocast casts the GEMMs above, never an in-place one
@@ -357,20 +362,21 @@ class ModuleBypass:
         return y
 
     def _accumulated_output(self, module: nn.Module, x: Tensor) -> Tensor | None:
-        """y = adapters, then the base GEMM accumulating into it (_LowRank.under_base), in training
-        and compiled graphs, where adding after the base would copy y (out of place); None where
+        """y = adapters, then the base GEMM accumulating into it (_LowRank.under_base), in eager
+        training (and compiled graphs with ``LORAPLUG_ACCUMULATE=all``), where adding after the
+        base would copy y (out of place); None where
         that is not exactly the hook path's result (weights of another dtype or kind, masks,
         adapters that read the base output, runs that leave part of the output bare) and in eager
         inference (in place after the base, measured equal: benchmarks/README.md)."""
-        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        compiling = torch.compiler.is_compiling()
+        if not (torch.is_grad_enabled() or compiling) or not kernels.accumulates(compiling):
             return None  # inference without autograd: the in-place order (first, it is the common call)
         w = module.weight
         device = x.device.type
         if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
             return None  # autocast would change the dtype of some GEMMs but not the in-place one
         if not (
-            kernels.accumulates()
-            and type(w) in (nn.Parameter, Tensor)  # quantized weights are tensor subclasses
+            type(w) in (nn.Parameter, Tensor)  # quantized weights are tensor subclasses
             and w.dtype == x.dtype
             and x.is_floating_point()
             and w.device == x.device
@@ -382,7 +388,7 @@ class ModuleBypass:
         if lowrank is None or len(lowrank.entries) != len(self.entries) or not lowrank.covers_output:
             return None
         tracked = torch.is_grad_enabled() and (lowrank.trained or x.requires_grad)
-        if not (tracked or torch.compiler.is_compiling()):
+        if not (tracked or compiling):
             return None  # eager inference adds in place after the base: no copy either way (measured equal)
         bias = module.bias
         y = lowrank.under_base(x.reshape(-1, x.shape[-1]), w, None if bias is None else bias.to(x.dtype))

@@ -20,7 +20,6 @@ separate cuBLAS GEMM on the H200: benchmarks/README.md.)
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -31,13 +30,16 @@ from torch import Tensor
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+# looked up once: inside a compiled graph ``importlib.util.find_spec`` is a function Dynamo skips
+# (torch 2.11), which broke the graph at every layer that asked (measured: 34 breaks, 12 blocks)
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def available() -> bool:
     """Triton installed and a CUDA device present (or the Triton interpreter asked for);
     ``LORAPLUG_KERNELS=0`` turns the kernels off (fp8 layers then use ``torch._scaled_mm``, bypass
     the portable path)."""
-    if os.environ.get("LORAPLUG_KERNELS") == "0" or not _triton_installed():
+    if os.environ.get("LORAPLUG_KERNELS") == "0" or not TRITON_INSTALLED:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -55,12 +57,16 @@ def fuses_adapters() -> bool:
     return os.environ.get("LORAPLUG_KERNELS") != "base"
 
 
-def accumulates() -> bool:
-    """Whether a plain float ``nn.Linear`` in training or a compiled graph runs its base GEMM last,
-    accumulating into the adapters' output (the default: adding after the base is out of place
-    there, one more copy of y per layer). ``LORAPLUG_ACCUMULATE=0``: the base first, the adapters
-    added after it (the order every other layer type and eager inference take)."""
-    return os.environ.get("LORAPLUG_ACCUMULATE") != "0"
+def accumulates(compiling: bool = False) -> bool:
+    """Whether a plain float ``nn.Linear`` in eager training runs its base GEMM last, accumulating
+    into the adapters' output (the default: adding after the base is out of place there, one more
+    copy of y per layer). ``LORAPLUG_ACCUMULATE=0``: never (the base first, the adapters added after
+    it, the order every other layer type and eager inference take); ``=all``: in compiled graphs
+    too (``compiling``), where by default the adapters' product is added after the base out of
+    place, an add Inductor fuses into the next kernel, while its in-place GEMM copies y first
+    (measured: benchmarks/README.md)."""
+    value = os.environ.get("LORAPLUG_ACCUMULATE")
+    return value != "0" and (not compiling or value == "all")
 
 
 def here() -> bool:
@@ -71,11 +77,6 @@ def here() -> bool:
     while ``torch._scaled_mm`` with Inductor-fused quantization ran at 0.79× and a grouped LoRA
     beside it at 1.02× (``shared/anchors``): compiled graphs use those by default."""
     return not torch.compiler.is_compiling() or os.environ.get("LORAPLUG_KERNELS") == "all"
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def ops():
