@@ -1,5 +1,5 @@
 """GPU training benchmark: one step on the full Flux-dev-size transformer (random weights, bf16,
-512x512 = 1024 image + 512 text tokens, batch 1, AdamW), ratios to the frozen forward+backward
+512x512 = 1024 image + 512 text tokens, batch 1, fused AdamW as lp.train uses on CUDA, for every variant), ratios to the frozen forward+backward
 measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on the split layout
 (split_hooked: adapters added after the base GEMM, the previous default; split_bf16: bf16
 adapters, as diffusers' add_adapter gives PEFT), the fused layout (one
@@ -53,7 +53,7 @@ def build():
 
 
 def time_steps(model, params, name, input_grad=False):
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None  # as lp.train on CUDA
     x = INP["hidden_states"].clone().requires_grad_(input_grad)
 
     def step():
