@@ -57,6 +57,8 @@ def time_steps(model, params, name, input_grad=False):
     x = INP["hidden_states"].clone().requires_grad_(input_grad)
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs (no-op otherwise)
+        x.grad = None  # the frozen step's input gradient: not accumulated into graph memory
         out = model(**{**INP, "hidden_states": x})[0]
         (out.float() - TARGET.float()).pow(2).mean().backward()
         if opt:

@@ -275,14 +275,19 @@ def train(
     if model is not None:
         model.compile(mode=compile if isinstance(compile, str) else None)
     pending = None  # the last step's loss, read after the next step is queued (no stall per step)
+    graphs = compile in ("reduce-overhead", "max-autotune")  # CUDA graphs (on CUDA)
     try:
         for _ in bar:
             total = torch.zeros((), device=params[0].device if params else "cpu")
-            for _ in range(grad_accum):
+            for micro in range(grad_accum):
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     loss = loss_fn(next(data)) / grad_accum
                 loss.backward()
                 total += loss.detach().float()
+                if graphs and micro == 0 and grad_accum > 1:
+                    _own_gradients(params)
             opt.step()
             scheduler.step()
             opt.zero_grad(set_to_none=True)
@@ -299,6 +304,15 @@ def train(
                  "step": steps, "scheduler": scheduler.state_dict()}  # fmt: skip
         torch.save(state, str(checkpoint))
     return TrainResult(handle.adapters[0], losses)
+
+
+def _own_gradients(params: list[Tensor]) -> None:
+    """Copy gradients out of CUDA-graph memory: the next replay reuses it, and accumulating the
+    next micro-batch into it raised ("accessing tensor output of CUDAGraphs that has been
+    overwritten")."""
+    for p in params:
+        if p.grad is not None:
+            p.grad = p.grad.clone()
 
 
 def _record(losses: list[float], loss: Tensor, bar) -> None:
