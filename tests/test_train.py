@@ -254,3 +254,31 @@ def test_adapters_in_the_base_dtype_train_and_8_bit_is_refused():
     for bad in (torch.float8_e4m3fn, torch.int8, "bfloat16"):
         with pytest.raises(lp.LoraplugError, match="8-bit"):
             lp.create(nn.Sequential(nn.Linear(4, 4)), "lora", rank=2, targets="all-linear", dtype=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float32_masters_on_a_bf16_base_match_the_float32_product(dtype):
+    """Adapters of another dtype than the activations (float32 masters on a bf16 base: cast, and
+    their scale folded into the cast down projection) give the output and gradients of the float32
+    product scale·(x Aᵀ) Bᵀ; adapters in the base's dtype likewise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48)).to(torch.bfloat16)
+    handle = lp.create(model, "lora", rank=4, alpha=2.0, targets="all-linear", init="random", dtype=dtype)
+    down, up = sorted(handle.parameters(), key=lambda p: p.shape[0])  # (4, 32), (48, 4)
+    with torch.no_grad():
+        down.normal_(), up.normal_()  # a change as large as the base output
+    x = torch.randn(64, 32, dtype=torch.bfloat16)
+    grad = torch.randn(64, 48)
+    model(x).float().backward(grad)
+    got = model(x).float()
+    grads = [p.grad.float().clone() for p in (down, up)]
+    for p in (down, up):
+        p.grad = None
+    d, u = down.detach().float().requires_grad_(), up.detach().float().requires_grad_()
+    base = x.float() @ model[0].weight.float().T + model[0].bias.float()
+    want = base + 0.5 * (x.float() @ d.T) @ u.T  # scale alpha / rank
+    want.backward(grad)
+    for a, b in ((got, want), (grads[0], d.grad), (grads[1], u.grad)):  # bf16 compute: 1e-2 of the norm
+        assert (a - b).norm() / b.norm() < 1e-2
+    with torch.no_grad():  # a sign error or a missing scale is far outside these tolerances
+        assert (got - base).abs().max() > 1.0

@@ -71,6 +71,7 @@ class _LowRank:
     static_scale: Tensor
     rank_scale: Tensor
     trained: bool
+    cast: bool  # the adapters' own tensors are of another dtype (float32 masters, say)
     width: int
     runs: list[tuple[int, int, int, int]]  # (rank start, ranks, output offset, output size) per slice
     covers_output: bool  # the runs tile the whole output side by side (one run, or q/k/v slices)
@@ -114,6 +115,7 @@ class _LowRank:
             trained=any(
                 d.requires_grad or f[1].requires_grad for d, (_, f) in zip(downs, found, strict=True)
             ),
+            cast=any(t.dtype != down_t.dtype for e, _ in found for t in e.patch.all_tensors().values()),
             width=out_features,
             runs=(runs := _runs(spans)),
             covers_output=_covers(runs, out_features),
@@ -157,7 +159,13 @@ class _LowRank:
         return torch.cat(blocks)
 
     def hidden(self, x2: Tensor) -> Tensor:
-        """x·Aᵀ of every entry, each rank scaled by scale·strength (in place unless trained)."""
+        """x·Aᵀ of every entry, each rank scaled by scale·strength: in place after the product
+        (inference), out of place (training), or folded into the (small) down projection when
+        trained adapters are cast to x's dtype — under torch.compile the kernel that casts them
+        scales them too (and their gradients on the way back): one kernel fewer per adapter each
+        way (counted in a tiny Flux's compiled training step; without a cast it adds one)."""
+        if self.trained and self.cast:
+            return torch.mm(x2, self.down_t * self.rank_scale)
         hidden = torch.mm(x2, self.down_t)
         return hidden * self.rank_scale if self.trained else hidden.mul_(self.rank_scale)
 
