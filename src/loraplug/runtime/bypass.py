@@ -199,8 +199,8 @@ class _LowRank:
             parts = [hidden.narrow(1, s, r) * m if m is not None else hidden.narrow(1, s, r)
                      for (s, r, _, _), m in zip(self.spans, rows, strict=True)]  # fmt: skip
             hidden = torch.cat(parts, 1)
-        if compiling:
-            return (y2 + torch.mm(hidden, self._block_up(y2.shape[1])).to(y2.dtype)).view(y.shape)
+        if compiling:  # reshaped before the add: Inductor turns add(y, mm) into addmm, copying y
+            return y + torch.mm(hidden, self._block_up(y2.shape[1])).to(y2.dtype).view(y.shape)
         if training:
             return torch.addmm(y2, hidden, self._block_up(y2.shape[1])).view(y.shape)
         hidden = hidden.to(y2.dtype)  # autocast casts the GEMMs above, never an in-place one
