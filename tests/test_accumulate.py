@@ -4,6 +4,7 @@ whole-output and sliced adapters, the cases that must keep the hooked order, dee
 one graph under torch.compile for inference and training."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -215,6 +216,41 @@ def test_a_model_in_training_deep_copies(accumulate, monkeypatch):
         handle.remove()
         assert runners(model[0]) is None
         close(twin(x), want, rtol=0, atol=0)
+
+
+def test_a_model_with_adapters_pickles(tmp_path):
+    """torch.save of a whole model with adapters applied (a runner owning a Linear's forward, a
+    hook on a conv) loads with the same outputs; a handle pickled with its model steers the copy
+    only; a training handle pickled with its model trains the copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 8))
+    g = torch.Generator().manual_seed(0)
+    sd = {"0.lora_down.weight": torch.randn(2, 2, 3, 3, generator=g), "0.lora_up.weight": torch.randn(4, 2, 1, 1, generator=g),
+          "2.lora_A.weight": torch.randn(2, 64, generator=g), "2.lora_B.weight": torch.randn(8, 2, generator=g)}  # fmt: skip
+    handle = lp.apply(model, sd, strength=0.7)
+    x = torch.randn(3, 2, 4, 4)
+    with torch.no_grad():
+        want = model(x)
+        path = tmp_path / "model.pt"
+        torch.save(model, path)
+        loaded = torch.load(path, weights_only=False)  # our own file: the model object itself
+        close(loaded(x), want, rtol=0, atol=0)
+        twin, twin_handle = pickle.loads(pickle.dumps((model, handle)))
+        assert runners(twin[2]) is not runners(model[2]) and runners(twin[2]).module_ref() is twin[2]
+        twin_handle.remove()
+        assert runners(twin[0]) is None and runners(twin[2]) is None and "forward" not in twin[2].__dict__
+        handle.remove()
+        close(twin(x), model(x), rtol=0, atol=0)
+        assert (twin(x) - want).abs().max() > 1e-3
+    trained = nn.Sequential(nn.Linear(8, 8))
+    train_handle = lp.create(trained, "lora", rank=2, targets="all-linear", init="random")
+    copied, copied_handle = pickle.loads(pickle.dumps((trained, train_handle)))
+    data = [(torch.randn(16, 8), torch.randn(16, 8))]
+    before = [p.clone() for p in train_handle.parameters()]
+    lp.train(copied_handle, data, lambda b: ((copied(b[0]) - b[1]) ** 2).mean(), steps=2, lr=1e-2,
+             progress=False, compile=True)  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(before, train_handle.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(before, copied_handle.parameters(), strict=True))
 
 
 def test_a_forward_wrapped_after_apply_survives_removal():

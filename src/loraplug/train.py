@@ -39,6 +39,18 @@ class TrainHandle(Handle):
     def parameters(self) -> list[nn.Parameter]:
         return [t for a in self.adapters[0].adapters.values() for t in a.tensors.values() if t.requires_grad]
 
+    def __getstate__(self) -> dict:
+        """Pickled with its model (``pickle.dumps((model, handle))``): the model in place of the
+        weak reference."""
+        state = dict(self.__dict__)
+        state["model_ref"] = self.model_ref()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        model = state.pop("model_ref")
+        self.__dict__.update(state)
+        self.model_ref = weakref.ref(model) if model is not None else (lambda: None)
+
 
 @dataclass
 class TrainResult:

@@ -305,17 +305,30 @@ class ModuleBypass:
         and registered for it, so the copy computes with its own weights."""
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
-        caches = {"_lowrank": {}, "_weight_key": None, "_weight": None}
         for key, value in self.__dict__.items():
-            if key not in caches and key != "module_ref":
+            if key not in _CACHES and key != "module_ref":
                 setattr(copied, key, copy.deepcopy(value, memo))
-        copied.__dict__.update(caches)
+        copied.__dict__.update(_empty_caches())
         module = self.module_ref()
         twin = memo.get(id(module), module)
         copied.module_ref = weakref.ref(twin)
         if twin is not module:
             _ACTIVE[twin] = copied
         return copied
+
+    def __getstate__(self) -> dict:
+        """Pickling a model with its adapters (``torch.save(model)``): the module itself in place of
+        the weak reference (pickle keeps it one object), caches left out (rebuilt on first use)."""
+        state = {k: v for k, v in self.__dict__.items() if k not in _CACHES and k != "module_ref"}
+        state["module"] = self.module_ref()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        module = state.pop("module")
+        self.__dict__.update(state)
+        self.__dict__.update(_empty_caches())
+        self.module_ref = weakref.ref(module)
+        _ACTIVE[module] = self
 
     def _float_weight(self) -> Tensor:
         """The whole weight in float32, computed once per weight version (DoRA/OFT need it)."""
@@ -536,6 +549,13 @@ class ModuleBypass:
             self._hook.remove()
         elif module is not None and module.__dict__.get("forward") == self.forward:
             del module.forward
+
+
+_CACHES = ("_lowrank", "_weight_key", "_weight")  # a runner's caches: never copied or pickled
+
+
+def _empty_caches() -> dict:
+    return {"_lowrank": {}, "_weight_key": None, "_weight": None}
 
 
 def _block_n(module: nn.Module) -> int:
