@@ -126,12 +126,15 @@ def _same_state(module, state):
     )  # noqa: E501
 
 
+def _quantized_case(backend: str) -> tuple:
+    """(the model quantized by ``backend``, its dequantized float twin, the quantized layer's state)."""
+    model = BACKENDS[backend][0](_float_model())
+    return model, _dequantized(model), _quantized_state(model[0])
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_bypass_on_quantized_base(backend):
-    make, _ = BACKENDS[backend]
-    model = make(_float_model())
-    reference = _dequantized(model)
-    state = _quantized_state(model[0])
+    model, reference, state = _quantized_case(backend)
     x = torch.randn(5, IN)
     sd = _lora()
     delta = sd["0.lora_B.weight"] @ sd["0.lora_A.weight"]
@@ -156,9 +159,7 @@ def test_bypass_on_quantized_base(backend):
 
 @pytest.mark.parametrize("backend", ["torchao-int8-weight", "quanto-qint8", "gguf-q8_0", "scaled-fp8"])
 def test_dora_on_quantized_base_reads_a_dequantized_copy(backend):
-    make, _ = BACKENDS[backend]
-    model = make(_float_model())
-    reference = _dequantized(model)
+    model, reference, _ = _quantized_case(backend)
     x = torch.randn(5, IN)
     sd = _lora(dora=True)
     with torch.no_grad():
@@ -172,10 +173,8 @@ def test_dora_on_quantized_base_reads_a_dequantized_copy(backend):
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_merge_on_quantized_base(backend):
-    make, can = BACKENDS[backend]
-    model = make(_float_model())
-    reference = _dequantized(model)
-    state = _quantized_state(model[0])
+    model, reference, state = _quantized_case(backend)
+    can = BACKENDS[backend][1]
     x = torch.randn(5, IN)
     sd = _lora()
     if not can:
