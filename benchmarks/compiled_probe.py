@@ -1,13 +1,15 @@
 """Where a compiled forward's time goes, at reduced depth (``ND``/``NS`` blocks, default 4 + 8, so
-that each compile takes seconds, not minutes): the bf16 base and + loraplug LoRA r16 (also with the base GEMM accumulating into the adapters'
-output, and two LoRAs), loraplug's
-fp8 base (``quantize_fp8``, the blocks' projections) and fp8 + LoRA r16, and
-(``REFERENCE=0`` skips it) a reference fp8 layer written out below (the arithmetic of
-``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations, ``torch._scaled_mm``)
-with a reference grouped LoRA hook. Each variant under torch.compile with and without CUDA graphs
-(``GRAPHS=0`` skips them): median time, Dynamo's counts, device time by kind against the wall time
-(device time well under wall: the host sets the pace), the top kernels. Ratios against the
-compiled bf16 base of the same mode. Writes $OUT/compiled_probe.json (after every variant).
+that each compile takes seconds, not minutes): the bf16 base and + loraplug LoRA r16 (also with
+the base GEMM accumulating into the adapters' output, and two LoRAs), loraplug's fp8 base
+(``quantize_fp8``, the blocks' projections) and fp8 + LoRA r16 (portable, and the fused Triton
+kernel as a custom op: ``LORAPLUG_KERNELS=all``), and (``REFERENCE=0`` skips it) a reference fp8
+layer written out below (the arithmetic of ``shared/anchors/flux_fp8_gpu.py``: e4m3 per row,
+per-token activations, ``torch._scaled_mm``) with a reference grouped LoRA hook. Each variant
+under torch.compile with and without CUDA graphs (``GRAPHS=0`` skips them): median time, Dynamo's
+counts, device time by kind against the wall time (device time well under wall: the host sets the
+pace), the top kernels. Ratios against the compiled bf16 base of the same mode. ``VARIANTS``
+(space-separated keys such as ``bf16_base_graphs fp8_lora_r16_fused_graphs``; name the base for
+the ratios) runs only those. Writes $OUT/compiled_probe.json (after every variant).
 
     ND=4 NS=8 OUT=results python benchmarks/compiled_probe.py     # GPU machine
 """
@@ -90,10 +92,13 @@ def reference_lora_hooks(model: nn.Module, rank: int = 16) -> list:
 
 
 def measure(model, name: str, mode: str | None) -> None:
+    key = f"{name}_{'graphs' if mode else 'compiled'}"
+    chosen = os.environ.get("VARIANTS", "").split()
+    if chosen and key not in chosen:
+        return
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(model, mode=mode)
-    key = f"{name}_{'graphs' if mode else 'compiled'}"
     try:
         with torch.no_grad():
             RES[key + "_ms"] = _time_fn(lambda: compiled(**INP), warmup=3)
@@ -147,6 +152,11 @@ def main() -> None:
         handle = lp.apply(model, lora)
         measure(model, "fp8_lora_r16", mode)
         handle.remove()
+        os.environ["LORAPLUG_KERNELS"] = "all"  # the fused Triton kernel as a custom op in the graph
+        handle = lp.apply(model, lora)
+        measure(model, "fp8_lora_r16_fused", mode)
+        handle.remove()
+        os.environ.pop("LORAPLUG_KERNELS")
     if os.environ.get("REFERENCE", "1") == "1":
         del model
         torch.cuda.empty_cache()
