@@ -16,6 +16,7 @@ matrix units, the same arithmetic is emulated in float32 (slow, for tests).
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -40,17 +41,12 @@ def fp8_matmul_on(device: torch.device) -> bool:
     return device.type == "cuda" and _capability(device.index) >= (8, 9)
 
 
-_CAPABILITY: dict[int | None, tuple[int, int]] = {}
-
-
+@functools.cache
 def _capability(index: int | None) -> tuple[int, int]:
     # get_device_properties: torch.compile folds it to a constant (get_device_capability broke the
-    # graph at every fp8 layer, the custom autograd function included); a plain dict as the cache
-    # (Dynamo ignores functools.cache and warned about it at every compile)
-    if index not in _CAPABILITY:
-        props = torch.cuda.get_device_properties(index)
-        _CAPABILITY[index] = (props.major, props.minor)
-    return _CAPABILITY[index]
+    # graph at every fp8 layer, the custom autograd function included)
+    props = torch.cuda.get_device_properties(index)
+    return props.major, props.minor
 
 
 class Fp8Linear(nn.Linear):
