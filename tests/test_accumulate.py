@@ -4,6 +4,7 @@ whole-output and sliced adapters, the cases that must keep the hooked order, dee
 one graph under torch.compile for inference and training."""
 
 import copy
+import io
 import pickle
 
 import pytest
@@ -221,7 +222,8 @@ def test_a_model_in_training_deep_copies(accumulate, monkeypatch):
 def test_a_model_with_adapters_pickles(tmp_path):
     """torch.save of a whole model with adapters applied (a runner owning a Linear's forward, a
     hook on a conv) loads with the same outputs; a handle pickled with its model steers the copy
-    only; a training handle pickled with its model trains the copy."""
+    only; a merge handle restores its copy's original bytes (an fp8 weight's too); a training
+    handle pickled with its model trains the copy."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 8))
     g = torch.Generator().manual_seed(0)
@@ -242,6 +244,18 @@ def test_a_model_with_adapters_pickles(tmp_path):
         handle.remove()
         close(twin(x), model(x), rtol=0, atol=0)
         assert (twin(x) - want).abs().max() > 1e-3
+    merged = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 8))
+    lp.quantize_fp8(merged, targets="^1$")  # a quantized weight: its merge state names its scheme
+    original = [t.clone() for t in merged.state_dict().values()]
+    sd = {"0.lora_A.weight": torch.randn(2, 64), "0.lora_B.weight": torch.randn(8, 2),
+          "1.lora_A.weight": torch.randn(2, 8), "1.lora_B.weight": torch.randn(8, 2)}  # fmt: skip
+    merge_handle = lp.merge(merged, sd)
+    buffer = io.BytesIO()  # torch.save: plain pickle fails on fp8 tensors (torch's own limitation)
+    torch.save((merged, merge_handle), buffer)
+    copy_, copy_handle = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    copy_handle.remove()  # the original bytes travelled with the handle
+    assert all(torch.equal(a, b) for a, b in zip(copy_.state_dict().values(), original, strict=True))
+    assert not torch.equal(merged[0].weight, original[0])
     trained = nn.Sequential(nn.Linear(8, 8))
     train_handle = lp.create(trained, "lora", rank=2, targets="all-linear", init="random")
     copied, copied_handle = pickle.loads(pickle.dumps((trained, train_handle)))

@@ -115,6 +115,18 @@ class Handle:
         self._bound.clear()
         self._removed = True
 
+    def __getstate__(self) -> dict:
+        """Pickled with its model: a merge handle also carries each module's original bytes (the
+        merge state, which the model does not reach), so ``remove()`` restores the copy."""
+        state = dict(self.__dict__)
+        if self.mode == "merge":
+            state["_merge_states"] = [merge_rt.state_of(b.module) for b in self._bound]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state.pop("_merge_states", None)  # unpickling them registered them with their modules
+        self.__dict__.update(state)
+
     def _effective(self, index: int) -> float:
         return self._strengths[index] if self._enabled else 0.0
 

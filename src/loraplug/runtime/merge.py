@@ -48,6 +48,17 @@ class ModuleMerge:
         self.original_bias = None if bias is None else bias.detach().clone()
         self.entries: list[MergeEntry] = []
 
+    def __getstate__(self) -> dict:
+        """Pickled with a merge handle (its model's merged weights travel in the model): the
+        module in place of the weak reference."""
+        return {**self.__dict__, "module_ref": self.module_ref()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        module = state["module_ref"]
+        self.module_ref = weakref.ref(module)
+        _ACTIVE[module] = self
+
     def refresh(self) -> None:
         """Rewrite weight (and bias) from the original bytes and the current entries."""
         module = self.module_ref()

@@ -26,6 +26,9 @@ class Backend:
     dequantize: Callable[[nn.Module], Tensor]
     requantize: Callable[[nn.Module, Tensor], dict[str, Tensor]] | None
 
+    def __reduce__(self):
+        return _backend_named, (self.name,)  # pickled by name (its functions are lambdas)
+
 
 def _type_name(w) -> str:
     return type(w).__name__
@@ -144,6 +147,10 @@ BACKENDS = [
     Backend("gguf", lambda m: _type_name(m.weight) == "GGUFParameter", _gguf_dequantize, _gguf_requantize),
     Backend("bitsandbytes", lambda m: _type_name(m.weight) in ("Params4bit", "Int8Params"), _bnb_dequantize, None),
 ]  # fmt: skip
+
+
+def _backend_named(name: str) -> Backend:
+    return next(b for b in BACKENDS if b.name == name)
 
 
 def backend_of(module: nn.Module) -> Backend | None:
