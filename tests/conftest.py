@@ -1,12 +1,13 @@
 import copy
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+
+from loraplug.testing import import_comfyui
 
 settings.register_profile("ci", max_examples=15, deadline=None)
 settings.register_profile("dev", max_examples=60, deadline=None)
@@ -69,14 +70,9 @@ def comfy_utils(tmp_path_factory):
     """ComfyUI's comfy.utils (key maps) from ../shared/comfyui, imported from a writable copy."""
     if not COMFY.exists():
         pytest.skip("no ComfyUI tree beside the checkout (../shared/comfyui)")
-    root = tmp_path_factory.mktemp("comfy") / "comfyui"
-    shutil.copytree(COMFY, root)
-    sys.path.insert(0, str(root))
-    argv, sys.argv = sys.argv, ["comfy", "--cpu"]
+    argv = sys.argv
+    root = import_comfyui(COMFY, tmp_path_factory.mktemp("comfy"))
     try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
         import comfy.utils
 
         return comfy.utils

@@ -1,11 +1,12 @@
 """ComfyUI from ../shared/comfyui (copied: it writes next to itself), imported with --cpu."""
 
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from loraplug.testing import import_comfyui
 
 COMFY = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,14 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def comfy(tmp_path_factory):
     if not COMFY.exists():
         pytest.skip("no ComfyUI tree beside the checkout")
-    root = tmp_path_factory.mktemp("comfy") / "ComfyUI"
-    shutil.copytree(COMFY, root)
-    sys.path.insert(0, str(root))
+    root = import_comfyui(COMFY, tmp_path_factory.mktemp("comfy"))
     sys.path.insert(0, str(ROOT))  # the node pack
-    sys.argv = ["main.py", "--cpu"]
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
     import comfy.model_base
     import comfy.model_patcher
     import comfy.sample

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -131,3 +135,17 @@ class ScaledFP8Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.to(x.dtype) * self.scale_weight.to(x.dtype)
         return torch.nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def import_comfyui(source: Path, workdir: Path) -> Path:
+    """A ComfyUI tree (the node pack's tests) copied to ``workdir`` (ComfyUI writes next to
+    itself), put first on ``sys.path`` and its argument parsing set up for ``--cpu``; returns the
+    copy's root. ``sys.argv`` is left as ComfyUI reads it."""
+    root = workdir / "ComfyUI"
+    shutil.copytree(source, root)
+    sys.path.insert(0, str(root))
+    sys.argv = ["main.py", "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    return root
