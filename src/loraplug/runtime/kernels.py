@@ -75,7 +75,9 @@ def here() -> bool:
     (benchmarks/README.md), a compiled graph calling the custom ops paid their host cost on every
     call and ran an fp8 Flux slower than eager (1.55× the compiled bf16 base, 1.31× with a LoRA),
     while ``torch._scaled_mm`` with Inductor-fused quantization ran at 0.79× and a grouped LoRA
-    beside it at 1.02× (``shared/anchors``): compiled graphs use those by default."""
+    beside it at 1.02× (``shared/anchors``): compiled graphs use those by default. (That
+    measurement was made while a Triton lookup broke the graph at fp8 layers; session 5's
+    ``compiled_probe.py`` can time the custom ops again.)"""
     return not torch.compiler.is_compiling() or os.environ.get("LORAPLUG_KERNELS") == "all"
 
 
