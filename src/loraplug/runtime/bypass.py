@@ -183,25 +183,22 @@ class _LowRank:
         """y + Σ mᵢ·sᵢ·scaleᵢ·(x Aᵢᵀ) Bᵢᵀ, each into its slice; a token mask mᵢ scales the rows of
         the small hidden activation (exact, since Bᵢ acts per row).
 
-        Inference adds in place, slice by slice (no copy of y, no extra memory). Training builds the
-        ups into one block matrix and adds out of place: in-place writes into slices of an output
-        autograd tracks would copy its whole gradient once per slice in the backward pass.
+        Eager inference adds in place, slice by slice (no copy of y, no extra memory). Training
+        builds the ups into one block matrix and adds out of place: in-place writes into slices of
+        an output autograd tracks would copy its whole gradient once per slice in the backward
+        pass. Compiled graphs add the block product out of place too, an add Inductor fuses into
+        the next kernel (an in-place or beta=1 GEMM there copies y into a new buffer first).
         """
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         hidden = self.hidden(x2)
-        # training: no in-place writes into tracked outputs; compiled: the product added out of
-        # place, which Inductor fuses into the next kernel (an in-place or beta=1 GEMM there copies
-        # y into a new buffer first)
-        compiling = torch.compiler.is_compiling()
-        training = (self.trained and torch.is_grad_enabled()) or compiling
         if masks is not None:
             rows = [None if m is None else m.expand(*y.shape[:-1], 1).reshape(-1, 1) for m in masks]
             parts = [hidden.narrow(1, s, r) * m if m is not None else hidden.narrow(1, s, r)
                      for (s, r, _, _), m in zip(self.spans, rows, strict=True)]  # fmt: skip
             hidden = torch.cat(parts, 1)
-        if compiling:  # reshaped before the add: Inductor turns add(y, mm) into addmm, copying y
+        if torch.compiler.is_compiling():  # reshaped first: Inductor makes add(y, mm) an addmm
             return y + torch.mm(hidden, self._block_up(y2.shape[1])).to(y2.dtype).view(y.shape)
-        if training:
+        if self.trained and torch.is_grad_enabled():
             return torch.addmm(y2, hidden, self._block_up(y2.shape[1])).view(y.shape)
         hidden = hidden.to(y2.dtype)  # autocast casts the GEMMs above, never an in-place one
         for (start, ranks, offset, size), up in zip(self.runs, self.run_ups(), strict=True):
