@@ -200,11 +200,13 @@ class _LowRank:
             return y + torch.mm(hidden, self._block_up(y2.shape[1])).to(y2.dtype).view(y.shape)
         if self.trained and torch.is_grad_enabled():
             return torch.addmm(y2, hidden, self._block_up(y2.shape[1])).view(y.shape)
-        hidden = hidden.to(y2.dtype)  # autocast casts the GEMMs above, never an in-place one
+        dtype = y2.dtype  # autocast casts the GEMMs above, never an in-place one
+        hidden = hidden if hidden.dtype == dtype else hidden.to(dtype)  # (a no-op .to costs µs per call)
         for (start, ranks, offset, size), up in zip(self.runs, self.run_ups(), strict=True):
             out = y2 if size == y2.shape[1] else y2.narrow(1, offset, size)
             out.addmm_(
-                hidden if ranks == hidden.shape[1] else hidden.narrow(1, start, ranks), up.to(y2.dtype)
+                hidden if ranks == hidden.shape[1] else hidden.narrow(1, start, ranks),
+                up if up.dtype == dtype else up.to(dtype),
             )
         return y
 
