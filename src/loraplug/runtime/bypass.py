@@ -550,11 +550,12 @@ class ModuleBypass:
             del module.forward
 
 
-_CACHES = ("_lowrank", "_weight_key", "_weight")  # a runner's caches: never copied or pickled
-
-
 def _empty_caches() -> dict:
+    """A runner's caches, empty: never copied or pickled, rebuilt on first use."""
     return {"_lowrank": {}, "_weight_key": None, "_weight": None}
+
+
+_CACHES = tuple(_empty_caches())
 
 
 def _block_n(module: nn.Module) -> int:
