@@ -14,6 +14,7 @@ the ratios) runs only those. Writes $OUT/compiled_probe.json (after every varian
     ND=4 NS=8 OUT=results python benchmarks/compiled_probe.py     # GPU machine
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -69,6 +70,17 @@ def reference_fp8(model: nn.Module) -> None:
                 setattr(parent, name, ReferenceFp8(child))
 
 
+def _reference_pair(mod: nn.Module, name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One down and one block-diagonal up projection (q/k/v slices of a fused qkv)."""
+    parts = 3 if name.endswith("to_qkv") or name.endswith("to_added_qkv") else 1
+    down = torch.randn(rank * parts, mod.in_features, device=DEV, dtype=DT) * 0.01
+    up = torch.zeros(mod.out_features, rank * parts, device=DEV, dtype=DT)
+    size = mod.out_features // parts
+    for i in range(parts):
+        up[i * size : (i + 1) * size, i * rank : (i + 1) * rank] = 0.01
+    return down, up
+
+
 def reference_lora_hooks(model: nn.Module, rank: int = 16) -> list:
     """One down and one block-diagonal up projection per layer (q/k/v slices of a fused qkv),
     added in place after the base: the anchors' grouped prototype."""
@@ -76,12 +88,7 @@ def reference_lora_hooks(model: nn.Module, rank: int = 16) -> list:
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Linear, ReferenceFp8)) or "blocks." not in name or "norm" in name:
             continue
-        parts = 3 if name.endswith("to_qkv") or name.endswith("to_added_qkv") else 1
-        down = torch.randn(rank * parts, mod.in_features, device=DEV, dtype=DT) * 0.01
-        up = torch.zeros(mod.out_features, rank * parts, device=DEV, dtype=DT)
-        size = mod.out_features // parts
-        for i in range(parts):
-            up[i * size : (i + 1) * size, i * rank : (i + 1) * rank] = 0.01
+        down, up = _reference_pair(mod, name, rank)
 
         def add(mod, args, y, down=down, up=up):
             x = args[0]
@@ -91,14 +98,51 @@ def reference_lora_hooks(model: nn.Module, rank: int = 16) -> list:
     return hooks
 
 
+class KConcat(nn.Module):
+    """A LoRA beside a bf16 Linear as one GEMM: y = [x | s·x·Aᵀ] · [W | B]ᵀ. The weight is stored
+    once as the left columns of an (out, in + rank) buffer whose right columns hold B, so the
+    base layer's own weight is a strided view of it (no second copy of W)."""
+
+    def __init__(self, linear: nn.Linear, down: torch.Tensor, up: torch.Tensor):
+        super().__init__()
+        buf = torch.empty(linear.out_features, linear.in_features + down.shape[0], device=DEV, dtype=DT)
+        buf[:, : linear.in_features] = linear.weight
+        buf[:, linear.in_features :] = up
+        self.register_buffer("buf", buf)
+        self.register_buffer("down", down)
+        self.register_buffer("scale", torch.ones(down.shape[0], device=DEV, dtype=DT))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        h = torch.mm(x.reshape(-1, x.shape[-1]), self.down.t()) * self.scale
+        return nn.functional.linear(torch.cat([x, h.view(*x.shape[:-1], -1)], -1), self.buf, self.bias)
+
+
+def kconcat_lora(model: nn.Module, rank: int = 16) -> None:
+    """The reference LoRA of ``reference_lora_hooks`` as K-concatenation where in ≤ out (q/k/v,
+    the MLP's up projections, linear1), as an out-of-place add after the base elsewhere."""
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear) or "blocks." not in name or "norm" in name:
+            continue
+        down, up = _reference_pair(mod, name, rank)
+        if mod.in_features <= mod.out_features:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, KConcat(mod, down, up))
+        else:
+            mod.register_forward_hook(
+                lambda mod, args, y, down=down, up=up: y + (args[0] @ down.T @ up.T).view_as(y)
+            )
+
+
 def measure(model, name: str, mode: str | None) -> None:
-    key = f"{name}_{'graphs' if mode else 'compiled'}"
+    """``mode``: None (torch.compile), "reduce-overhead" (CUDA graphs) or "eager"."""
+    key = f"{name}_{ {None: 'compiled', 'eager': 'eager'}.get(mode, 'graphs') }"
     chosen = os.environ.get("VARIANTS", "").split()
     if chosen and key not in chosen:
         return
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = torch.compile(model, mode=mode)
+    compiled = model if mode == "eager" else torch.compile(model, mode=mode)
     try:
         with torch.no_grad():
             RES[key + "_ms"] = _time_fn(lambda: compiled(**INP), warmup=3)
@@ -112,10 +156,20 @@ def measure(model, name: str, mode: str | None) -> None:
     except Exception as err:  # a variant that fails is recorded, the others still run
         RES[key + "_error"] = f"{type(err).__name__}: {err}"[:400]
         print(key, RES[key + "_error"], flush=True)
-    base = RES.get(f"bf16_base_{'graphs' if mode else 'compiled'}_ms")
+    base = RES.get(f"bf16_base_{key.rpartition('_')[2]}_ms")
     if base and key + "_ms" in RES:
         RES[key + "_ratio"] = round(RES[key + "_ms"] / base, 4)
     (OUT / "compiled_probe.json").write_text(json.dumps(RES, indent=1))
+
+
+@contextlib.contextmanager
+def fused_kernel():
+    """``LORAPLUG_KERNELS=all`` while applying and measuring."""
+    os.environ["LORAPLUG_KERNELS"] = "all"
+    try:
+        yield
+    finally:
+        os.environ.pop("LORAPLUG_KERNELS")
 
 
 def build() -> nn.Module:
@@ -129,7 +183,7 @@ def build() -> nn.Module:
 
 
 def main() -> None:
-    modes = [None] + (["reduce-overhead"] if os.environ.get("GRAPHS", "1") == "1" else [])
+    modes = ["eager", None] + (["reduce-overhead"] if os.environ.get("GRAPHS", "1") == "1" else [])
     model = build()
     lora = lp.load(diffusers_lora(model, 16, seed=16))
     second = lp.load(diffusers_lora(model, 16, seed=99))
@@ -138,6 +192,10 @@ def main() -> None:
         handle = lp.apply(model, lora)
         measure(model, "bf16_lora_r16", mode)
         handle.remove()
+        with fused_kernel():  # the Triton GEMM with the LoRA tail, on the bf16 base
+            handle = lp.apply(model, lora)
+            measure(model, "bf16_lora_r16_fused", mode)
+            handle.remove()
     os.environ["LORAPLUG_ACCUMULATE"] = "all"  # the base GEMM accumulating into the adapters' output
     handle = lp.apply(model, lora)
     measure(model, "bf16_lora_r16_accumulating", None)
@@ -152,13 +210,19 @@ def main() -> None:
         handle = lp.apply(model, lora)
         measure(model, "fp8_lora_r16", mode)
         handle.remove()
-        os.environ["LORAPLUG_KERNELS"] = "all"  # the fused Triton kernel as a custom op in the graph
-        handle = lp.apply(model, lora)
-        measure(model, "fp8_lora_r16_fused", mode)
-        handle.remove()
-        os.environ.pop("LORAPLUG_KERNELS")
+        with fused_kernel():  # the fused Triton kernel as a custom op in the graph
+            handle = lp.apply(model, lora)
+            measure(model, "fp8_lora_r16_fused", mode)
+            handle.remove()
+    if any(k.startswith("kconcat") for k in os.environ.get("VARIANTS", "kconcat").split()):
+        model = None
+        torch.cuda.empty_cache()
+        concat = build()
+        kconcat_lora(concat)
+        for mode in modes:
+            measure(concat, "kconcat_lora_r16", mode)
     if os.environ.get("REFERENCE", "1") == "1":
-        del model
+        model = concat = None
         torch.cuda.empty_cache()
         reference = build()
         reference_fp8(reference)

@@ -432,17 +432,17 @@ class ModuleBypass:
             x.requires_grad or w.requires_grad or any(g.trained for g in self._lowrank.values())
         ):
             return None  # the kernels have no backward: training takes the portable path
-        if not w.is_contiguous() or w.data_ptr() % 16:  # TMA moves whole, 16-byte aligned rows
-            return None
         if not (w.dtype == x.dtype or (isinstance(module, Fp8Linear) and fp8_matmul_on(x.device))):
             return None
         lowrank = self._lowrank_for(x)
         if lowrank is None or len(lowrank.entries) != len(self.entries) or lowrank.trained:
             return None
-        # the packing is host work: built at apply (on CUDA) or lazily in eager, never while compiling
-        if torch.compiler.is_compiling() and _block_n(module) not in lowrank.packs:
-            return None
-        return lowrank
+        # The packing is host work: built at apply (on CUDA) or lazily in eager, never while
+        # compiling, and only for weights the kernel can move (checked here in eager; inside a graph
+        # the address is unknown, and reading it broke the graph at every fused layer)
+        if torch.compiler.is_compiling():
+            return lowrank if _block_n(module) in lowrank.packs else None
+        return lowrank if tma_aligned(w) else None
 
     def _fused_output(self, module: nn.Module, x: Tensor) -> Tensor | None:
         """y = base(x) + every low-rank adapter, in one Triton GEMM (None: not applicable here)."""
@@ -536,7 +536,7 @@ class ModuleBypass:
         ):
             dtype = w.dtype if float_dtype(w.dtype) else torch.bfloat16  # fp8: bf16 activations
             group = self._lowrank_for(torch.empty(0, device=w.device, dtype=dtype))
-            if group is not None and self.fused and w.is_cuda:
+            if group is not None and self.fused and w.is_cuda and tma_aligned(w):
                 kernels.ops()  # imported now, not inside a compiled region
                 group.packed(_block_n(self.module_ref()))
             elif group is not None and not group.trained:
@@ -556,6 +556,12 @@ def _empty_caches() -> dict:
 
 
 _CACHES = tuple(_empty_caches())
+
+
+def tma_aligned(w: Tensor) -> bool:
+    """Whether the tensor memory accelerator can move ``w`` by rows: contiguous from a 16-byte
+    aligned address (host-side: compiled graphs cannot read the address)."""
+    return w.is_contiguous() and w.data_ptr() % 16 == 0
 
 
 def _block_n(module: nn.Module) -> int:
