@@ -7,6 +7,7 @@
 #   STEPS="compile_graphs" / "train_graphs" …        # the same under CUDA graphs (one device call each)
 #   STEPS="probe train_small" …   # 4 + 8 blocks: compiled forward by kernel (+ CUDA graphs), training
 #   STEPS="probe_full" …          # the compiled variants that matter, at Flux-dev depth (one call)
+#   STEPS="host" …                # host time per call of each path on a tiny layer (launch costs)
 set -uo pipefail
 OUT="${OUT:-results}"; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -29,6 +30,7 @@ for s in ${STEPS:-tests linear parts profile eager train}; do
     linear) step linear_stack 200 python3 benchmarks/linear_stack.py ;;
     parts) step kernel_parts 100 python3 benchmarks/kernel_parts.py ;;
     profile) step profile_flux 200 python3 benchmarks/profile_flux.py ;;
+    host) HOST_ONLY=1 step host_cost 120 python3 benchmarks/profile_flux.py ;;
     eager) NAME=flux_eager.json FP8=1 PEFT=0 COMPILE=0 step flux_eager 240 python3 benchmarks/flux_bench.py ;;
     eager_portable) NAME=flux_eager_portable.json MODES="hooked portable" FP8=0 PEFT=0 COMPILE=0 step flux_eager_portable 200 python3 benchmarks/flux_bench.py ;;
     train) step flux_train 200 python3 benchmarks/flux_train_bench.py ;;

@@ -152,10 +152,62 @@ def host_cost(device: str, calls: int = 2000) -> dict:
         kernels.CONFIGS["fp8"] = kernels.config(True)._replace(device_desc=False)
         res["fp8_linear_host_descriptors"] = per_call(lambda: holder.layer(x))
         kernels.CONFIGS["fp8"] = kernels.config(True)._replace(device_desc=True)
+        res.update(fused_parts_host_cost(holder.layer, x, sd, per_call))
+    return res
+
+
+def fused_parts_host_cost(layer, x, sd, per_call) -> dict:
+    """The fp8 + fused LoRA call taken apart: each Triton launch directly and through its custom
+    op (how compiled graphs call it), whole compiled layers, and where the custom op's host time
+    goes (cProfile, top functions by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    from loraplug.runtime import kernels, triton_kernels
+
+    holder = torch.nn.Module()
+    holder.layer = layer
+    res = {}
+    q, s = triton_kernels.quantize_rows(x)
+    res["quantize_rows_launch"] = per_call(lambda: triton_kernels.quantize_rows(x))
+    res["quantize_rows_op"] = per_call(lambda: kernels.ops().quantize_rows(x))
+    h = torch.zeros(x.shape[0], 16, device=x.device, dtype=x.dtype)
+    packing = kernels.pack_ups([(0, 16, 0, layer.out_features)], [sd["layer.lora_B.weight"].T], layer.out_features, kernels.config(True).bn)  # fmt: skip
+    scale = torch.ones(16, device=x.device, dtype=torch.float32)
+    args = (q, layer.weight, None, h, packing.hstart, scale, packing.packed, s, layer.weight_scale, x.dtype)
+    res["lora_linear_launch"] = per_call(lambda: triton_kernels.lora_linear(q, layer.weight, None, args[3:7], (s, layer.weight_scale), x.dtype))  # fmt: skip
+    res["lora_linear_op"] = per_call(lambda: kernels.ops().lora_linear(*args))
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(500):
+        kernels.ops().lora_linear(*args)
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
+    res["lora_linear_op_cprofile"] = text.getvalue().splitlines()[-22:]
+    for name, env in (("compiled_fp8_lora", None), ("compiled_fp8_lora_fused", "all")):
+        if env:
+            os.environ["LORAPLUG_KERNELS"] = env
+        handle = lp.apply(holder, sd)
+        torch._dynamo.reset()
+        compiled = torch.compile(holder.layer)
+        res[name] = per_call(lambda compiled=compiled: compiled(x))
+        handle.remove()
+        os.environ.pop("LORAPLUG_KERNELS", None)
+    torch._dynamo.reset()
+    compiled = torch.compile(holder.layer)
+    res["compiled_fp8_linear"] = per_call(lambda: compiled(x))
+    torch._dynamo.reset()
     return res
 
 
 def main() -> dict:
+    if os.environ.get("HOST_ONLY") == "1":  # only the host cost per call of each path (seconds)
+        res = {"device": torch.cuda.get_device_name(), "host_us_per_call": host_cost("cuda")}
+        Path(os.environ.get("OUT", "."), "host_cost.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        return res
     model, inp, device = model_and_inputs()
     model.requires_grad_(False)
     res = {
