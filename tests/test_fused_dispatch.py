@@ -262,6 +262,11 @@ ref8 = (q.float() * s[:, None]) @ (wq.float() * ws[:, None]).T + b.float()
 for (st, r, off, sz), u in zip(spans, ups):
     ref8[:, off:off + sz] += (h.float()[:, st:st + r] * rs.float()[st:st + r]) @ u.float()
 assert ((y8.float() - ref8).norm() / ref8.norm()) < 2e-3, "fp8 kernel"
+# the registered operators (what compiled graphs call) run the same launches
+ops = kernels.ops()
+assert torch.equal(ops.lora_linear(x, w, b, laid(h), hstart, laid(rs[None])[0], packed, None, None, torch.float16), y)
+q_op, s_op = ops.quantize_rows(x)
+assert torch.equal(q_op.float(), q.float()) and torch.equal(s_op, s)
 print("ok")
 """
 

@@ -289,34 +289,33 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return q, s
 
 
-@torch.library.custom_op("loraplug::lora_linear", mutates_args=())
-def lora_linear_op(
-    a: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    h: Tensor | None,
-    hstart: Tensor | None,
-    rank_scale: Tensor | None,
-    packed: Tensor | None,
-    a_scale: Tensor | None,
-    w_scale: Tensor | None,
-    out_dtype: torch.dtype,
-) -> Tensor:
+# The kernels as operators for compiled graphs, registered with ``torch.library.Library`` rather
+# than ``torch.library.custom_op``: the latter's Python wrappers (autograd and aliasing checks on
+# every call) cost 60 µs per call on the H200's host, as much as the launch itself
+# (benchmarks/README.md). Neither has a backward: training takes the portable path.
+_LIB = torch.library.Library("loraplug", "DEF")
+_LIB.define(
+    "lora_linear(Tensor a, Tensor weight, Tensor? bias, Tensor? h, Tensor? hstart, Tensor? rank_scale, "
+    "Tensor? packed, Tensor? a_scale, Tensor? w_scale, ScalarType out_dtype) -> Tensor"
+)
+_LIB.define("quantize_rows(Tensor x) -> (Tensor, Tensor)")
+
+
+def _lora_linear_op(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
     lora = None if h is None else (h, hstart, rank_scale, packed)
     scales = None if a_scale is None else (a_scale, w_scale)
     return lora_linear(a, weight, bias, lora, scales, out_dtype)
 
 
-@lora_linear_op.register_fake
+@torch.library.register_fake("loraplug::lora_linear", lib=_LIB)
 def _(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
     return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)
 
 
-@torch.library.custom_op("loraplug::quantize_rows", mutates_args=())
-def quantize_rows_op(x: Tensor) -> tuple[Tensor, Tensor]:
-    return quantize_rows(x)
-
-
-@quantize_rows_op.register_fake
+@torch.library.register_fake("loraplug::quantize_rows", lib=_LIB)
 def _(x):
     return x.new_empty(x.shape, dtype=E4M3), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+_LIB.impl("lora_linear", _lora_linear_op, "CompositeExplicitAutograd")
+_LIB.impl("quantize_rows", quantize_rows, "CompositeExplicitAutograd")
