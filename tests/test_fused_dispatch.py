@@ -476,8 +476,10 @@ def _fp8_model_with_lora(monkeypatch):
 
 
 def test_compiled_graphs_call_scaled_mm_not_the_custom_ops(monkeypatch):
-    """Inside torch.compile the fp8 layer runs ``torch._scaled_mm`` (Inductor fuses its
-    quantization) with the LoRA on the portable path, equal to the reference arithmetic."""
+    """Inside torch.compile an fp8 layer without adapters runs ``torch._scaled_mm`` (Inductor
+    fuses its quantization); off CUDA the layer with a LoRA does too, the LoRA on the portable
+    path (on CUDA it takes the fused operator: tests/gpu/test_fused.py), equal to the reference
+    arithmetic."""
     model, sd, handle = _fp8_model_with_lora(monkeypatch)
     x = torch.randn(6, 128)
     with torch.no_grad():

@@ -424,8 +424,6 @@ class ModuleBypass:
             and kernels.supports(x.shape[-1], w.shape[0])
         ):
             return None
-        if not kernels.here():  # a compiled graph: the portable path (see kernels.here)
-            return None
         if self._masked():
             return None
         if torch.is_grad_enabled() and (
