@@ -87,8 +87,9 @@ class Fp8Linear(nn.Linear):
 
 
 def fp8_forward(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """The fp8 layer on any device: Triton kernels in eager mode (one quantization pass, then the
-    fp8 GEMM), ``torch._scaled_mm`` inside torch.compile graphs (Inductor fuses the quantization;
+    """The fp8 layer alone (no adapters; with them the bypass runner calls the fused kernel) on
+    any device: Triton kernels in eager mode (one quantization pass, then the fp8 GEMM),
+    ``torch._scaled_mm`` inside torch.compile graphs (Inductor fuses the quantization;
     ``kernels.here``) or without Triton, else the float32 emulation."""
     x2 = x.reshape(-1, x.shape[-1])
     if not fp8_matmul_on(x.device):

@@ -12,7 +12,7 @@ itself it sets the module's ``forward`` (an instance attribute, deleted on remov
   it too: there the out-of-place add fuses into the next kernel, see ``kernels.accumulates``);
 - an fp8 base (``Fp8Linear``, or any float Linear with ``LORAPLUG_KERNELS=all``) on CUDA with
   Triton: one fused GEMM that adds every low-rank adapter inside the base product
-  (runtime.kernels).
+  (runtime.kernels), in eager mode and inside compiled graphs (as a registered operator).
 Calls these cannot serve (masks, adapters that read the base output, other dtypes, CPU for the
 kernels, training for the kernels) take the hooked order.
 """

@@ -194,8 +194,8 @@ def pack_ups(
 
 
 def lora_linear(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
-    """The fused GEMM: a direct Triton launch in eager mode (a custom op's dispatch costs more than
-    the launch), the registered custom op under torch.compile."""
+    """The fused GEMM: a direct Triton launch in eager mode (an operator's dispatch costs host
+    time), the registered operator under torch.compile."""
     if torch.compiler.is_compiling():
         return ops().lora_linear(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype)
     from .triton_kernels import lora_linear as launch
@@ -205,7 +205,7 @@ def lora_linear(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row fp8 quantization (dynamic per-token scale), eager launch or custom op as above."""
+    """Per-row fp8 quantization (dynamic per-token scale), eager launch or operator as above."""
     if torch.compiler.is_compiling():
         return ops().quantize_rows(x)
     from .triton_kernels import quantize_rows as launch
