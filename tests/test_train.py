@@ -218,6 +218,30 @@ def test_compiled_training_matches_eager():
                  lambda b: model(b).sum(), steps=1, progress=False, compile="fast")  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_training_graph_returns_only_the_output(dtype):
+    """Trained adapters (float32 masters cast to a bf16 model's activations, or of the model's own
+    dtype) leave nothing on the runner from inside a compiled graph: a tensor stored there becomes
+    an extra graph output whose gradient is fed back (zeros) every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)).to(torch.bfloat16)
+    handle = lp.create(model, "lora", rank=4, targets="all-linear", init="random", dtype=dtype)
+    outputs = []
+
+    def record(gm, example_inputs):
+        outputs.append(len(gm.graph.output_node().args[0]))
+        return gm.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(8, 16, dtype=torch.bfloat16)
+    for _ in range(2):  # the second call runs the cached graph (no re-trace)
+        torch.compile(model, backend=record)(x).float().sum().backward()
+    torch._dynamo.reset()
+    assert outputs == [1]
+    assert all(p.grad is not None for p in handle.parameters())
+    handle.remove()
+
+
 @pytest.mark.parametrize("init", ["standard", "gaussian", "random"])
 def test_inits(init):
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -123,10 +123,12 @@ class _LowRank:
         group.refresh()
         return group
 
-    def retensor(self, found: list[tuple[Entry, tuple[Tensor, Tensor, float]]]) -> None:
-        """Point a trained group at its adapters' current tensors; spans and scales stay."""
-        self.down_t, self.ups_t = _operands(found)
-        self._run_ups = None
+    def retensor(self, found: list[tuple[Entry, tuple[Tensor, Tensor, float]]]) -> _LowRank:
+        """This trained group on its adapters' current tensors (spans and scales shared), as a new
+        object: tensors stored on the cached group from inside a compiled graph would leave the
+        graph as outputs, each fed a gradient back (zeros, per adapter and step)."""
+        down_t, ups_t = _operands(found)
+        return replace(self, down_t=down_t, ups_t=ups_t, _run_ups=None)
 
     def packed(self, block_n: int) -> _FusedOperands:
         """The operands of the fused kernel for output tiles of width ``block_n`` (built once)."""
@@ -502,8 +504,8 @@ class ModuleBypass:
         slot = (x.device, x.dtype)
         group = self._lowrank.get(slot)
         if group is not None and group.trained:  # same structure, the parameters' current tensors
-            group.retensor([(e, e.patch.low_rank(x)) for e in group.entries])
-        elif group is None:
+            return group.retensor([(e, e.patch.low_rank(x)) for e in group.entries])
+        if group is None:
             found = [(e, e.patch.low_rank(x)) for e in self.entries if not e.patch.reads_base]
             # by output slice: adapters stacked on one slice become neighbours (one run each in
             # add_into, one run of columns per output tile in kernels.pack_ups)
