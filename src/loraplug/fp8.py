@@ -37,16 +37,22 @@ def quantize_per_row(t: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tens
 
 
 def fp8_matmul_on(device: torch.device) -> bool:
-    """The device has fp8 matrix units (Ada, Hopper and later)."""
-    return device.type == "cuda" and _capability(device.index) >= (8, 9)
+    """The device has fp8 matrix units (Ada, Hopper and later). Cached in eager mode; read directly
+    while compiling (Dynamo folds it to a constant, and warns about a cache wrapper it ignores)."""
+    if device.type != "cuda":
+        return False
+    read = _read_capability if torch.compiler.is_compiling() else _capability
+    return read(device.index) >= (8, 9)
 
 
-@functools.cache
-def _capability(index: int | None) -> tuple[int, int]:
+def _read_capability(index: int | None) -> tuple[int, int]:
     # get_device_properties: torch.compile folds it to a constant (get_device_capability broke the
     # graph at every fp8 layer, the custom autograd function included)
     props = torch.cuda.get_device_properties(index)
     return props.major, props.minor
+
+
+_capability = functools.cache(_read_capability)
 
 
 class Fp8Linear(nn.Linear):

@@ -182,6 +182,24 @@ def test_compiled_fused_path_is_one_graph_and_does_not_recompile_on_strength(fp8
     torch._dynamo.reset()
 
 
+def test_compiling_an_fp8_layer_warns_nothing():
+    """The capability lookup is not a cached function inside a graph (Dynamo warned once per
+    process that it ignores the cache wrapper)."""
+    import warnings
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 matmul needs sm_89+")
+    model = nn.Sequential(_layer(256, 512, torch.bfloat16))
+    lp.quantize_fp8(model)
+    torch._dynamo.reset()
+    torch._dynamo.utils.warn_once_cache.clear()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.compile(model, fullgraph=True)(torch.randn(64, 256, device="cuda", dtype=torch.bfloat16))
+    torch._dynamo.reset()
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+
+
 def test_fallbacks_masks_and_gradients():
     layer = _layer(256, 512, torch.bfloat16)
     parts = [_lora(256, [(0, 512)], 8, 5)]
