@@ -182,6 +182,32 @@ def test_compiled_fused_path_is_one_graph_and_does_not_recompile_on_strength(fp8
     torch._dynamo.reset()
 
 
+def test_fused_operator_under_cuda_graphs(monkeypatch):
+    """fp8 + LoRA (the fused operator, by default) under ``mode="reduce-overhead"``: replays with
+    new inputs and a new strength give the eager outputs (the kernel's TMA descriptors are made
+    on the device, in scratch memory the graph's pool keeps)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 matmul needs sm_89+")
+    monkeypatch.delenv("LORAPLUG_KERNELS")
+    holder = nn.Sequential(_layer(512, 1536, torch.bfloat16))
+    lp.quantize_fp8(holder)
+    layer = holder[0]
+    parts = [_lora(512, [(0, 512), (512, 512), (1024, 512)], 16, 6)]
+    handle = _apply(layer, parts, [1.0], torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    with torch.no_grad():
+        for step, strength in enumerate((1.0, 1.0, 0.5, 0.5)):
+            handle.set_strength(strength)
+            x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+            want = layer(x)
+            torch.compiler.cudagraph_mark_step_begin()
+            got = compiled(x).clone()
+            assert _rel(got, want) < 1e-3, (step, strength)
+    handle.remove()
+    torch._dynamo.reset()
+
+
 def test_compiling_an_fp8_layer_warns_nothing():
     """The capability lookup is not a cached function inside a graph (Dynamo warned once per
     process that it ignores the cache wrapper)."""
