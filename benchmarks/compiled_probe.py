@@ -1,15 +1,16 @@
-"""Where a compiled forward's time goes, at reduced depth (``ND``/``NS`` blocks, default 4 + 8, so
-that each compile takes seconds, not minutes): the bf16 base and + loraplug LoRA r16 (also with
-the base GEMM accumulating into the adapters' output, and two LoRAs), loraplug's fp8 base
-(``quantize_fp8``, the blocks' projections) and fp8 + LoRA r16 (portable, and the fused Triton
-kernel as a custom op: ``LORAPLUG_KERNELS=all``), and (``REFERENCE=0`` skips it) a reference fp8
-layer written out below (the arithmetic of ``shared/anchors/flux_fp8_gpu.py``: e4m3 per row,
-per-token activations, ``torch._scaled_mm``) with a reference grouped LoRA hook. Each variant
-under torch.compile with and without CUDA graphs (``GRAPHS=0`` skips them): median time, Dynamo's
-counts, device time by kind against the wall time (device time well under wall: the host sets the
-pace), the top kernels. Ratios against the compiled bf16 base of the same mode. ``VARIANTS``
-(space-separated keys such as ``bf16_base_graphs fp8_lora_r16_fused_graphs``; name the base for
-the ratios) runs only those. Writes $OUT/compiled_probe.json (after every variant).
+"""Where a forward's time goes, at reduced depth (``ND``/``NS`` blocks, default 4 + 8, so that each
+compile takes seconds, not minutes): the bf16 base and + loraplug LoRA r16 (portable; with the
+base GEMM accumulating into the adapters' output; the fused Triton kernel, ``LORAPLUG_KERNELS=all``;
+two LoRAs), loraplug's fp8 base (``quantize_fp8``, the blocks' projections) and fp8 + LoRA r16
+(the default, and forced onto the fused kernel), a K-concatenation LoRA (``KConcat``: one GEMM over
+``[x | s·x·Aᵀ]`` and ``[W | B]``), and (``REFERENCE=0`` skips it) a reference fp8 layer written out
+below (the arithmetic of ``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations,
+``torch._scaled_mm``) with a reference grouped LoRA hook. Each variant eager, under torch.compile
+and under CUDA graphs (``GRAPHS=0`` skips those): median time, Dynamo's counts, device time by
+kind against the wall time (device time well under wall: the host sets the pace), the top
+kernels. Ratios against the bf16 base of the same mode. ``VARIANTS`` (space-separated keys such
+as ``bf16_base_graphs fp8_lora_r16_fused_graphs``; name the base for the ratios) runs only those.
+Writes $OUT/compiled_probe.json (after every variant).
 
     ND=4 NS=8 OUT=results python benchmarks/compiled_probe.py     # GPU machine
 """
