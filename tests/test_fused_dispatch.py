@@ -430,6 +430,24 @@ def test_kernel_switches(monkeypatch):
         assert (_fusable(nn.Linear(8, 8)), _fusable(fp8)) == (float_base, fp8_base), env
 
 
+def test_compiled_graphs_fuse_adapters_on_hopper_and_later(monkeypatch):
+    """Compiled graphs call the fused operator where it was measured (TMA, sm_90+); before Hopper
+    only when asked; the capability lookup is not a cached function inside a graph."""
+    monkeypatch.delenv("LORAPLUG_KERNELS", raising=False)
+    assert [kernels.fuses_in_graphs(c) for c in ((8, 0), (8, 9), (9, 0), (10, 0))] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    monkeypatch.setenv("LORAPLUG_KERNELS", "all")
+    assert kernels.fuses_in_graphs((8, 9))
+    from loraplug.fp8 import cuda_capability
+
+    got = torch.compile(lambda x: x + 1 if cuda_capability(x.device) > (0, 0) else x, fullgraph=True)
+    assert torch.equal(got(torch.zeros(2)), torch.zeros(2))  # a CPU tensor: (0, 0)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
 def test_scratch_allocator_in_every_thread():
     """Triton's allocator lives in a context variable: a worker thread (ComfyUI runs prompts in

@@ -37,12 +37,17 @@ def quantize_per_row(t: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tens
 
 
 def fp8_matmul_on(device: torch.device) -> bool:
-    """The device has fp8 matrix units (Ada, Hopper and later). Cached in eager mode; read directly
+    """The device has fp8 matrix units (Ada, Hopper and later)."""
+    return cuda_capability(device) >= (8, 9)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, (0, 0) for any other. Cached in eager mode; read directly
     while compiling (Dynamo folds it to a constant, and warns about a cache wrapper it ignores)."""
     if device.type != "cuda":
-        return False
+        return (0, 0)
     read = _read_capability if torch.compiler.is_compiling() else _capability
-    return read(device.index) >= (8, 9)
+    return read(device.index)
 
 
 def _read_capability(index: int | None) -> tuple[int, int]:

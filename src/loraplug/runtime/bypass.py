@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..algorithms.op import LayerOp, float_dtype
 from ..arch import Target
-from ..fp8 import Fp8Linear, fp8_matmul_on
+from ..fp8 import Fp8Linear, cuda_capability, fp8_matmul_on
 from ..specs.base import BaseView, Patch, channel_view
 from . import kernels
 from .masks import Mask
@@ -441,6 +441,8 @@ class ModuleBypass:
         # compiling, and only for weights the kernel can move (checked here in eager; inside a graph
         # the address is unknown, and reading it broke the graph at every fused layer)
         if torch.compiler.is_compiling():
+            if not kernels.fuses_in_graphs(cuda_capability(x.device)):
+                return None
             return lowrank if _block_n(module) in lowrank.packs else None
         return lowrank if tma_aligned(w) else None
 
