@@ -74,9 +74,10 @@ def here() -> bool:
     inside a torch.compile graph only with ``LORAPLUG_KERNELS=all``, since there
     ``torch._scaled_mm`` with the quantization fused by Inductor runs the base alone at 0.79–0.83
     of the compiled bf16 base. Layers with low-rank adapters take the fused kernel in compiled
-    graphs too (as registered operators): on the full Flux-dev transformer (H200) fp8 + LoRA r16
-    ran at 0.883 of the compiled bf16 base (0.845 under CUDA graphs), against 0.94–0.98 for
-    ``_scaled_mm`` with the portable LoRA beside it (benchmarks/README.md)."""
+    graphs too (as registered operators, see ``fuses_in_graphs``): on the full Flux-dev
+    transformer (H200) fp8 + LoRA r16 ran at 0.883 of the compiled bf16 base (0.845 under CUDA
+    graphs), against 0.94–0.98 for ``_scaled_mm`` with the portable LoRA beside it
+    (benchmarks/README.md)."""
     return not torch.compiler.is_compiling() or os.environ.get("LORAPLUG_KERNELS") == "all"
 
 
