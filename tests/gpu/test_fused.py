@@ -23,6 +23,15 @@ def _layer(i, o, dtype, bias=True, seed=0):
     return lin
 
 
+def _fp8(i, o) -> nn.Sequential:
+    """``_layer(i, o)`` quantized to an ``Fp8Linear`` (as ``model[0]``); skips below sm_89."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 matmul needs sm_89+")
+    model = nn.Sequential(_layer(i, o, torch.bfloat16))
+    lp.quantize_fp8(model)
+    return model
+
+
 def _lora(i, slices, rank, seed):
     """(down, up) in float32 per (offset, size) output slice."""
     g = torch.Generator().manual_seed(seed)
@@ -121,15 +130,10 @@ def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, flatten, who
 
 @pytest.mark.parametrize("flatten, device_desc", [(True, True), (False, True), (True, False)])
 def test_fp8_base_with_lora_matches_reference(flatten, device_desc, monkeypatch):
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 matmul needs sm_89+")
+    fp8 = _fp8(3072, 3 * 3072)[0]
     monkeypatch.setitem(
         kernels.CONFIGS, "fp8", kernels.config(True)._replace(flatten=flatten, device_desc=device_desc)
     )
-    layer = _layer(3072, 3 * 3072, torch.bfloat16)
-    model = nn.Sequential(layer)
-    lp.quantize_fp8(model)
-    fp8 = model[0]
     x = torch.randn(1000, 3072, device="cuda", dtype=torch.bfloat16)
     base = fp8_linear_reference(x, fp8.weight, fp8.weight_scale, fp8.bias)
     assert _rel(fp8(x), base) < 2e-3
@@ -152,11 +156,7 @@ def test_compiled_fused_path_is_one_graph_and_does_not_recompile_on_strength(fp8
         if torch.cuda.get_device_capability() < (9, 0):
             pytest.skip("fp8 + adapters take the fused operator in graphs by default from Hopper on")
         monkeypatch.delenv("LORAPLUG_KERNELS")  # fp8 + adapters: fused in compiled graphs by default
-    layer = _layer(512, 1536, torch.bfloat16)
-    if fp8:
-        holder = nn.Sequential(layer)
-        lp.quantize_fp8(holder)
-        layer = holder[0]
+    layer = _fp8(512, 1536)[0] if fp8 else _layer(512, 1536, torch.bfloat16)
     parts = [_lora(512, [(0, 512), (512, 512), (1024, 512)], 16, 4)]
     handle = _apply(layer, parts, [1.0], torch.bfloat16)
     x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
@@ -186,12 +186,8 @@ def test_fused_operator_under_cuda_graphs(monkeypatch):
     """fp8 + LoRA (the fused operator, by default) under ``mode="reduce-overhead"``: replays with
     new inputs and a new strength give the eager outputs (the kernel's TMA descriptors are made
     on the device, in scratch memory the graph's pool keeps)."""
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 matmul needs sm_89+")
+    layer = _fp8(512, 1536)[0]
     monkeypatch.delenv("LORAPLUG_KERNELS")
-    holder = nn.Sequential(_layer(512, 1536, torch.bfloat16))
-    lp.quantize_fp8(holder)
-    layer = holder[0]
     parts = [_lora(512, [(0, 512), (512, 512), (1024, 512)], 16, 6)]
     handle = _apply(layer, parts, [1.0], torch.bfloat16)
     torch._dynamo.reset()
@@ -213,10 +209,7 @@ def test_compiling_an_fp8_layer_warns_nothing():
     process that it ignores the cache wrapper)."""
     import warnings
 
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 matmul needs sm_89+")
-    model = nn.Sequential(_layer(256, 512, torch.bfloat16))
-    lp.quantize_fp8(model)
+    model = _fp8(256, 512)
     torch._dynamo.reset()
     torch._dynamo.utils.warn_once_cache.clear()
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
@@ -244,10 +237,7 @@ def test_fallbacks_masks_and_gradients():
 
 
 def test_fp8_base_passes_gradients_on_the_gpu():
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 matmul needs sm_89+")
-    model = nn.Sequential(_layer(256, 384, torch.bfloat16))
-    lp.quantize_fp8(model)
+    model = _fp8(256, 384)
     x = torch.randn(100, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(100, 384, device="cuda", dtype=torch.bfloat16)
     y = model(x)
