@@ -47,7 +47,8 @@ def available() -> bool:
 def on_float_bases() -> bool:
     """Whether bf16/fp16 bases take the fused kernel too. By default they do not: on the H200 the
     Triton GEMM trails cuBLAS by more than the fusion saves (benchmarks/README.md); fp8 bases
-    do. ``LORAPLUG_KERNELS=all`` opts float bases in (benchmarks, other GPUs)."""
+    do. ``LORAPLUG_KERNELS=all`` opts float bases in (benchmarks, other GPUs), and with them
+    every path into the kernels (``here``, ``fuses_in_graphs``)."""
     return os.environ.get("LORAPLUG_KERNELS") == "all"
 
 
@@ -78,7 +79,7 @@ def here() -> bool:
     transformer (H200) fp8 + LoRA r16 ran at 0.883 of the compiled bf16 base (0.845 under CUDA
     graphs), against 0.94–0.98 for ``_scaled_mm`` with the portable LoRA beside it
     (benchmarks/README.md)."""
-    return not torch.compiler.is_compiling() or os.environ.get("LORAPLUG_KERNELS") == "all"
+    return not torch.compiler.is_compiling() or on_float_bases()
 
 
 def fuses_in_graphs(capability: tuple[int, int]) -> bool:
@@ -88,7 +89,12 @@ def fuses_in_graphs(capability: tuple[int, int]) -> bool:
     ``torch._scaled_mm`` with the portable LoRA). Before Hopper it falls back to pointer loads
     (41 % slower than TMA on the H200) and was never measured against cuBLAS, so graphs keep
     ``_scaled_mm`` with the portable LoRA there, unless ``LORAPLUG_KERNELS=all``."""
-    return capability >= (9, 0) or os.environ.get("LORAPLUG_KERNELS") == "all"
+    return has_tma(capability) or on_float_bases()
+
+
+def has_tma(capability: tuple[int, int]) -> bool:
+    """The tensor memory accelerator (the kernel's fast variant): Hopper (sm_90) and later."""
+    return capability >= (9, 0)
 
 
 def ops():

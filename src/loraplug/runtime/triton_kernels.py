@@ -13,7 +13,8 @@ from triton.runtime import _allocation
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .kernels import E4M3, E4M3_MAX, config
+from ..fp8 import cuda_capability
+from .kernels import E4M3, E4M3_MAX, config, has_tma
 
 
 @triton.jit
@@ -170,10 +171,9 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-@functools.cache
 def _has_tma(device: torch.device) -> bool:
-    """The tensor memory accelerator: Hopper (sm_90) and later; assumed under the interpreter."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+    """The tensor memory accelerator on ``device`` (assumed under the interpreter)."""
+    return device.type != "cuda" or has_tma(cuda_capability(device))
 
 
 def _rank_block(rc: int, tma: bool) -> int:
