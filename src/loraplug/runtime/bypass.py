@@ -306,9 +306,8 @@ class ModuleBypass:
         and registered for it, so the copy computes with its own weights."""
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
-        for key, value in self.__dict__.items():
-            if key not in _CACHES and key != "module_ref":
-                setattr(copied, key, copy.deepcopy(value, memo))
+        for key, value in self._own_state().items():
+            setattr(copied, key, copy.deepcopy(value, memo))
         copied.__dict__.update(_empty_caches())
         module = self.module_ref()
         twin = memo.get(id(module), module)
@@ -317,12 +316,14 @@ class ModuleBypass:
             _ACTIVE[twin] = copied
         return copied
 
+    def _own_state(self) -> dict:
+        """What a copy or a pickle carries: everything but the caches and the weak module reference."""
+        return {k: v for k, v in self.__dict__.items() if k not in _CACHES and k != "module_ref"}
+
     def __getstate__(self) -> dict:
         """Pickling a model with its adapters (``torch.save(model)``): the module itself in place of
         the weak reference (pickle keeps it one object), caches left out (rebuilt on first use)."""
-        state = {k: v for k, v in self.__dict__.items() if k not in _CACHES and k != "module_ref"}
-        state["module"] = self.module_ref()
-        return state
+        return {**self._own_state(), "module": self.module_ref()}
 
     def __setstate__(self, state: dict) -> None:
         module = state.pop("module")
