@@ -164,13 +164,14 @@ def measure(model, name: str, mode: str | None) -> None:
 
 
 @contextlib.contextmanager
-def kernels_env(value: str):
-    """``LORAPLUG_KERNELS=value`` while applying and measuring."""
-    os.environ["LORAPLUG_KERNELS"] = value
+def env(name: str, value: str):
+    """An environment switch (``LORAPLUG_KERNELS``, ``LORAPLUG_ACCUMULATE``) while applying and
+    measuring."""
+    os.environ[name] = value
     try:
         yield
     finally:
-        os.environ.pop("LORAPLUG_KERNELS")
+        os.environ.pop(name)
 
 
 def build() -> nn.Module:
@@ -193,15 +194,14 @@ def main() -> None:
         handle = lp.apply(model, lora)
         measure(model, "bf16_lora_r16", mode)
         handle.remove()
-        with kernels_env("all"):  # the Triton GEMM with the LoRA tail, on the bf16 base
+        with env("LORAPLUG_KERNELS", "all"):  # the Triton GEMM with the LoRA tail, on the bf16 base
             handle = lp.apply(model, lora)
             measure(model, "bf16_lora_r16_fused", mode)
             handle.remove()
-    os.environ["LORAPLUG_ACCUMULATE"] = "all"  # the base GEMM accumulating into the adapters' output
-    handle = lp.apply(model, lora)
-    measure(model, "bf16_lora_r16_accumulating", None)
-    handle.remove()
-    os.environ.pop("LORAPLUG_ACCUMULATE")
+    with env("LORAPLUG_ACCUMULATE", "all"):  # the base GEMM accumulating into the adapters' output
+        handle = lp.apply(model, lora)
+        measure(model, "bf16_lora_r16_accumulating", None)
+        handle.remove()
     handle = lp.apply(model, [lora, second], strength=[1.0, 0.8])
     measure(model, "bf16_lora_2x_r16", None)
     handle.remove()
@@ -211,7 +211,9 @@ def main() -> None:
         handle = lp.apply(model, lora)
         measure(model, "fp8_lora_r16", mode)
         handle.remove()
-        with kernels_env("base"):  # adapters on the portable path (the compiled default before s6)
+        with env(
+            "LORAPLUG_KERNELS", "base"
+        ):  # adapters on the portable path (the compiled default before s6)
             handle = lp.apply(model, lora)
             measure(model, "fp8_lora_r16_portable", mode)
             handle.remove()
