@@ -4,8 +4,9 @@ base GEMM accumulating into the adapters' output; the fused Triton kernel, ``LOR
 two LoRAs), loraplug's fp8 base (``quantize_fp8``, the blocks' projections) and fp8 + LoRA r16
 (the default: the fused kernel; and with the adapters on the portable path, ``=base``), a
 K-concatenation LoRA (``KConcat``: one GEMM over ``[x | s·x·Aᵀ]`` and ``[W | B]``), and
-(``REFERENCE=0`` skips it) a reference fp8 layer written out below (the arithmetic of ``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations,
-``torch._scaled_mm``) with a reference grouped LoRA hook. Each variant eager, under torch.compile
+(``REFERENCE=0`` skips it) a reference fp8 layer written out below (the arithmetic of
+``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations, ``torch._scaled_mm``)
+with a reference grouped LoRA hook. Each variant eager, under torch.compile
 and under CUDA graphs (``GRAPHS=0`` skips those): median time, Dynamo's counts, device time by
 kind against the wall time (device time well under wall: the host sets the pace), the top
 kernels. Ratios against the bf16 base of the same mode. ``VARIANTS`` (space-separated keys such
