@@ -157,8 +157,8 @@ def host_cost(device: str, calls: int = 2000) -> dict:
 
 
 def fused_parts_host_cost(layer, x, sd, per_call) -> dict:
-    """The fp8 + fused LoRA call taken apart: each Triton launch directly, the fused GEMM through
-    its operator (how compiled graphs call it), whole compiled layers, and where the custom op's host time
+    """The fp8 + fused LoRA call taken apart: each Triton launch directly and through its custom
+    op (how compiled graphs call it), whole compiled layers, and where the custom op's host time
     goes (cProfile, top functions by own time)."""
     import cProfile
     import io
@@ -171,6 +171,7 @@ def fused_parts_host_cost(layer, x, sd, per_call) -> dict:
     res = {}
     q, s = triton_kernels.quantize_rows(x)
     res["quantize_rows_launch"] = per_call(lambda: triton_kernels.quantize_rows(x))
+    res["quantize_rows_op"] = per_call(lambda: kernels.ops().quantize_rows(x))
     h = torch.zeros(x.shape[0], 16, device=x.device, dtype=x.dtype)
     packing = kernels.pack_ups([(0, 16, 0, layer.out_features)], [sd["layer.lora_B.weight"].T], layer.out_features, kernels.config(True).bn)  # fmt: skip
     scale = torch.ones(16, device=x.device, dtype=torch.float32)

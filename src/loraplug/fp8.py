@@ -24,7 +24,16 @@ from torch import Tensor, nn
 
 from .errors import LoraplugError
 from .runtime import kernels
-from .runtime.kernels import E4M3, quantize_per_row
+from .runtime.kernels import E4M3
+
+
+def quantize_per_row(t: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
+    """(fp8 values, float32 scale per row) of a 2-D tensor: each row's max |t| maps to the format's
+    largest value (weights per output row, activations per token)."""
+    t = t.detach().float()
+    limit = torch.finfo(dtype).max
+    scale = t.abs().amax(dim=1).clamp(min=1e-12) / limit
+    return (t / scale[:, None]).clamp(-limit, limit).to(dtype), scale
 
 
 def fp8_matmul_on(device: torch.device) -> bool:

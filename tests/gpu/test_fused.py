@@ -171,7 +171,6 @@ def test_compiled_fused_path_is_one_graph_and_does_not_recompile_on_strength(fp8
         )
         recorded(x)
         assert "loraplug.lora_linear" in graphs[0]
-        assert ("amax" in graphs[0]) == fp8, "fp8: the quantization in torch ops Inductor can fuse"
         torch._dynamo.reset()
         compiled = torch.compile(layer, fullgraph=True)
         assert _rel(compiled(x), want[1.0]) < 1e-3

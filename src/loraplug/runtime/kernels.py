@@ -13,10 +13,9 @@ holds those ranks' up rows (zero where a rank's slice does not cover a column). 
 blocks are moved like the GEMM's own operands (the tensor memory accelerator on Hopper) and the
 up projection joins the base GEMM's accumulator in the same MMA: y is written once, never read back.
 
-``quantize_rows`` quantizes activations to fp8 per row (dynamic per-token scale): in eager mode in
-one Triton pass over x; inside compiled graphs in torch ops, which Inductor fuses into the kernel
-that produces x. (Computing the down projection h = x·Aᵀ in that pass, Nunchaku's fusion, measured
-slower than a separate cuBLAS GEMM on the H200: benchmarks/README.md.)
+``quantize_rows`` quantizes activations to fp8 per row (dynamic per-token scale) in one read of x.
+(Computing the down projection h = x·Aᵀ in that pass, Nunchaku's fusion, measured slower than a
+separate cuBLAS GEMM on the H200: benchmarks/README.md.)
 """
 
 from __future__ import annotations
@@ -222,22 +221,10 @@ def lora_linear(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale
     return launch(a, weight, bias, lora, None if a_scale is None else (a_scale, w_scale), out_dtype)
 
 
-def quantize_per_row(t: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
-    """(fp8 values, float32 scale per row) of a 2-D tensor in torch ops: each row's max |t| maps to
-    the format's largest value (weights per output row, activations per token)."""
-    t = t.detach().float()
-    limit = torch.finfo(dtype).max
-    scale = t.abs().amax(dim=1).clamp(min=1e-12) / limit
-    return (t / scale[:, None]).clamp(-limit, limit).to(dtype), scale
-
-
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row fp8 quantization of activations (dynamic per-token scale): one Triton pass in eager
-    mode; inside a compiled graph ``quantize_per_row``'s torch ops, which Inductor fuses into the
-    kernel that produces x (no pass, no launch of its own: measured against the Triton pass as
-    an operator in benchmarks/README.md, session 7)."""
+    """Per-row fp8 quantization (dynamic per-token scale), eager launch or operator as above."""
     if torch.compiler.is_compiling():
-        return quantize_per_row(x)
+        return ops().quantize_rows(x)
     from .triton_kernels import quantize_rows as launch
 
     return launch(x)

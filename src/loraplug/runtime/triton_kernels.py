@@ -289,16 +289,16 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return q, s
 
 
-# The fused GEMM as an operator for compiled graphs (their fp8 quantization is torch ops that
-# Inductor fuses: kernels.quantize_rows), registered with ``torch.library.Library`` rather than
-# ``torch.library.custom_op``: the latter's Python wrappers (autograd and aliasing checks on every
-# call) cost 60 µs per call on the H200's host, as much as the launch itself
-# (benchmarks/README.md). It has no backward: training takes the portable path.
+# The kernels as operators for compiled graphs, registered with ``torch.library.Library`` rather
+# than ``torch.library.custom_op``: the latter's Python wrappers (autograd and aliasing checks on
+# every call) cost 60 µs per call on the H200's host, as much as the launch itself
+# (benchmarks/README.md). Neither has a backward: training takes the portable path.
 _LIB = torch.library.Library("loraplug", "DEF")
 _LIB.define(
     "lora_linear(Tensor a, Tensor weight, Tensor? bias, Tensor? h, Tensor? hstart, Tensor? rank_scale, "
     "Tensor? packed, Tensor? a_scale, Tensor? w_scale, ScalarType out_dtype) -> Tensor"
 )
+_LIB.define("quantize_rows(Tensor x) -> (Tensor, Tensor)")
 
 
 def _lora_linear_op(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
@@ -312,4 +312,10 @@ def _(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtyp
     return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)
 
 
+@torch.library.register_fake("loraplug::quantize_rows", lib=_LIB)
+def _(x):
+    return x.new_empty(x.shape, dtype=E4M3), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
 _LIB.impl("lora_linear", _lora_linear_op, "CompositeExplicitAutograd")
+_LIB.impl("quantize_rows", quantize_rows, "CompositeExplicitAutograd")
