@@ -156,9 +156,19 @@ def host_cost(device: str, calls: int = 2000) -> dict:
     return res
 
 
+def _through_triton(launch) -> None:
+    """A launch through Triton's own launcher: the kept binaries forgotten first."""
+    from loraplug.runtime import triton_kernels
+
+    for kernel in (triton_kernels._TMA_KERNEL, triton_kernels._QUANTIZE_KERNEL):
+        kernel.kept.clear()
+    launch()
+
+
 def fused_parts_host_cost(layer, x, sd, per_call) -> dict:
-    """The fp8 + fused LoRA call taken apart: each Triton launch directly and through its custom
-    op (how compiled graphs call it), whole compiled layers, and where the custom op's host time
+    """The fp8 + fused LoRA call taken apart: each Triton launch directly (kept binary, and through
+    Triton's launcher) and through the operator (how compiled graphs call it; with the activations'
+    quantization inside), whole compiled layers, and where the custom op's host time
     goes (cProfile, top functions by own time)."""
     import cProfile
     import io
@@ -171,13 +181,20 @@ def fused_parts_host_cost(layer, x, sd, per_call) -> dict:
     res = {}
     q, s = triton_kernels.quantize_rows(x)
     res["quantize_rows_launch"] = per_call(lambda: triton_kernels.quantize_rows(x))
-    res["quantize_rows_op"] = per_call(lambda: kernels.ops().quantize_rows(x))
     h = torch.zeros(x.shape[0], 16, device=x.device, dtype=x.dtype)
     packing = kernels.pack_ups([(0, 16, 0, layer.out_features)], [sd["layer.lora_B.weight"].T], layer.out_features, kernels.config(True).bn)  # fmt: skip
     scale = torch.ones(16, device=x.device, dtype=torch.float32)
     args = (q, layer.weight, None, h, packing.hstart, scale, packing.packed, s, layer.weight_scale, x.dtype)
     res["lora_linear_launch"] = per_call(lambda: triton_kernels.lora_linear(q, layer.weight, None, args[3:7], (s, layer.weight_scale), x.dtype))  # fmt: skip
     res["lora_linear_op"] = per_call(lambda: kernels.ops().lora_linear(*args))
+    quantizing = (
+        x,
+        *args[1:7],
+        None,
+        *args[8:],
+    )  # the operator as compiled graphs call it: x quantized inside
+    res["lora_linear_op_quantizing"] = per_call(lambda: kernels.ops().lora_linear(*quantizing))
+    res["lora_linear_jit_launch"] = per_call(lambda: _through_triton(lambda: triton_kernels.lora_linear(q, layer.weight, None, args[3:7], (s, layer.weight_scale), x.dtype)))  # fmt: skip
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(500):

@@ -107,8 +107,9 @@ def fp8_forward(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | 
         return fp8_linear_reference(x2, weight, weight_scale, bias).to(x.dtype).view(*x.shape[:-1], -1)
     bias = None if bias is None else bias.to(x.dtype)
     if kernels.available() and kernels.here() and kernels.supports(x2.shape[1], weight.shape[0]):
-        q, s = kernels.quantize_rows(x2.contiguous())
-        y = kernels.lora_linear(q, weight, bias, None, None, None, None, s, weight_scale, x.dtype)
+        y = kernels.lora_linear(
+            x2.contiguous(), weight, bias, None, None, None, None, None, weight_scale, x.dtype
+        )
     else:
         q, s = quantize_per_row(x2)
         y = torch._scaled_mm(

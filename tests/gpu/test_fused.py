@@ -291,3 +291,47 @@ def test_accumulating_base_gemm_matches_the_hooked_path(slices, covered, bias, m
     assert _rel(xg.grad, want.grad) < 1e-2
     handle.remove()
     assert "forward" not in layer.__dict__
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_kept_binaries_launch_exactly_as_triton_does(fp8, monkeypatch):
+    """Launches through a kept binary (runtime.triton_kernels._Binaries) give bit for bit what
+    Triton's own launch gives, across the specializations a binary must not be reused for: row
+    counts of 1, of multiples of 16 and not, with and without bias and LoRA tail, fp8 or not."""
+    from loraplug.runtime import triton_kernels as tk
+
+    layer = _fp8(512, 768)[0] if fp8 else _layer(512, 768, torch.bfloat16)
+    bn = kernels.config(fp8).bn
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ups = [torch.randn(16, 768, device="cuda", generator=g, dtype=torch.bfloat16) * 0.1]
+    packing = kernels.pack_ups([(0, 16, 0, 768)], ups, 768, bn)
+    scale = torch.rand(16, device="cuda", dtype=torch.float32)
+    kernels_used = (tk._TMA_KERNEL, tk._POINTER_KERNEL, tk._QUANTIZE_KERNEL)
+    through_triton = []
+    for kernel in kernels_used:
+        kernel.kept.clear()
+        jit = kernel.kernel
+        monkeypatch.setattr(
+            jit, "run", lambda *a, _run=jit.run, **k: through_triton.append(1) or _run(*a, **k)
+        )
+
+    def run(m, bias, tail):
+        x = torch.randn(m, 512, device="cuda", generator=g, dtype=torch.bfloat16)
+        h = torch.randn(m, 16, device="cuda", generator=g, dtype=torch.bfloat16)
+        lora = (h, packing.hstart, scale, packing.packed) if tail else None
+        scales = (None, layer.weight_scale) if fp8 else None
+        b = layer.bias.to(torch.bfloat16) if bias else None
+        launch = lambda: tk.lora_linear(x, layer.weight, b, lora, scales, torch.bfloat16)  # noqa: E731
+        kept = launch()  # through Triton the first time a specialization is seen, then kept
+        through_triton.clear()
+        assert torch.equal(launch(), kept)
+        assert not through_triton, "a kept specialization went through Triton's launcher again"
+        for kernel in kernels_used:
+            kernel.kept.clear()
+        assert torch.equal(launch(), kept), f"m={m} bias={bias} tail={tail}: Triton's launch differs"
+
+    for m in (1, 2, 16, 17, 300, 1):
+        for bias in (False, True):
+            for tail in (False, True):
+                run(m, bias, tail)
+                run(m, bias, tail)  # kept this time

@@ -13,9 +13,11 @@ holds those ranks' up rows (zero where a rank's slice does not cover a column). 
 blocks are moved like the GEMM's own operands (the tensor memory accelerator on Hopper) and the
 up projection joins the base GEMM's accumulator in the same MMA: y is written once, never read back.
 
-``quantize_rows`` quantizes activations to fp8 per row (dynamic per-token scale) in one read of x.
-(Computing the down projection h = x·Aᵀ in that pass, Nunchaku's fusion, measured slower than a
-separate cuBLAS GEMM on the H200: benchmarks/README.md.)
+On an fp8 weight given bf16/fp16 activations (no ``a_scale``) it first quantizes them per row
+(dynamic per-token scale) in one Triton pass over x, in the same call: one operator per layer in
+compiled graphs. (Computing the down projection h = x·Aᵀ in that pass, Nunchaku's fusion,
+measured slower than a separate cuBLAS GEMM on the H200; letting Inductor fuse the quantization
+into the producer of x measured slower too: benchmarks/README.md.)
 """
 
 from __future__ import annotations
@@ -211,23 +213,15 @@ def pack_ups(
 
 
 def lora_linear(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
-    """The fused GEMM: a direct Triton launch in eager mode (an operator's dispatch costs host
-    time), the registered operator under torch.compile."""
+    """The fused GEMM (and, for an fp8 ``weight`` with ``a_scale`` None, the quantization of ``a``
+    before it): direct Triton launches in eager mode (an operator's dispatch costs host time), the
+    registered operator under torch.compile."""
     if torch.compiler.is_compiling():
         return ops().lora_linear(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype)
     from .triton_kernels import lora_linear as launch
 
     lora = None if h is None else (h, hstart, rank_scale, packed)
-    return launch(a, weight, bias, lora, None if a_scale is None else (a_scale, w_scale), out_dtype)
-
-
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row fp8 quantization (dynamic per-token scale), eager launch or operator as above."""
-    if torch.compiler.is_compiling():
-        return ops().quantize_rows(x)
-    from .triton_kernels import quantize_rows as launch
-
-    return launch(x)
+    return launch(a, weight, bias, lora, None if w_scale is None else (a_scale, w_scale), out_dtype)
 
 
 def up_views(spans: list[tuple[int, int, int, int]], packing: Packing) -> list[Tensor] | None:

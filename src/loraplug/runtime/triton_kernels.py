@@ -9,7 +9,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton import knobs
+from triton.compiler.compiler import CompiledKernel
 from triton.runtime import _allocation
+from triton.runtime.driver import driver
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -165,6 +168,60 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BK: tl.c
     tl.store(q_ptr + row * stride_qm + rk, q.to(q_ptr.dtype.element_ty), mask=rk < K)
 
 
+class _Binaries:
+    """A jitted kernel launched through the binaries Triton compiled for it. Triton's own launch
+    binds and specializes every argument again on each call (about half of the fused GEMM's host
+    time per call on the H200: benchmarks/README.md); here the first launch of a specialization
+    goes through Triton (compiling it; fewer pipeline stages where shared memory runs out) and keeps
+    its binary, later launches with the same specialization call the binary's launcher directly.
+    The key is at least as fine as Triton's own specialization (each tensor's dtype and 16-byte
+    alignment; each integer's divisibility by 16, whether it is 1, whether it fits 32 bits), so
+    the kept binary is the one Triton would pick. Launch hooks (profilers) take Triton's path."""
+
+    def __init__(self, kernel: triton.runtime.JITFunction):
+        self.kernel = kernel
+        self.names = kernel.arg_names
+        self.kept: dict[tuple, object] = {}
+
+    def launch(self, grid: int, args: tuple, constexprs: dict, warps: int, stages: int) -> None:
+        spec = _specialization(args)
+        key = (
+            None if spec is None else (torch.cuda.current_device(), spec, *constexprs.values(), warps, stages)
+        )
+        binary = self.kept.get(key) if key is not None else None
+        hooked = knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+        if binary is not None and not hooked:
+            stream = driver.active.get_current_stream(key[0])
+            values = [constexprs[name] for name in self.names[len(args) :]]
+            binary.run(
+                grid, 1, 1, stream, binary.function, binary.packed_metadata, None, None, None, *args, *values
+            )
+            return
+        for depth in range(stages, 0, -1):
+            try:
+                binary = self.kernel[(grid,)](*args, **constexprs, num_warps=warps, num_stages=depth)
+                break
+            except OutOfResources:
+                if depth == 1:
+                    raise
+        if key is not None and isinstance(binary, CompiledKernel):  # (the interpreter returns none)
+            self.kept[key] = binary
+
+
+def _specialization(args: tuple) -> tuple | None:
+    """What Triton specializes a launch on, for CUDA tensors and integers (None: another kind,
+    or the interpreter's CPU tensors)."""
+    spec = []
+    for arg in args:
+        if isinstance(arg, Tensor) and arg.is_cuda:
+            spec.append((arg.dtype, arg.data_ptr() % 16 == 0))
+        elif type(arg) is int:
+            spec.append((arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31))
+        else:
+            return None
+    return tuple(spec)
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     """Programs of the persistent kernel: one per multiprocessor (a few under the interpreter)."""
@@ -176,10 +233,19 @@ def _has_tma(device: torch.device) -> bool:
     return device.type != "cuda" or has_tma(cuda_capability(device))
 
 
+_TMA_KERNEL = _Binaries(_lora_linear_tma_kernel)
+_POINTER_KERNEL = _Binaries(_lora_linear_kernel)
+_QUANTIZE_KERNEL = _Binaries(_quantize_rows_kernel)
+
+
 def _rank_block(rc: int, tma: bool) -> int:
     """Ranks per step of the tail: the TMA kernel loops over them 16 at a time (little shared memory
     whatever the rank); the pointer kernel takes them in one block."""
-    return 16 if tma else max(16, triton.next_power_of_2(rc))
+    return 16 if tma else max(16, 1 << (rc - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # (triton.cdiv is a constexpr function: microseconds per host call)
 
 
 def lora_linear(
@@ -187,12 +253,16 @@ def lora_linear(
     weight: Tensor,
     bias: Tensor | None,
     lora: tuple[Tensor, Tensor, Tensor, Tensor] | None,
-    scales: tuple[Tensor, Tensor] | None = None,
+    scales: tuple[Tensor | None, Tensor] | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """y = a·weightᵀ (+ fp8 scales) + LoRA tail + bias for a 2-D ``a``; ``lora`` is
-    (h, hstart, rank_scale, P) as laid out by ``kernels.pack_ups``; ``scales`` (sa (M,), sw (N,))."""
+    (h, hstart, rank_scale, P) as laid out by ``kernels.pack_ups``; ``scales`` (sa (M,), sw (N,))
+    for an fp8 weight, sa None: ``a`` (bf16/fp16) is quantized per row here first."""
     fp8 = scales is not None
+    if fp8 and scales[0] is None:
+        q, sa = quantize_rows(a)
+        a, scales = q, (sa, scales[1])
     M, K = a.shape
     N = weight.shape[0]
     tiles = config(fp8)
@@ -201,7 +271,7 @@ def lora_linear(
     out = torch.empty(M, N, device=a.device, dtype=out_dtype or a.dtype)
     if lora is not None:
         h, hstart, rank_scale, packed = lora
-        if hstart.shape[0] != triton.cdiv(N, tiles.bn):
+        if hstart.shape[0] != _cdiv(N, tiles.bn):
             raise ValueError(f"packed for tile width {N // max(hstart.shape[0], 1)}, kernel uses {tiles.bn}")
     else:
         h = hstart = rank_scale = packed = a  # never read (HAS_LORA is off)
@@ -211,19 +281,13 @@ def lora_linear(
     sa, sw = scales if fp8 else (a, a)
     rc = packed.shape[0] if lora is not None else 0
     flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, BM=tiles.bm, BN=tiles.bn,
-                 BK=tiles.bk, BR=_rank_block(rc, tiles.tma), GROUP_M=8, num_warps=tiles.warps)  # fmt: skip
-    args = (a, weight, out, bias if bias is not None else a, sa, sw, h, hstart, rank_scale, packed)  # fmt: skip
+                 BK=tiles.bk, BR=_rank_block(rc, tiles.tma), GROUP_M=8)  # fmt: skip
+    args = (a, weight, out, bias if bias is not None else a, sa, sw, h, hstart, rank_scale, packed)
     with _on(a.device):
-        for depth in range(tiles.stages, 0, -1):  # fewer pipeline stages where shared memory runs out
-            try:
-                if tiles.tma:
-                    _launch_tma(*args, rc, flags, depth, tiles)
-                else:
-                    _launch_pointers(*args, rc, flags, depth)
-                break
-            except OutOfResources:
-                if depth == 1:
-                    raise
+        if tiles.tma:
+            _launch_tma(*args, rc, flags, tiles)
+        else:
+            _launch_pointers(*args, rc, flags, tiles)
     return out
 
 
@@ -232,9 +296,7 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _launch_tma(
-    a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc, flags, stages, tiles_cfg
-) -> None:
+def _launch_tma(a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc, flags, tiles_cfg) -> None:
     BM, BN, BK, BR = flags["BM"], flags["BN"], flags["BK"], flags["BR"]
     M, K = a.shape
     N = weight.shape[0]
@@ -246,13 +308,12 @@ def _launch_tma(
     else:
         descs = [TensorDescriptor.from_tensor(t, block) for t, block in operands]
     sms = _sm_count(a.device)
-    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    _lora_linear_tma_kernel[(min(sms, tiles),)](
-        *descs, bias, sa, sw, hstart, rank_scale, M, N, K, h.shape[-1] if rc else 0, rc,
-        a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0),
-        NUM_SMS=sms, FLATTEN=tiles_cfg.flatten, ONE_STEP=rc <= BR, DEVICE_DESC=tiles_cfg.device_desc,
-        num_stages=stages, **flags,
-    )  # fmt: skip
+    args = (*descs, bias, sa, sw, hstart, rank_scale, M, N, K, h.shape[-1] if rc else 0, rc,
+            a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0))  # fmt: skip
+    constexprs = dict(**flags, NUM_SMS=sms, FLATTEN=tiles_cfg.flatten, ONE_STEP=rc <= BR, DEVICE_DESC=tiles_cfg.device_desc)  # fmt: skip
+    _TMA_KERNEL.launch(
+        min(sms, _cdiv(M, BM) * _cdiv(N, BN)), args, constexprs, tiles_cfg.warps, tiles_cfg.stages
+    )
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
@@ -268,13 +329,15 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
-def _launch_pointers(a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc, flags, stages) -> None:
+def _launch_pointers(
+    a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc, flags, tiles_cfg
+) -> None:
     M, K = a.shape
     N = weight.shape[0]
-    _lora_linear_kernel[(triton.cdiv(M, flags["BM"]) * triton.cdiv(N, flags["BN"]),)](
-        a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, M, N, K, h.shape[-1] if rc else 0, rc,
-        a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0), num_stages=stages, **flags,
-    )  # fmt: skip
+    args = (a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, M, N, K, h.shape[-1] if rc else 0, rc,
+            a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0))  # fmt: skip
+    grid = _cdiv(M, flags["BM"]) * _cdiv(N, flags["BN"])
+    _POINTER_KERNEL.launch(grid, args, flags, tiles_cfg.warps, tiles_cfg.stages)
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -282,28 +345,28 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     M, K = x.shape
     q = torch.empty(M, K, device=x.device, dtype=E4M3)
     s = torch.empty(M, device=x.device, dtype=torch.float32)
-    block = triton.next_power_of_2(K)
+    block = 1 << (K - 1).bit_length()
     with _on(x.device):
-        _quantize_rows_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), BK=block, FMAX=E4M3_MAX,
-                                    num_warps=min(16, max(4, block // 1024)))  # fmt: skip
+        _QUANTIZE_KERNEL.launch(M, (x, q, s, K, x.stride(0), q.stride(0)), dict(BK=block, FMAX=E4M3_MAX),
+                                min(16, max(4, block // 1024)), 3)  # fmt: skip
     return q, s
 
 
-# The kernels as operators for compiled graphs, registered with ``torch.library.Library`` rather
-# than ``torch.library.custom_op``: the latter's Python wrappers (autograd and aliasing checks on
-# every call) cost 60 µs per call on the H200's host, as much as the launch itself
-# (benchmarks/README.md). Neither has a backward: training takes the portable path.
+# The fused GEMM (with an fp8 weight's activation quantization) as one operator for compiled
+# graphs, registered with ``torch.library.Library`` rather than ``torch.library.custom_op``: the
+# latter's Python wrappers (autograd and aliasing checks on every call) cost 60 µs per call on the
+# H200's host, as much as the launch itself (benchmarks/README.md). It has no backward: training
+# takes the portable path.
 _LIB = torch.library.Library("loraplug", "DEF")
 _LIB.define(
     "lora_linear(Tensor a, Tensor weight, Tensor? bias, Tensor? h, Tensor? hstart, Tensor? rank_scale, "
     "Tensor? packed, Tensor? a_scale, Tensor? w_scale, ScalarType out_dtype) -> Tensor"
 )
-_LIB.define("quantize_rows(Tensor x) -> (Tensor, Tensor)")
 
 
 def _lora_linear_op(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
     lora = None if h is None else (h, hstart, rank_scale, packed)
-    scales = None if a_scale is None else (a_scale, w_scale)
+    scales = None if w_scale is None else (a_scale, w_scale)
     return lora_linear(a, weight, bias, lora, scales, out_dtype)
 
 
@@ -312,10 +375,4 @@ def _(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtyp
     return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)
 
 
-@torch.library.register_fake("loraplug::quantize_rows", lib=_LIB)
-def _(x):
-    return x.new_empty(x.shape, dtype=E4M3), x.new_empty(x.shape[0], dtype=torch.float32)
-
-
 _LIB.impl("lora_linear", _lora_linear_op, "CompositeExplicitAutograd")
-_LIB.impl("quantize_rows", quantize_rows, "CompositeExplicitAutograd")
