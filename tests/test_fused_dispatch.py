@@ -611,3 +611,26 @@ def test_grouped_runtime_adds_no_copy_of_a_single_adapter():
         for u in group.ups_t
     )
     two.remove()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_kept_binaries_are_keyed_at_least_as_finely_as_triton_specializes():
+    """A kept binary (triton_kernels._Binaries) is reused only for launches Triton would compile
+    the same: integers equal to 1, divisible by 16, beyond 32 bits, and each tensor's dtype and
+    16-byte alignment change the key; launch hooks send launches through Triton."""
+    from triton import knobs
+
+    from loraplug.runtime.triton_kernels import _hooked, _specialization
+
+    t = torch.zeros(64)
+    key = _specialization((t, 32))
+    assert key == _specialization((torch.ones(64), 48))
+    for other in [(t, 1), (t, 33), (t, 2**40), (t.narrow(0, 1, 8), 32), (t.half(), 32)]:
+        assert _specialization(other) != key, other
+    assert _specialization((t, 2.0)) is None and _specialization((t, True)) is None
+    assert not _hooked()
+    knobs.runtime.launch_enter_hook.add(print)
+    try:
+        assert _hooked()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(print)

@@ -184,13 +184,11 @@ class _Binaries:
         self.kept: dict[tuple, object] = {}
 
     def launch(self, grid: int, args: tuple, constexprs: dict, warps: int, stages: int) -> None:
-        spec = _specialization(args)
-        key = (
-            None if spec is None else (torch.cuda.current_device(), spec, *constexprs.values(), warps, stages)
-        )
+        first = args[0]
+        spec = _specialization(args) if isinstance(first, Tensor) and first.is_cuda else None
+        key = None if spec is None else (first.device.index, spec, *constexprs.values(), warps, stages)
         binary = self.kept.get(key) if key is not None else None
-        hooked = knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
-        if binary is not None and not hooked:
+        if binary is not None and not _hooked():
             stream = driver.active.get_current_stream(key[0])
             values = [constexprs[name] for name in self.names[len(args) :]]
             binary.run(
@@ -204,19 +202,25 @@ class _Binaries:
             except OutOfResources:
                 if depth == 1:
                     raise
-        if key is not None and isinstance(binary, CompiledKernel):  # (the interpreter returns none)
+        if key is not None and isinstance(binary, CompiledKernel):
             self.kept[key] = binary
 
 
+def _hooked() -> bool:
+    """Whether launch hooks are installed (a profiler's): then launches take Triton's path, which
+    calls them. Triton 3.6 keeps them in chains (empty: none), earlier versions as a callable or None."""
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+
+
 def _specialization(args: tuple) -> tuple | None:
-    """What Triton specializes a launch on, for CUDA tensors and integers (None: another kind,
-    or the interpreter's CPU tensors)."""
+    """What Triton specializes a launch on, for tensors and integers (None: another kind)."""
     spec = []
     for arg in args:
-        if isinstance(arg, Tensor) and arg.is_cuda:
-            spec.append((arg.dtype, arg.data_ptr() % 16 == 0))
-        elif type(arg) is int:
+        if type(arg) is int:
             spec.append((arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31))
+        elif isinstance(arg, Tensor):
+            spec.append((arg.dtype, arg.data_ptr() % 16 == 0))
         else:
             return None
     return tuple(spec)
