@@ -293,13 +293,17 @@ def test_accumulating_base_gemm_matches_the_hooked_path(slices, covered, bias, m
     assert "forward" not in layer.__dict__
 
 
+@pytest.mark.parametrize("tma", [True, False])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_kept_binaries_launch_exactly_as_triton_does(fp8, monkeypatch):
+def test_kept_binaries_launch_exactly_as_triton_does(fp8, tma, monkeypatch):
     """Launches through a kept binary (runtime.triton_kernels._Binaries) give bit for bit what
     Triton's own launch gives, across the specializations a binary must not be reused for: row
-    counts of 1, of multiples of 16 and not, with and without bias and LoRA tail, fp8 or not."""
+    counts of 1, of multiples of 16 and not, with and without bias and LoRA tail, fp8 or not, the
+    TMA kernel and the pointer-load kernel (what GPUs before Hopper run)."""
     from loraplug.runtime import triton_kernels as tk
 
+    kind = "fp8" if fp8 else "bf16"
+    monkeypatch.setitem(kernels.CONFIGS, kind, kernels.config(fp8)._replace(tma=tma))
     layer = _fp8(512, 768)[0] if fp8 else _layer(512, 768, torch.bfloat16)
     bn = kernels.config(fp8).bn
     g = torch.Generator(device="cuda").manual_seed(0)
