@@ -2,7 +2,8 @@
 compile takes seconds, not minutes): the bf16 base and + loraplug LoRA r16 (portable; with the
 base GEMM accumulating into the adapters' output; the fused Triton kernel, ``LORAPLUG_KERNELS=all``;
 two LoRAs), loraplug's fp8 base (``quantize_fp8``, the blocks' projections) and fp8 + LoRA r16
-(the default: the fused kernel; and with the adapters on the portable path, ``=base``), a
+(the default: the fused kernel; with the adapters on the portable path, ``=base``; with the
+down projection in the quantization pass, ``Tiles.down_in_quantization``), a
 K-concatenation LoRA (``KConcat``: one GEMM over ``[x | s·x·Aᵀ]`` and ``[W | B]``), and
 (``REFERENCE=0`` skips it) a reference fp8 layer written out below (the arithmetic of
 ``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations, ``torch._scaled_mm``)
@@ -175,6 +176,19 @@ def env(name: str, value: str):
         os.environ.pop(name)
 
 
+@contextlib.contextmanager
+def fp8_tiles(**changes):
+    """The fp8 kernel configuration changed (``kernels.Tiles`` fields) while measuring."""
+    from loraplug.runtime import kernels
+
+    kept = kernels.CONFIGS["fp8"]
+    kernels.CONFIGS["fp8"] = kernels.config(True)._replace(**changes)
+    try:
+        yield
+    finally:
+        kernels.CONFIGS["fp8"] = kept
+
+
 def build() -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
@@ -217,6 +231,10 @@ def main() -> None:
         ):  # adapters on the portable path (the compiled default before s6)
             handle = lp.apply(model, lora)
             measure(model, "fp8_lora_r16_portable", mode)
+            handle.remove()
+        with fp8_tiles(down_in_quantization=True):  # the down projection in the quantization pass
+            handle = lp.apply(model, lora)
+            measure(model, "fp8_lora_r16_down_in_quantization", mode)
             handle.remove()
     if any(k.startswith("kconcat") for k in os.environ.get("VARIANTS", "kconcat").split()):
         model = None

@@ -184,17 +184,20 @@ def fused_parts_host_cost(layer, x, sd, per_call) -> dict:
     h = torch.zeros(x.shape[0], 16, device=x.device, dtype=x.dtype)
     packing = kernels.pack_ups([(0, 16, 0, layer.out_features)], [sd["layer.lora_B.weight"].T], layer.out_features, kernels.config(True).bn)  # fmt: skip
     scale = torch.ones(16, device=x.device, dtype=torch.float32)
-    args = (q, layer.weight, None, h, packing.hstart, scale, packing.packed, s, layer.weight_scale, x.dtype)
-    res["lora_linear_launch"] = per_call(lambda: triton_kernels.lora_linear(q, layer.weight, None, args[3:7], (s, layer.weight_scale), x.dtype))  # fmt: skip
+    lora = (h, packing.hstart, scale, packing.packed)
+    args = (q, layer.weight, None, h, None, *lora[1:], s, layer.weight_scale, x.dtype)
+    launch = lambda: triton_kernels.lora_linear(q, layer.weight, None, lora, (s, layer.weight_scale), x.dtype)  # noqa: E731
+    res["lora_linear_launch"] = per_call(launch)
+    res["lora_linear_jit_launch"] = per_call(lambda: _through_triton(launch))
     res["lora_linear_op"] = per_call(lambda: kernels.ops().lora_linear(*args))
-    quantizing = (
-        x,
-        *args[1:7],
-        None,
-        *args[8:],
-    )  # the operator as compiled graphs call it: x quantized inside
-    res["lora_linear_op_quantizing"] = per_call(lambda: kernels.ops().lora_linear(*quantizing))
-    res["lora_linear_jit_launch"] = per_call(lambda: _through_triton(lambda: triton_kernels.lora_linear(q, layer.weight, None, args[3:7], (s, layer.weight_scale), x.dtype)))  # fmt: skip
+    # as compiled graphs call it: x quantized and h = x·down_t computed inside (a GEMM, then with
+    # the down projection in the quantization pass)
+    down_t = sd["layer.lora_A.weight"].T
+    inside = (x, layer.weight, None, None, down_t, *lora[1:], None, layer.weight_scale, x.dtype)
+    res["lora_linear_op_quantizing"] = per_call(lambda: kernels.ops().lora_linear(*inside))
+    kernels.CONFIGS["fp8"] = kernels.config(True)._replace(down_in_quantization=True)
+    res["lora_linear_op_quantizing_down"] = per_call(lambda: kernels.ops().lora_linear(*inside))
+    kernels.CONFIGS["fp8"] = kernels.config(True)._replace(down_in_quantization=False)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(500):

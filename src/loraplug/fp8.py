@@ -108,7 +108,7 @@ def fp8_forward(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | 
     bias = None if bias is None else bias.to(x.dtype)
     if kernels.available() and kernels.here() and kernels.supports(x2.shape[1], weight.shape[0]):
         y = kernels.lora_linear(
-            x2.contiguous(), weight, bias, None, None, None, None, None, weight_scale, x.dtype
+            x2.contiguous(), weight, bias, None, None, None, None, None, None, weight_scale, x.dtype
         )
     else:
         q, s = quantize_per_row(x2)

@@ -128,12 +128,16 @@ def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, flatten, who
     assert "forward" not in layer.__dict__ and runners(layer) is None
 
 
-@pytest.mark.parametrize("flatten, device_desc", [(True, True), (False, True), (True, False)])
-def test_fp8_base_with_lora_matches_reference(flatten, device_desc, monkeypatch):
+@pytest.mark.parametrize(
+    "flatten, device_desc, down_in_quantization",
+    [(True, True, False), (False, True, False), (True, False, False), (True, True, True)],
+)
+def test_fp8_base_with_lora_matches_reference(flatten, device_desc, down_in_quantization, monkeypatch):
     fp8 = _fp8(3072, 3 * 3072)[0]
-    monkeypatch.setitem(
-        kernels.CONFIGS, "fp8", kernels.config(True)._replace(flatten=flatten, device_desc=device_desc)
+    tiles = kernels.config(True)._replace(
+        flatten=flatten, device_desc=device_desc, down_in_quantization=down_in_quantization
     )
+    monkeypatch.setitem(kernels.CONFIGS, "fp8", tiles)
     x = torch.randn(1000, 3072, device="cuda", dtype=torch.bfloat16)
     base = fp8_linear_reference(x, fp8.weight, fp8.weight_scale, fp8.bias)
     assert _rel(fp8(x), base) < 2e-3

@@ -109,8 +109,10 @@ def ops():
 class Tiles(NamedTuple):
     """A kernel configuration: output tile BM × BN, reduction step BK, warps, pipeline stages, TMA
     (the persistent Hopper kernel) or pointer loads, whether the persistent kernel's tile loop is
-    flattened into its K loop (one software pipeline across tiles), and whether its TMA
-    descriptors are made on the device (cheap launches) or encoded by the host at every launch."""
+    flattened into its K loop (one software pipeline across tiles), whether its TMA descriptors
+    are made on the device (cheap launches) or encoded by the host at every launch, and (fp8)
+    whether the adapters' down projection is computed in the activations' quantization pass
+    (one kernel fewer per layer; not measured yet, so off) rather than by a cuBLAS GEMM."""
 
     bm: int
     bn: int
@@ -120,6 +122,7 @@ class Tiles(NamedTuple):
     tma: bool
     flatten: bool = True
     device_desc: bool = True
+    down_in_quantization: bool = False
 
 
 # the fastest measured on an H200 (benchmarks/linear_stack.py, kernel_parts.py)
@@ -212,16 +215,17 @@ def pack_ups(
     )
 
 
-def lora_linear(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
-    """The fused GEMM (and, for an fp8 ``weight`` with ``a_scale`` None, the quantization of ``a``
-    before it): direct Triton launches in eager mode (an operator's dispatch costs host time), the
-    registered operator under torch.compile."""
+def lora_linear(a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
+    """The fused GEMM, with what it needs computed in the same call: for an fp8 ``weight`` with
+    ``a_scale`` None the quantization of ``a``, for ``h`` None the down projection h = a·down_t.
+    Direct Triton launches in eager mode (an operator's dispatch costs host time), the registered
+    operator under torch.compile (one per layer)."""
     if torch.compiler.is_compiling():
-        return ops().lora_linear(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype)
+        return ops().lora_linear(a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale, w_scale, out_dtype)  # fmt: skip
     from .triton_kernels import lora_linear as launch
 
-    lora = None if h is None else (h, hstart, rank_scale, packed)
-    return launch(a, weight, bias, lora, None if w_scale is None else (a_scale, w_scale), out_dtype)
+    lora = None if hstart is None else (h, hstart, rank_scale, packed)
+    return launch(a, weight, bias, lora, None if w_scale is None else (a_scale, w_scale), out_dtype, down_t)
 
 
 def up_views(spans: list[tuple[int, int, int, int]], packing: Packing) -> list[Tensor] | None:

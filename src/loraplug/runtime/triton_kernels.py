@@ -168,6 +168,37 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BK: tl.c
     tl.store(q_ptr + row * stride_qm + rk, q.to(q_ptr.dtype.element_ty), mask=rk < K)
 
 
+@triton.jit
+def _quantize_down_kernel(
+    x_ptr, d_ptr, q_ptr, s_ptr, h_ptr, M, K, R, stride_xm, stride_dk, stride_dr, stride_qm, stride_hm,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, FMAX: tl.constexpr,
+):  # fmt: skip
+    """BM rows per program, two passes over K: each row's max |x| and h = x·down_t (the tensor
+    cores), then the e4m3 values (x read again, from L2)."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rr = tl.arange(0, BR)
+    rows = (rm < M)[:, None]
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    amax = tl.zeros((BM,), dtype=tl.float32)
+    h = tl.zeros((BM, BR), dtype=tl.float32)
+    for k in range(0, K, BK):
+        rk = k + tl.arange(0, BK)
+        x = tl.load(x_rows + rk[None, :], mask=rows & (rk < K)[None, :], other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        d = tl.load(d_ptr + rk[:, None] * stride_dk + rr[None, :] * stride_dr, mask=(rk < K)[:, None] & (rr < R)[None, :], other=0.0)  # fmt: skip
+        h = tl.dot(x, d, h)
+    scale = tl.maximum(amax, 1e-12) / FMAX
+    tl.store(s_ptr + rm, scale, mask=rm < M)
+    h_ptrs = h_ptr + rm[:, None].to(tl.int64) * stride_hm + rr[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=rows & (rr < R)[None, :])
+    q_rows = q_ptr + rm[:, None].to(tl.int64) * stride_qm
+    for k in range(0, K, BK):
+        rk = k + tl.arange(0, BK)
+        x = tl.load(x_rows + rk[None, :], mask=rows & (rk < K)[None, :], other=0.0).to(tl.float32)
+        q = tl.clamp(x / scale[:, None], -FMAX, FMAX)
+        tl.store(q_rows + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=rows & (rk < K)[None, :])
+
+
 class _Binaries:
     """A jitted kernel launched through the binaries Triton compiled for it. Triton's own launch
     binds and specializes every argument again on each call (a third of the fused GEMM's host time
@@ -240,6 +271,9 @@ def _has_tma(device: torch.device) -> bool:
 _TMA_KERNEL = _Binaries(_lora_linear_tma_kernel)
 _POINTER_KERNEL = _Binaries(_lora_linear_kernel)
 _QUANTIZE_KERNEL = _Binaries(_quantize_rows_kernel)
+_QUANTIZE_DOWN_KERNEL = _Binaries(_quantize_down_kernel)
+# the widest down projection the quantization pass computes (its accumulator is BM × that)
+MAX_DOWN_IN_QUANTIZATION = 128
 
 
 def _rank_block(rc: int, tma: bool) -> int:
@@ -259,17 +293,27 @@ def lora_linear(
     lora: tuple[Tensor, Tensor, Tensor, Tensor] | None,
     scales: tuple[Tensor | None, Tensor] | None = None,
     out_dtype: torch.dtype | None = None,
+    down_t: Tensor | None = None,
 ) -> Tensor:
     """y = a·weightᵀ (+ fp8 scales) + LoRA tail + bias for a 2-D ``a``; ``lora`` is
-    (h, hstart, rank_scale, P) as laid out by ``kernels.pack_ups``; ``scales`` (sa (M,), sw (N,))
-    for an fp8 weight, sa None: ``a`` (bf16/fp16) is quantized per row here first."""
+    (h, hstart, rank_scale, P) as laid out by ``kernels.pack_ups``, h None: a·``down_t`` computed
+    here; ``scales`` (sa (M,), sw (N,)) for an fp8 weight, sa None: ``a`` (bf16/fp16) is quantized
+    per row here first (with the down projection in the same pass where the configuration says)."""
     fp8 = scales is not None
-    if fp8 and scales[0] is None:
+    tiles = config(fp8)
+    quantize = fp8 and scales[0] is None
+    if lora is not None and lora[0] is None:
+        if quantize and tiles.down_in_quantization and down_t.shape[1] <= MAX_DOWN_IN_QUANTIZATION:
+            a, sa, h = quantize_rows_and_down(a, down_t)
+            scales, quantize = (sa, scales[1]), False
+        else:
+            h = torch.mm(a, down_t)
+        lora = (h, *lora[1:])
+    if quantize:
         q, sa = quantize_rows(a)
         a, scales = q, (sa, scales[1])
     M, K = a.shape
     N = weight.shape[0]
-    tiles = config(fp8)
     if tiles.tma and not _has_tma(a.device):  # before Hopper: the pointer-load kernel
         tiles = tiles._replace(tma=False)
     out = torch.empty(M, N, device=a.device, dtype=out_dtype or a.dtype)
@@ -356,6 +400,35 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return q, s
 
 
+def quantize_rows_and_down(x: Tensor, down_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(x in e4m3, per-row scales (M,) float32, h = x·down_t in x's dtype) of a 2-D ``x`` in one
+    kernel: x read once from memory (a second time from L2)."""
+    M, K = x.shape
+    R = down_t.shape[1]
+    q = torch.empty(M, K, device=x.device, dtype=E4M3)
+    s = torch.empty(M, device=x.device, dtype=torch.float32)
+    h = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    args = (
+        x,
+        down_t,
+        q,
+        s,
+        h,
+        M,
+        K,
+        R,
+        x.stride(0),
+        down_t.stride(0),
+        down_t.stride(1),
+        q.stride(0),
+        h.stride(0),
+    )
+    constexprs = dict(BM=32, BK=128, BR=max(16, 1 << (R - 1).bit_length()), FMAX=E4M3_MAX)
+    with _on(x.device):
+        _QUANTIZE_DOWN_KERNEL.launch(_cdiv(M, 32), args, constexprs, 4, 3)
+    return q, s, h
+
+
 # The fused GEMM (with an fp8 weight's activation quantization) as one operator for compiled
 # graphs, registered with ``torch.library.Library`` rather than ``torch.library.custom_op``: the
 # latter's Python wrappers (autograd and aliasing checks on every call) cost 60 µs per call on the
@@ -363,19 +436,19 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 # takes the portable path.
 _LIB = torch.library.Library("loraplug", "DEF")
 _LIB.define(
-    "lora_linear(Tensor a, Tensor weight, Tensor? bias, Tensor? h, Tensor? hstart, Tensor? rank_scale, "
+    "lora_linear(Tensor a, Tensor weight, Tensor? bias, Tensor? h, Tensor? down_t, Tensor? hstart, Tensor? rank_scale, "
     "Tensor? packed, Tensor? a_scale, Tensor? w_scale, ScalarType out_dtype) -> Tensor"
 )
 
 
-def _lora_linear_op(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
-    lora = None if h is None else (h, hstart, rank_scale, packed)
+def _lora_linear_op(a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
+    lora = None if hstart is None else (h, hstart, rank_scale, packed)
     scales = None if w_scale is None else (a_scale, w_scale)
-    return lora_linear(a, weight, bias, lora, scales, out_dtype)
+    return lora_linear(a, weight, bias, lora, scales, out_dtype, down_t)
 
 
 @torch.library.register_fake("loraplug::lora_linear", lib=_LIB)
-def _(a, weight, bias, h, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
+def _(a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
     return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)
 
 
