@@ -13,11 +13,13 @@ holds those ranks' up rows (zero where a rank's slice does not cover a column). 
 blocks are moved like the GEMM's own operands (the tensor memory accelerator on Hopper) and the
 up projection joins the base GEMM's accumulator in the same MMA: y is written once, never read back.
 
-On an fp8 weight given bf16/fp16 activations (no ``a_scale``) it first quantizes them per row
-(dynamic per-token scale) in one Triton pass over x, in the same call: one operator per layer in
-compiled graphs. (Computing the down projection h = x·Aᵀ in that pass, Nunchaku's fusion,
-measured slower than a separate cuBLAS GEMM on the H200; letting Inductor fuse the quantization
-into the producer of x measured slower too: benchmarks/README.md.)
+The same call computes what the kernel needs: h = x·Aᵀ (a cuBLAS GEMM) and, on an fp8 weight
+given bf16/fp16 activations (no ``a_scale``), their per-row quantization (dynamic per-token
+scale, one Triton pass over x): one operator per layer in compiled graphs. ``Tiles``'
+``down_in_quantization`` computes h in that quantization pass instead (Nunchaku's fusion; off
+until measured on the GPU: session 2's one-row-per-program version was slower than cuBLAS).
+Letting Inductor fuse the quantization into the producer of x measured slower
+(benchmarks/README.md).
 """
 
 from __future__ import annotations
