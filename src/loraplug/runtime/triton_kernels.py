@@ -157,15 +157,28 @@ def _lora_linear_tma_kernel(
 
 
 @triton.jit
+def _row_scale(amax, FMAX: tl.constexpr):
+    """A row's fp8 scale from its max |x| (the largest e4m3 value maps to it)."""
+    return tl.maximum(amax, 1e-12) / FMAX
+
+
+@triton.jit
+def _e4m3_values(x, scale, FMAX: tl.constexpr):
+    """float32 x divided by its row scale, clamped to the e4m3 range (still float32)."""
+    return tl.clamp(x / scale, -FMAX, FMAX)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BK: tl.constexpr, FMAX: tl.constexpr):
     """One row per program, read once: its max |x|, the scale, the e4m3 values."""
     row = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BK)
     x = tl.load(x_ptr + row * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / FMAX
+    scale = _row_scale(tl.max(tl.abs(x), axis=0), FMAX)
     tl.store(s_ptr + row, scale)
-    q = tl.clamp(x / scale, -FMAX, FMAX)
-    tl.store(q_ptr + row * stride_qm + rk, q.to(q_ptr.dtype.element_ty), mask=rk < K)
+    tl.store(
+        q_ptr + row * stride_qm + rk, _e4m3_values(x, scale, FMAX).to(q_ptr.dtype.element_ty), mask=rk < K
+    )
 
 
 @triton.jit
@@ -187,7 +200,7 @@ def _quantize_down_kernel(
         amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
         d = tl.load(d_ptr + rk[:, None] * stride_dk + rr[None, :] * stride_dr, mask=(rk < K)[:, None] & (rr < R)[None, :], other=0.0)  # fmt: skip
         h = tl.dot(x, d, h)
-    scale = tl.maximum(amax, 1e-12) / FMAX
+    scale = _row_scale(amax, FMAX)
     tl.store(s_ptr + rm, scale, mask=rm < M)
     h_ptrs = h_ptr + rm[:, None].to(tl.int64) * stride_hm + rr[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=rows & (rr < R)[None, :])
@@ -195,7 +208,7 @@ def _quantize_down_kernel(
     for k in range(0, K, BK):
         rk = k + tl.arange(0, BK)
         x = tl.load(x_rows + rk[None, :], mask=rows & (rk < K)[None, :], other=0.0).to(tl.float32)
-        q = tl.clamp(x / scale[:, None], -FMAX, FMAX)
+        q = _e4m3_values(x, scale[:, None], FMAX)
         tl.store(q_rows + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=rows & (rk < K)[None, :])
 
 
@@ -408,24 +421,10 @@ def quantize_rows_and_down(x: Tensor, down_t: Tensor) -> tuple[Tensor, Tensor, T
     q = torch.empty(M, K, device=x.device, dtype=E4M3)
     s = torch.empty(M, device=x.device, dtype=torch.float32)
     h = torch.empty(M, R, device=x.device, dtype=x.dtype)
-    args = (
-        x,
-        down_t,
-        q,
-        s,
-        h,
-        M,
-        K,
-        R,
-        x.stride(0),
-        down_t.stride(0),
-        down_t.stride(1),
-        q.stride(0),
-        h.stride(0),
-    )
+    args = (x, down_t, q, s, h, M, K, R, x.stride(0), down_t.stride(0), down_t.stride(1), q.stride(0), h.stride(0))  # fmt: skip
     constexprs = dict(BM=32, BK=128, BR=max(16, 1 << (R - 1).bit_length()), FMAX=E4M3_MAX)
     with _on(x.device):
-        _QUANTIZE_DOWN_KERNEL.launch(_cdiv(M, 32), args, constexprs, 4, 3)
+        _QUANTIZE_DOWN_KERNEL.launch(_cdiv(M, constexprs["BM"]), args, constexprs, 4, 3)
     return q, s, h
 
 
