@@ -413,18 +413,22 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return q, s
 
 
-def quantize_rows_and_down(x: Tensor, down_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_rows_and_down(
+    x: Tensor, down_t: Tensor, tiles: tuple[int, int, int, int] = (32, 128, 4, 3)
+) -> tuple[Tensor, Tensor, Tensor]:
     """(x in e4m3, per-row scales (M,) float32, h = x·down_t in x's dtype) of a 2-D ``x`` in one
-    kernel: x read once from memory (a second time from L2)."""
+    kernel: x read once from memory (a second time from L2). ``tiles``: rows per program, reduction
+    step, warps, pipeline stages."""
     M, K = x.shape
     R = down_t.shape[1]
     q = torch.empty(M, K, device=x.device, dtype=E4M3)
     s = torch.empty(M, device=x.device, dtype=torch.float32)
     h = torch.empty(M, R, device=x.device, dtype=x.dtype)
     args = (x, down_t, q, s, h, M, K, R, x.stride(0), down_t.stride(0), down_t.stride(1), q.stride(0), h.stride(0))  # fmt: skip
-    constexprs = dict(BM=32, BK=128, BR=max(16, 1 << (R - 1).bit_length()), FMAX=E4M3_MAX)
+    bm, bk, warps, stages = tiles
+    constexprs = dict(BM=bm, BK=bk, BR=max(16, 1 << (R - 1).bit_length()), FMAX=E4M3_MAX)
     with _on(x.device):
-        _QUANTIZE_DOWN_KERNEL.launch(_cdiv(M, constexprs["BM"]), args, constexprs, 4, 3)
+        _QUANTIZE_DOWN_KERNEL.launch(_cdiv(M, bm), args, constexprs, warps, stages)
     return q, s, h
 
 
