@@ -2,8 +2,9 @@
 compile takes seconds, not minutes): the bf16 base and + loraplug LoRA r16 (portable; with the
 base GEMM accumulating into the adapters' output; the fused Triton kernel, ``LORAPLUG_KERNELS=all``;
 two LoRAs), loraplug's fp8 base (``quantize_fp8``, the blocks' projections) and fp8 + LoRA r16
-(the default: the fused kernel; with the adapters on the portable path, ``=base``; with the
-down projection in the quantization pass, ``Tiles.down_in_quantization``), a
+(the default: the fused kernel; with the adapters on the portable path, ``=base``; with
+programmatic dependent launch toggled, ``_pdl_toggled``; without the narrow tiles for few output
+tiles, ``_wide``), a
 K-concatenation LoRA (``KConcat``: one GEMM over ``[x | s·x·Aᵀ]`` and ``[W | B]``), and
 (``REFERENCE=0`` skips it) a reference fp8 layer written out below (the arithmetic of
 ``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations, ``torch._scaled_mm``)
@@ -36,6 +37,7 @@ from profile_flux import device_profile  # noqa: E402
 import loraplug as lp  # noqa: E402
 from loraplug.bench import CFG, DEV, DT, _graphs, _time_fn, diffusers_lora, inputs  # noqa: E402
 from loraplug.fp8 import quantize_fp8  # noqa: E402
+from loraplug.runtime import kernels  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
 OUT = Path(os.environ.get("OUT", "."))
@@ -177,16 +179,15 @@ def env(name: str, value: str):
 
 
 @contextlib.contextmanager
-def fp8_tiles(**changes):
-    """The fp8 kernel configuration changed (``kernels.Tiles`` fields) while measuring."""
-    from loraplug.runtime import kernels
-
-    kept = kernels.CONFIGS["fp8"]
-    kernels.CONFIGS["fp8"] = kernels.config(True)._replace(**changes)
+def configs(**entries):
+    """``kernels.CONFIGS`` entries replaced while measuring."""
+    kept = dict(kernels.CONFIGS)
+    kernels.CONFIGS.update(entries)
     try:
         yield
     finally:
-        kernels.CONFIGS["fp8"] = kept
+        kernels.CONFIGS.clear()
+        kernels.CONFIGS.update(kept)
 
 
 def build() -> nn.Module:
@@ -232,10 +233,12 @@ def main() -> None:
             handle = lp.apply(model, lora)
             measure(model, "fp8_lora_r16_portable", mode)
             handle.remove()
-        with fp8_tiles(down_in_quantization=True):  # the down projection in the quantization pass
-            handle = lp.apply(model, lora)
-            measure(model, "fp8_lora_r16_down_in_quantization", mode)
-            handle.remove()
+        pdl = kernels.config(True)._replace(pdl=not kernels.config(True).pdl)
+        for name, entries in (("pdl_toggled", dict(fp8=pdl)), ("wide", dict(fp8_narrow=None))):
+            with configs(**entries):  # programmatic dependent launch toggled; no narrow tiles
+                handle = lp.apply(model, lora)
+                measure(model, f"fp8_lora_r16_{name}", mode)
+                handle.remove()
     if any(k.startswith("kconcat") for k in os.environ.get("VARIANTS", "kconcat").split()):
         model = None
         torch.cuda.empty_cache()

@@ -72,8 +72,6 @@ def main(rank: int = 16) -> dict:
             "down_projection_mm": lambda: torch.mm(x, down_t),
             "quantize_rows": lambda: tk.quantize_rows(x),
             "quantize_rows_then_down_mm": lambda: (tk.quantize_rows(x), torch.mm(x, down_t)),
-            "quantize_rows_and_down": lambda: tk.quantize_rows_and_down(x, down_t),
-            "quantize_rows_and_down_colmajor": lambda: tk.quantize_rows_and_down(x, down_t.T.contiguous().T),
         }
         for key, fn in t.items():
             res[f"{name}_{key}_ms"] = round(_time_fn(fn, iters=20), 4)

@@ -190,14 +190,10 @@ def fused_parts_host_cost(layer, x, sd, per_call) -> dict:
     res["lora_linear_launch"] = per_call(launch)
     res["lora_linear_jit_launch"] = per_call(lambda: _through_triton(launch))
     res["lora_linear_op"] = per_call(lambda: kernels.ops().lora_linear(*args))
-    # as compiled graphs call it: x quantized and h = x·down_t computed inside (a GEMM, then with
-    # the down projection in the quantization pass)
+    # as compiled graphs call it: x quantized and h = x·down_t computed inside
     down_t = sd["layer.lora_A.weight"].T
     inside = (x, layer.weight, None, None, down_t, *lora[1:], None, layer.weight_scale, x.dtype)
     res["lora_linear_op_quantizing"] = per_call(lambda: kernels.ops().lora_linear(*inside))
-    kernels.CONFIGS["fp8"] = kernels.config(True)._replace(down_in_quantization=True)
-    res["lora_linear_op_quantizing_down"] = per_call(lambda: kernels.ops().lora_linear(*inside))
-    kernels.CONFIGS["fp8"] = kernels.config(True)._replace(down_in_quantization=False)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(500):

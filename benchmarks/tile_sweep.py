@@ -5,7 +5,8 @@ Flux-dev's adapted layer shapes at 1024² (GPU machine), against cuBLAS (bf16 ``
 per forward) for every configuration and for the best configuration per shape.
 
 Each variant runs 20 times inside one CUDA graph (no host launch cost in the measure; median of
-10 replays). The activations are quantized beforehand: the GEMM alone. Writes
+10 replays). The activations are quantized beforehand: the GEMM alone. The narrow tiles for few
+output tiles (``kernels.config_for``) are off here: each configuration runs on every shape. Writes
 $OUT/tile_sweep.json.
 
     OUT=results python benchmarks/tile_sweep.py
@@ -20,10 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quantize_down_sweep import device_ms  # noqa: E402
-
+from loraplug.bench import _graph_time_fn as device_ms  # noqa: E402
 from loraplug.fp8 import quantize_per_row  # noqa: E402
 from loraplug.runtime import kernels  # noqa: E402
 from loraplug.runtime import triton_kernels as tk  # noqa: E402
@@ -84,6 +83,7 @@ def name(t: kernels.Tiles) -> str:
 @torch.no_grad()
 def main() -> dict:
     defaults = dict(kernels.CONFIGS)
+    kernels.CONFIGS.update(bf16_narrow=None, fp8_narrow=None)
     res: dict = {"device": torch.cuda.get_device_name(), "shapes": {}}
     totals: dict = {}
     for shape, (m, k, n, slices, calls) in SHAPES.items():

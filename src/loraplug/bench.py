@@ -142,6 +142,26 @@ def _time_fn(fn, iters: int = ITERS, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _graph_time_fn(fn, repeat: int = 20) -> float:
+    """Milliseconds per call of ``fn`` replayed from one CUDA graph of ``repeat`` calls (no host
+    launch cost: the device time of short kernels); median of 10 replays."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            fn()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / repeat)
+    return statistics.median(times)
+
+
 BF16_TILES = [
     (128, 256, 64, 8, 3, True, True),
     (128, 256, 64, 8, 3, True, False),

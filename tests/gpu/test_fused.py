@@ -129,16 +129,20 @@ def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, flatten, who
 
 
 @pytest.mark.parametrize(
-    "flatten, device_desc, down_in_quantization",
-    [(True, True, False), (False, True, False), (True, False, False), (True, True, True)],
-)
-def test_fp8_base_with_lora_matches_reference(flatten, device_desc, down_in_quantization, monkeypatch):
+    "flatten, device_desc, pdl, tokens",
+    [(True, True, False, 1000), (False, True, False, 1000), (True, False, False, 1000), (True, True, True, 1000),
+     (True, True, False, 512), (True, True, True, 512)],
+)  # fmt: skip
+def test_fp8_base_with_lora_matches_reference(flatten, device_desc, pdl, tokens, monkeypatch):
+    """512 tokens: 144 full tiles on 132 multiprocessors, the narrow tiles run."""
     fp8 = _fp8(3072, 3 * 3072)[0]
-    tiles = kernels.config(True)._replace(
-        flatten=flatten, device_desc=device_desc, down_in_quantization=down_in_quantization
-    )
+    tiles = kernels.config(True)._replace(flatten=flatten, device_desc=device_desc, pdl=pdl)
     monkeypatch.setitem(kernels.CONFIGS, "fp8", tiles)
-    x = torch.randn(1000, 3072, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, 3072, device="cuda", dtype=torch.bfloat16)
+    narrow = kernels.config_for(
+        True, tokens, 3 * 3072, torch.cuda.get_device_properties(0).multi_processor_count
+    )
+    assert (narrow.bn < tiles.bn) == (tokens == 512)
     base = fp8_linear_reference(x, fp8.weight, fp8.weight_scale, fp8.bias)
     assert _rel(fp8(x), base) < 2e-3
     slices = [(0, 3072), (3072, 3072), (6144, 3072)]

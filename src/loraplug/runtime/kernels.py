@@ -15,11 +15,10 @@ up projection joins the base GEMM's accumulator in the same MMA: y is written on
 
 The same call computes what the kernel needs: h = x·Aᵀ (a cuBLAS GEMM) and, on an fp8 weight
 given bf16/fp16 activations (no ``a_scale``), their per-row quantization (dynamic per-token
-scale, one Triton pass over x): one operator per layer in compiled graphs. ``Tiles``'
-``down_in_quantization`` computes h in that quantization pass instead (Nunchaku's fusion; off
-until measured on the GPU: session 2's one-row-per-program version was slower than cuBLAS).
-Letting Inductor fuse the quantization into the producer of x measured slower
-(benchmarks/README.md).
+scale, one Triton pass over x): one operator per layer in compiled graphs. Measured slower on the
+H200 and left out (benchmarks/README.md): h computed inside the quantization pass (Nunchaku's
+fusion; 1.6–2× the two kernels' device time: the row scales need the whole row before any e4m3
+value, so x is read twice), and Inductor fusing the quantization into the producer of x.
 """
 
 from __future__ import annotations
@@ -112,9 +111,9 @@ class Tiles(NamedTuple):
     """A kernel configuration: output tile BM × BN, reduction step BK, warps, pipeline stages, TMA
     (the persistent Hopper kernel) or pointer loads, whether the persistent kernel's tile loop is
     flattened into its K loop (one software pipeline across tiles), whether its TMA descriptors
-    are made on the device (cheap launches) or encoded by the host at every launch, and (fp8)
-    whether the adapters' down projection is computed in the activations' quantization pass
-    (one kernel fewer per layer; not measured yet, so off) rather than by a cuBLAS GEMM."""
+    are made on the device (cheap launches) or encoded by the host at every launch, and whether
+    the kernels are launched early (programmatic dependent launch: their launch and start overlap
+    the previous kernel's end; Hopper)."""
 
     bm: int
     bn: int
@@ -124,16 +123,38 @@ class Tiles(NamedTuple):
     tma: bool
     flatten: bool = True
     device_desc: bool = True
-    down_in_quantization: bool = False
+    pdl: bool = False
 
 
-# the fastest measured on an H200 (benchmarks/linear_stack.py, kernel_parts.py)
-CONFIGS = {"bf16": Tiles(128, 256, 64, 8, 3, True, False), "fp8": Tiles(128, 256, 128, 8, 3, True, True)}
+# the fastest measured on an H200 (benchmarks/linear_stack.py, kernel_parts.py, tile_sweep.py);
+# "*_narrow": for outputs with fewer full tiles than two per multiprocessor (Flux's 512 text
+# tokens), half-width tiles over the same packing (None: never)
+CONFIGS = {
+    "bf16": Tiles(128, 256, 64, 8, 3, True, False),
+    "fp8": Tiles(128, 256, 128, 8, 3, True, True),
+    "bf16_narrow": Tiles(128, 128, 64, 4, 4, True, True),
+    "fp8_narrow": Tiles(128, 128, 128, 4, 4, True, True),
+}
 
 
 def config(fp8: bool) -> Tiles:
-    """The tile configuration for bf16/fp16 or fp8 operands (benchmarks may rewrite CONFIGS)."""
+    """The tile configuration for bf16/fp16 or fp8 operands (benchmarks may rewrite CONFIGS); its
+    tile width is the one adapters are packed for."""
     return Tiles(*CONFIGS["fp8" if fp8 else "bf16"])
+
+
+def config_for(fp8: bool, m: int, n: int, sms: int) -> Tiles:
+    """The configuration for an m × n output on ``sms`` multiprocessors: ``config(fp8)``, or its
+    narrow variant where the full tiles would number fewer than two per multiprocessor (a wave
+    and a fraction leaves most of them idle at the end; measured 5–36 % faster on such shapes)
+    and its tile width divides the packing's (the kernel reads the packed runs of the wider tile
+    holding each narrow one)."""
+    tiles = config(fp8)
+    narrow = CONFIGS.get("fp8_narrow" if fp8 else "bf16_narrow")
+    if narrow is None or -(-m // tiles.bm) * -(-n // tiles.bn) >= 2 * sms:
+        return tiles
+    narrow = Tiles(*narrow)._replace(pdl=tiles.pdl)
+    return narrow if narrow.bn < tiles.bn and tiles.bn % narrow.bn == 0 else tiles
 
 
 def supports(k: int, n: int) -> bool:

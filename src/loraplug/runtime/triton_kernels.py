@@ -11,13 +11,14 @@ import triton.language as tl
 from torch import Tensor
 from triton import knobs
 from triton.compiler.compiler import CompiledKernel
+from triton.language.extra.cuda import gdc_wait
 from triton.runtime import _allocation
 from triton.runtime.driver import driver
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..fp8 import cuda_capability
-from .kernels import E4M3, E4M3_MAX, config, has_tma
+from .kernels import E4M3, E4M3_MAX, config, config_for, has_tma
 
 
 @triton.jit
@@ -28,6 +29,15 @@ def _tile(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr)
     first_m = (tile // per_group) * GROUP_M
     size_m = min(num_m - first_m, GROUP_M)
     return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
+
+
+@triton.jit
+def _await_inputs(PDL: tl.constexpr):
+    """Launched early (programmatic dependent launch): wait here until the previous kernel's
+    writes are visible, before any global memory access (the launch and the programs' start
+    overlap that kernel's tail)."""
+    if PDL:
+        gdc_wait()
 
 
 @triton.jit
@@ -66,8 +76,10 @@ def _lora_linear_kernel(
     stride_am, stride_wn, stride_om, stride_hm, stride_pr,
     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+    PACK_BN: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One output tile per program, pointer loads (portable Triton; also runs interpreted)."""
+    _await_inputs(PDL)
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -83,7 +95,7 @@ def _lora_linear_kernel(
         w_ptrs += BK
     acc = _rescale(acc, rm, rn, M, N, sa_ptr, sw_ptr, FP8)
     if HAS_LORA:
-        hs = tl.load(hstart_ptr + pid_n)
+        hs = tl.load(hstart_ptr + pid_n * BN // PACK_BN)
         rr = tl.arange(0, BR)
         h = tl.load(
             h_ptr + rm[:, None].to(tl.int64) * stride_hm + (hs + rr)[None, :],
@@ -114,6 +126,7 @@ def _lora_linear_tma_kernel(
     M, N, K, RH, RC, stride_am, stride_wn, stride_om, stride_hm, stride_pr,
     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+    PACK_BN: tl.constexpr, PDL: tl.constexpr,
     NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, ONE_STEP: tl.constexpr, DEVICE_DESC: tl.constexpr,
 ):  # fmt: skip
     """Persistent (one program per SM), every tile moved by the tensor memory accelerator (Hopper).
@@ -124,6 +137,7 @@ def _lora_linear_tma_kernel(
     with one inner loop, so with ONE_STEP). DEVICE_DESC: the descriptors are made here from plain
     pointers (the host then only passes pointers: measured far cheaper per launch than encoding
     five host descriptors)."""
+    _await_inputs(PDL)
     a_desc = _descriptor(a_desc, M, K, stride_am, BM, BK, DEVICE_DESC)
     w_desc = _descriptor(w_desc, N, K, stride_wn, BN, BK, DEVICE_DESC)
     o_desc = _descriptor(o_desc, M, N, stride_om, BM, BN, DEVICE_DESC)
@@ -142,7 +156,7 @@ def _lora_linear_tma_kernel(
         rn = pid_n * BN + tl.arange(0, BN)
         acc = _rescale(acc, rm, rn, M, N, sa_ptr, sw_ptr, FP8)
         if HAS_LORA:
-            hs = tl.load(hstart_ptr + pid_n)
+            hs = tl.load(hstart_ptr + pid_n * BN // PACK_BN)
             if ONE_STEP:  # one inner loop: the tile loop can still be flattened
                 h = h_desc.load([pid_m * BM, hs])
                 p = p_desc.load([0, pid_n * BN])
@@ -169,8 +183,11 @@ def _e4m3_values(x, scale, FMAX: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BK: tl.constexpr, FMAX: tl.constexpr):
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BK: tl.constexpr, FMAX: tl.constexpr, PDL: tl.constexpr
+):
     """One row per program, read once: its max |x|, the scale, the e4m3 values."""
+    _await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BK)
     x = tl.load(x_ptr + row * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
@@ -179,37 +196,6 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BK: tl.c
     tl.store(
         q_ptr + row * stride_qm + rk, _e4m3_values(x, scale, FMAX).to(q_ptr.dtype.element_ty), mask=rk < K
     )
-
-
-@triton.jit
-def _quantize_down_kernel(
-    x_ptr, d_ptr, q_ptr, s_ptr, h_ptr, M, K, R, stride_xm, stride_dk, stride_dr, stride_qm, stride_hm,
-    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, FMAX: tl.constexpr,
-):  # fmt: skip
-    """BM rows per program, two passes over K: each row's max |x| and h = x·down_t (the tensor
-    cores), then the e4m3 values (x read again, from L2)."""
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rr = tl.arange(0, BR)
-    rows = (rm < M)[:, None]
-    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-    amax = tl.zeros((BM,), dtype=tl.float32)
-    h = tl.zeros((BM, BR), dtype=tl.float32)
-    for k in range(0, K, BK):
-        rk = k + tl.arange(0, BK)
-        x = tl.load(x_rows + rk[None, :], mask=rows & (rk < K)[None, :], other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        d = tl.load(d_ptr + rk[:, None] * stride_dk + rr[None, :] * stride_dr, mask=(rk < K)[:, None] & (rr < R)[None, :], other=0.0)  # fmt: skip
-        h = tl.dot(x, d, h)
-    scale = _row_scale(amax, FMAX)
-    tl.store(s_ptr + rm, scale, mask=rm < M)
-    h_ptrs = h_ptr + rm[:, None].to(tl.int64) * stride_hm + rr[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=rows & (rr < R)[None, :])
-    q_rows = q_ptr + rm[:, None].to(tl.int64) * stride_qm
-    for k in range(0, K, BK):
-        rk = k + tl.arange(0, BK)
-        x = tl.load(x_rows + rk[None, :], mask=rows & (rk < K)[None, :], other=0.0).to(tl.float32)
-        q = _e4m3_values(x, scale[:, None], FMAX)
-        tl.store(q_rows + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=rows & (rk < K)[None, :])
 
 
 class _Binaries:
@@ -241,7 +227,13 @@ class _Binaries:
             return
         for depth in range(stages, 0, -1):
             try:
-                binary = self.kernel[(grid,)](*args, **constexprs, num_warps=warps, num_stages=depth)
+                binary = self.kernel[(grid,)](
+                    *args,
+                    **constexprs,
+                    num_warps=warps,
+                    num_stages=depth,
+                    launch_pdl=constexprs.get("PDL", False),
+                )
                 break
             except OutOfResources:
                 if depth == 1:
@@ -284,9 +276,6 @@ def _has_tma(device: torch.device) -> bool:
 _TMA_KERNEL = _Binaries(_lora_linear_tma_kernel)
 _POINTER_KERNEL = _Binaries(_lora_linear_kernel)
 _QUANTIZE_KERNEL = _Binaries(_quantize_rows_kernel)
-_QUANTIZE_DOWN_KERNEL = _Binaries(_quantize_down_kernel)
-# the widest down projection the quantization pass computes (its accumulator is BM × that)
-MAX_DOWN_IN_QUANTIZATION = 128
 
 
 def _rank_block(rc: int, tma: bool) -> int:
@@ -309,31 +298,26 @@ def lora_linear(
     down_t: Tensor | None = None,
 ) -> Tensor:
     """y = a·weightᵀ (+ fp8 scales) + LoRA tail + bias for a 2-D ``a``; ``lora`` is
-    (h, hstart, rank_scale, P) as laid out by ``kernels.pack_ups``, h None: a·``down_t`` computed
-    here; ``scales`` (sa (M,), sw (N,)) for an fp8 weight, sa None: ``a`` (bf16/fp16) is quantized
-    per row here first (with the down projection in the same pass where the configuration says)."""
+    (h, hstart, rank_scale, P) as laid out by ``kernels.pack_ups`` at ``config(fp8).bn``, h None:
+    a·``down_t`` computed here; ``scales`` (sa (M,), sw (N,)) for an fp8 weight, sa None: ``a``
+    (bf16/fp16) is quantized per row here first."""
     fp8 = scales is not None
-    tiles = config(fp8)
-    quantize = fp8 and scales[0] is None
     if lora is not None and lora[0] is None:
-        if quantize and tiles.down_in_quantization and down_t.shape[1] <= MAX_DOWN_IN_QUANTIZATION:
-            a, sa, h = quantize_rows_and_down(a, down_t)
-            scales, quantize = (sa, scales[1]), False
-        else:
-            h = torch.mm(a, down_t)
-        lora = (h, *lora[1:])
-    if quantize:
+        lora = (torch.mm(a, down_t), *lora[1:])
+    if fp8 and scales[0] is None:
         q, sa = quantize_rows(a)
         a, scales = q, (sa, scales[1])
     M, K = a.shape
     N = weight.shape[0]
+    pack_bn = config(fp8).bn
+    tiles = config_for(fp8, M, N, _sm_count(a.device))
     if tiles.tma and not _has_tma(a.device):  # before Hopper: the pointer-load kernel
         tiles = tiles._replace(tma=False)
     out = torch.empty(M, N, device=a.device, dtype=out_dtype or a.dtype)
     if lora is not None:
         h, hstart, rank_scale, packed = lora
-        if hstart.shape[0] != _cdiv(N, tiles.bn):
-            raise ValueError(f"packed for tile width {N // max(hstart.shape[0], 1)}, kernel uses {tiles.bn}")
+        if hstart.shape[0] != _cdiv(N, pack_bn):
+            raise ValueError(f"packed for tile width {N // max(hstart.shape[0], 1)}, kernel uses {pack_bn}")
     else:
         h = hstart = rank_scale = packed = a  # never read (HAS_LORA is off)
     # Arguments a kernel never reads point at the input ``a``: no placeholder allocations (which a
@@ -342,7 +326,8 @@ def lora_linear(
     sa, sw = scales if fp8 else (a, a)
     rc = packed.shape[0] if lora is not None else 0
     flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, BM=tiles.bm, BN=tiles.bn,
-                 BK=tiles.bk, BR=_rank_block(rc, tiles.tma), GROUP_M=8)  # fmt: skip
+                 BK=tiles.bk, BR=_rank_block(rc, tiles.tma), GROUP_M=8, PACK_BN=pack_bn,
+                 PDL=tiles.pdl and a.is_cuda)  # fmt: skip
     args = (a, weight, out, bias if bias is not None else a, sa, sw, h, hstart, rank_scale, packed)
     with _on(a.device):
         if tiles.tma:
@@ -408,28 +393,9 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     s = torch.empty(M, device=x.device, dtype=torch.float32)
     block = 1 << (K - 1).bit_length()
     with _on(x.device):
-        _QUANTIZE_KERNEL.launch(M, (x, q, s, K, x.stride(0), q.stride(0)), dict(BK=block, FMAX=E4M3_MAX),
-                                min(16, max(4, block // 1024)), 3)  # fmt: skip
+        constexprs = dict(BK=block, FMAX=E4M3_MAX, PDL=config(True).pdl and x.is_cuda)
+        _QUANTIZE_KERNEL.launch(M, (x, q, s, K, x.stride(0), q.stride(0)), constexprs, min(16, max(4, block // 1024)), 3)  # fmt: skip
     return q, s
-
-
-def quantize_rows_and_down(
-    x: Tensor, down_t: Tensor, tiles: tuple[int, int, int, int] = (32, 128, 4, 3)
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(x in e4m3, per-row scales (M,) float32, h = x·down_t in x's dtype) of a 2-D ``x`` in one
-    kernel: x read once from memory (a second time from L2). ``tiles``: rows per program, reduction
-    step, warps, pipeline stages."""
-    M, K = x.shape
-    R = down_t.shape[1]
-    q = torch.empty(M, K, device=x.device, dtype=E4M3)
-    s = torch.empty(M, device=x.device, dtype=torch.float32)
-    h = torch.empty(M, R, device=x.device, dtype=x.dtype)
-    args = (x, down_t, q, s, h, M, K, R, x.stride(0), down_t.stride(0), down_t.stride(1), q.stride(0), h.stride(0))  # fmt: skip
-    bm, bk, warps, stages = tiles
-    constexprs = dict(BM=bm, BK=bk, BR=max(16, 1 << (R - 1).bit_length()), FMAX=E4M3_MAX)
-    with _on(x.device):
-        _QUANTIZE_DOWN_KERNEL.launch(_cdiv(M, bm), args, constexprs, warps, stages)
-    return q, s, h
 
 
 # The fused GEMM (with an fp8 weight's activation quantization) as one operator for compiled
