@@ -2,9 +2,8 @@
 compile takes seconds, not minutes): the bf16 base and + loraplug LoRA r16 (portable; with the
 base GEMM accumulating into the adapters' output; the fused Triton kernel, ``LORAPLUG_KERNELS=all``;
 two LoRAs), loraplug's fp8 base (``quantize_fp8``, the blocks' projections) and fp8 + LoRA r16
-(the default: the fused kernel; with the adapters on the portable path, ``=base``; with
-programmatic dependent launch toggled, ``_pdl_toggled``; without the narrow tiles for few output
-tiles, ``_wide``), a
+(the default: the fused kernel; with the adapters on the portable path, ``=base``; without the
+narrow tiles for few output tiles, ``_wide``), a
 K-concatenation LoRA (``KConcat``: one GEMM over ``[x | s·x·Aᵀ]`` and ``[W | B]``), and
 (``REFERENCE=0`` skips it) a reference fp8 layer written out below (the arithmetic of
 ``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations, ``torch._scaled_mm``)
@@ -233,12 +232,10 @@ def main() -> None:
             handle = lp.apply(model, lora)
             measure(model, "fp8_lora_r16_portable", mode)
             handle.remove()
-        pdl = kernels.config(True)._replace(pdl=not kernels.config(True).pdl)
-        for name, entries in (("pdl_toggled", dict(fp8=pdl)), ("wide", dict(fp8_narrow=None))):
-            with configs(**entries):  # programmatic dependent launch toggled; no narrow tiles
-                handle = lp.apply(model, lora)
-                measure(model, f"fp8_lora_r16_{name}", mode)
-                handle.remove()
+        with configs(fp8_narrow=None):  # no narrow tiles for the text stream's few output tiles
+            handle = lp.apply(model, lora)
+            measure(model, "fp8_lora_r16_wide", mode)
+            handle.remove()
     if any(k.startswith("kconcat") for k in os.environ.get("VARIANTS", "kconcat").split()):
         model = None
         torch.cuda.empty_cache()

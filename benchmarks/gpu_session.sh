@@ -7,7 +7,7 @@
 #   STEPS="compile_graphs" / "train_graphs" …        # the same under CUDA graphs (one device call each)
 #   STEPS="probe train_small" …   # 4 + 8 blocks: compiled forward by kernel (+ CUDA graphs), training
 #   STEPS="probe_full" …          # the compiled variants that matter, at Flux-dev depth (one call)
-#   STEPS="probe_fp8" …           # fp8 + LoRA: PDL toggled, narrow tiles off (2 + 4 blocks)
+#   STEPS="probe_fp8" …           # fp8 + LoRA with and without the narrow tiles (2 + 4 blocks)
 #   STEPS="tiles" …               # the fused GEMM per tile configuration on every Flux-dev layer shape
 #   STEPS="host" …                # host time per call of each path on a tiny layer (launch costs)
 set -uo pipefail
@@ -42,7 +42,7 @@ for s in ${STEPS:-tests linear parts profile eager train}; do
     compile_fp8) NAME=flux_compiled_fp8.json EAGER=0 FP8=1 PEFT=0 COMPILE=1 COMPILE_LORA=0 step flux_compiled_fp8 330 python3 benchmarks/flux_bench.py ;;
     compile_graphs) NAME=flux_compiled_graphs.json MODES="${MODES:-portable}" COMPILE_MODE=reduce-overhead EAGER=0 FP8=1 PEFT=0 COMPILE=1 step flux_compiled_graphs 450 python3 benchmarks/flux_bench.py ;;
     probe) step compiled_probe "${PROBE_LIMIT:-330}" python3 benchmarks/compiled_probe.py ;;
-    probe_fp8) ND=2 NS=4 REFERENCE=0 VARIANTS="bf16_base_eager bf16_base_compiled bf16_base_graphs fp8_base_compiled $(for v in fp8_lora_r16 fp8_lora_r16_pdl_toggled fp8_lora_r16_wide; do echo ${v}_eager ${v}_compiled ${v}_graphs; done)" step compiled_probe_fp8 "${PROBE_LIMIT:-330}" python3 benchmarks/compiled_probe.py ;;
+    probe_fp8) ND=2 NS=4 REFERENCE=0 VARIANTS="bf16_base_eager bf16_base_compiled bf16_base_graphs fp8_base_compiled $(for v in fp8_lora_r16 fp8_lora_r16_wide; do echo ${v}_eager ${v}_compiled ${v}_graphs; done)" step compiled_probe_fp8 "${PROBE_LIMIT:-330}" python3 benchmarks/compiled_probe.py ;;
     probe_full) ND=19 NS=38 REFERENCE=0 VARIANTS="${VARIANTS:-bf16_base_compiled bf16_lora_r16_compiled fp8_base_compiled fp8_lora_r16_compiled fp8_lora_r16_portable_compiled}" step compiled_probe_full "${PROBE_LIMIT:-560}" python3 benchmarks/compiled_probe.py ;;
     train_small) ND=4 NS=8 LAYOUTS="${LAYOUTS:-split_bf16 split fp8}" COMPILE=1 COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-split_bf16 fp8}" step flux_train_small "${TRAIN_LIMIT:-300}" python3 benchmarks/flux_train_bench.py ;;
     compile) NAME=flux_compiled.json MODES="${MODES:-portable}" EAGER=0 FP8=1 PEFT=0 COMPILE=1 step flux_compiled 450 python3 benchmarks/flux_bench.py ;;

@@ -111,9 +111,7 @@ class Tiles(NamedTuple):
     """A kernel configuration: output tile BM × BN, reduction step BK, warps, pipeline stages, TMA
     (the persistent Hopper kernel) or pointer loads, whether the persistent kernel's tile loop is
     flattened into its K loop (one software pipeline across tiles), whether its TMA descriptors
-    are made on the device (cheap launches) or encoded by the host at every launch, and whether
-    the kernels are launched early (programmatic dependent launch: their launch and start overlap
-    the previous kernel's end; Hopper)."""
+    are made on the device (cheap launches) or encoded by the host at every launch."""
 
     bm: int
     bn: int
@@ -123,7 +121,6 @@ class Tiles(NamedTuple):
     tma: bool
     flatten: bool = True
     device_desc: bool = True
-    pdl: bool = False
 
 
 # the fastest measured on an H200 (benchmarks/linear_stack.py, kernel_parts.py, tile_sweep.py);
@@ -153,7 +150,7 @@ def config_for(fp8: bool, m: int, n: int, sms: int) -> Tiles:
     narrow = CONFIGS.get("fp8_narrow" if fp8 else "bf16_narrow")
     if narrow is None or -(-m // tiles.bm) * -(-n // tiles.bn) >= 2 * sms:
         return tiles
-    narrow = Tiles(*narrow)._replace(pdl=tiles.pdl)
+    narrow = Tiles(*narrow)
     return narrow if narrow.bn < tiles.bn and tiles.bn % narrow.bn == 0 else tiles
 
 

@@ -11,7 +11,6 @@ import triton.language as tl
 from torch import Tensor
 from triton import knobs
 from triton.compiler.compiler import CompiledKernel
-from triton.language.extra.cuda import gdc_wait
 from triton.runtime import _allocation
 from triton.runtime.driver import driver
 from triton.runtime.errors import OutOfResources
@@ -29,15 +28,6 @@ def _tile(tile, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr)
     first_m = (tile // per_group) * GROUP_M
     size_m = min(num_m - first_m, GROUP_M)
     return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
-
-
-@triton.jit
-def _await_inputs(PDL: tl.constexpr):
-    """Launched early (programmatic dependent launch): wait here until the previous kernel's
-    writes are visible, before any global memory access (the launch and the programs' start
-    overlap that kernel's tail)."""
-    if PDL:
-        gdc_wait()
 
 
 @triton.jit
@@ -76,10 +66,9 @@ def _lora_linear_kernel(
     stride_am, stride_wn, stride_om, stride_hm, stride_pr,
     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
-    PACK_BN: tl.constexpr, PDL: tl.constexpr,
+    PACK_BN: tl.constexpr,
 ):  # fmt: skip
     """One output tile per program, pointer loads (portable Triton; also runs interpreted)."""
-    _await_inputs(PDL)
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -126,7 +115,7 @@ def _lora_linear_tma_kernel(
     M, N, K, RH, RC, stride_am, stride_wn, stride_om, stride_hm, stride_pr,
     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
-    PACK_BN: tl.constexpr, PDL: tl.constexpr,
+    PACK_BN: tl.constexpr,
     NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, ONE_STEP: tl.constexpr, DEVICE_DESC: tl.constexpr,
 ):  # fmt: skip
     """Persistent (one program per SM), every tile moved by the tensor memory accelerator (Hopper).
@@ -137,7 +126,6 @@ def _lora_linear_tma_kernel(
     with one inner loop, so with ONE_STEP). DEVICE_DESC: the descriptors are made here from plain
     pointers (the host then only passes pointers: measured far cheaper per launch than encoding
     five host descriptors)."""
-    _await_inputs(PDL)
     a_desc = _descriptor(a_desc, M, K, stride_am, BM, BK, DEVICE_DESC)
     w_desc = _descriptor(w_desc, N, K, stride_wn, BN, BK, DEVICE_DESC)
     o_desc = _descriptor(o_desc, M, N, stride_om, BM, BN, DEVICE_DESC)
@@ -183,11 +171,8 @@ def _e4m3_values(x, scale, FMAX: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(
-    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BK: tl.constexpr, FMAX: tl.constexpr, PDL: tl.constexpr
-):
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BK: tl.constexpr, FMAX: tl.constexpr):
     """One row per program, read once: its max |x|, the scale, the e4m3 values."""
-    _await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BK)
     x = tl.load(x_ptr + row * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
@@ -227,13 +212,7 @@ class _Binaries:
             return
         for depth in range(stages, 0, -1):
             try:
-                binary = self.kernel[(grid,)](
-                    *args,
-                    **constexprs,
-                    num_warps=warps,
-                    num_stages=depth,
-                    launch_pdl=constexprs.get("PDL", False),
-                )
+                binary = self.kernel[(grid,)](*args, **constexprs, num_warps=warps, num_stages=depth)
                 break
             except OutOfResources:
                 if depth == 1:
@@ -326,8 +305,7 @@ def lora_linear(
     sa, sw = scales if fp8 else (a, a)
     rc = packed.shape[0] if lora is not None else 0
     flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, BM=tiles.bm, BN=tiles.bn,
-                 BK=tiles.bk, BR=_rank_block(rc, tiles.tma), GROUP_M=8, PACK_BN=pack_bn,
-                 PDL=tiles.pdl and a.is_cuda)  # fmt: skip
+                 BK=tiles.bk, BR=_rank_block(rc, tiles.tma), GROUP_M=8, PACK_BN=pack_bn)  # fmt: skip
     args = (a, weight, out, bias if bias is not None else a, sa, sw, h, hstart, rank_scale, packed)
     with _on(a.device):
         if tiles.tma:
@@ -393,7 +371,7 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     s = torch.empty(M, device=x.device, dtype=torch.float32)
     block = 1 << (K - 1).bit_length()
     with _on(x.device):
-        constexprs = dict(BK=block, FMAX=E4M3_MAX, PDL=config(True).pdl and x.is_cuda)
+        constexprs = dict(BK=block, FMAX=E4M3_MAX)
         _QUANTIZE_KERNEL.launch(M, (x, q, s, K, x.stride(0), q.stride(0)), constexprs, min(16, max(4, block // 1024)), 3)  # fmt: skip
     return q, s
 
