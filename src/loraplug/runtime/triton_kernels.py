@@ -371,8 +371,8 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     s = torch.empty(M, device=x.device, dtype=torch.float32)
     block = 1 << (K - 1).bit_length()
     with _on(x.device):
-        constexprs = dict(BK=block, FMAX=E4M3_MAX)
-        _QUANTIZE_KERNEL.launch(M, (x, q, s, K, x.stride(0), q.stride(0)), constexprs, min(16, max(4, block // 1024)), 3)  # fmt: skip
+        _QUANTIZE_KERNEL.launch(M, (x, q, s, K, x.stride(0), q.stride(0)), dict(BK=block, FMAX=E4M3_MAX),
+                                min(16, max(4, block // 1024)), 3)  # fmt: skip
     return q, s
 
 
