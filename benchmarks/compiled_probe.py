@@ -3,7 +3,8 @@ compile takes seconds, not minutes): the bf16 base and + loraplug LoRA r16 (port
 base GEMM accumulating into the adapters' output; the fused Triton kernel, ``LORAPLUG_KERNELS=all``;
 two LoRAs), loraplug's fp8 base (``quantize_fp8``, the blocks' projections) and fp8 + LoRA r16
 (the default: the fused kernel; with the adapters on the portable path, ``=base``; without the
-narrow tiles for few output tiles, ``_wide``), a
+narrow tiles for few output tiles, ``_wide``; captured without the down projection beside the
+quantization, ``_serial``), a
 K-concatenation LoRA (``KConcat``: one GEMM over ``[x | s·x·Aᵀ]`` and ``[W | B]``), and
 (``REFERENCE=0`` skips it) a reference fp8 layer written out below (the arithmetic of
 ``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations, ``torch._scaled_mm``)
@@ -236,6 +237,13 @@ def main() -> None:
             handle = lp.apply(model, lora)
             measure(model, "fp8_lora_r16_wide", mode)
             handle.remove()
+        from loraplug.runtime import triton_kernels
+
+        triton_kernels.DOWN_BESIDE_QUANTIZATION = False  # captured graphs: quantization, then down projection
+        handle = lp.apply(model, lora)
+        measure(model, "fp8_lora_r16_serial", mode)
+        handle.remove()
+        triton_kernels.DOWN_BESIDE_QUANTIZATION = True
     if any(k.startswith("kconcat") for k in os.environ.get("VARIANTS", "kconcat").split()):
         model = None
         torch.cuda.empty_cache()

@@ -211,6 +211,30 @@ def test_fused_operator_under_cuda_graphs(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("beside", [True, False])
+def test_fp8_layer_captured_in_a_cuda_graph(beside, monkeypatch):
+    """Captured, the quantization and the down projection run as two parallel branches of the
+    graph (a side stream joined inside the call); replays with new inputs give the eager output."""
+    from loraplug.runtime import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "DOWN_BESIDE_QUANTIZATION", beside)
+    layer = _fp8(1024, 3072)[0]
+    parts = [_lora(1024, [(0, 1024), (1024, 1024), (2048, 1024)], 16, 7)]
+    handle = _apply(layer, parts, [1.0], torch.bfloat16)
+    static_x = torch.randn(700, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(static_x)  # compiles and keeps the kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        for _ in range(3):
+            static_x.copy_(torch.randn_like(static_x))
+            graph.replay()
+            assert _rel(static_y, layer(static_x)) < 1e-3
+    handle.remove()
+
+
 def test_compiling_an_fp8_layer_warns_nothing():
     """The capability lookup is not a cached function inside a graph (Dynamo warned once per
     process that it ignores the cache wrapper)."""

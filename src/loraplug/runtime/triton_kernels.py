@@ -281,9 +281,15 @@ def lora_linear(
     a·``down_t`` computed here; ``scales`` (sa (M,), sw (N,)) for an fp8 weight, sa None: ``a``
     (bf16/fp16) is quantized per row here first."""
     fp8 = scales is not None
+    quantize = fp8 and scales[0] is None
     if lora is not None and lora[0] is None:
-        lora = (torch.mm(a, down_t), *lora[1:])
-    if fp8 and scales[0] is None:
+        if quantize and DOWN_BESIDE_QUANTIZATION and torch.cuda.is_current_stream_capturing():
+            h, (q, sa) = _down_beside(a, down_t, quantize_rows)
+            a, scales, quantize = q, (sa, scales[1]), False
+        else:
+            h = torch.mm(a, down_t)
+        lora = (h, *lora[1:])
+    if quantize:
         q, sa = quantize_rows(a)
         a, scales = q, (sa, scales[1])
     M, K = a.shape
@@ -313,6 +319,31 @@ def lora_linear(
         else:
             _launch_pointers(*args, rc, flags, tiles)
     return out
+
+
+# While a CUDA graph is captured (torch.compile's "reduce-overhead", or the user's own), the fp8
+# activations' quantization and the down projection (both read x) are captured as two parallel
+# branches: the graph runs them side by side. Outside a capture the extra stream synchronization
+# would cost host time per layer for nothing (launches are serial there anyway).
+DOWN_BESIDE_QUANTIZATION = True
+
+
+def _down_beside(a: Tensor, down_t: Tensor, other):
+    """(a·down_t computed on a side stream, ``other(a)`` on the current one), joined before return."""
+    current = torch.cuda.current_stream(a.device)
+    side = _side_stream(a.device)
+    h = torch.empty(a.shape[0], down_t.shape[1], device=a.device, dtype=a.dtype)  # owned by current
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        torch.mm(a, down_t, out=h)
+    result = other(a)
+    current.wait_stream(side)
+    return h, result
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def _on(device: torch.device):
