@@ -283,7 +283,7 @@ def lora_linear(
     fp8 = scales is not None
     quantize = fp8 and scales[0] is None
     if lora is not None and lora[0] is None:
-        if quantize and DOWN_BESIDE_QUANTIZATION and torch.cuda.is_current_stream_capturing():
+        if quantize and DOWN_BESIDE_QUANTIZATION and a.is_cuda and torch.cuda.is_current_stream_capturing():
             h, (q, sa) = _down_beside(a, down_t, quantize_rows)
             a, scales, quantize = q, (sa, scales[1]), False
         else:
