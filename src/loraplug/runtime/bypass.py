@@ -457,8 +457,8 @@ class ModuleBypass:
         bias = None if module.bias is None else module.bias.to(x.dtype)
         w = module.weight
         fused = lowrank.packed(_block_n(module))
-        # the call computes h = x·down_t (a cuBLAS GEMM, or inside the quantization pass where
-        # kernels.config says) and, for an fp8 weight, quantizes x: one operator when compiled
+        # the call computes h = x·down_t (a cuBLAS GEMM; on a side stream while a CUDA graph is
+        # captured) and, for an fp8 weight, quantizes x: one operator when compiled
         w_scale = module.weight_scale if isinstance(module, Fp8Linear) else None
         y = kernels.lora_linear(x2, w, bias, None, fused.down_t, fused.hstart, fused.rank_scale, fused.packed, None, w_scale, x.dtype)  # fmt: skip
         return y.view(*x.shape[:-1], y.shape[-1])
