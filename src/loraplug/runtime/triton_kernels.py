@@ -284,7 +284,7 @@ def lora_linear(
     quantize = fp8 and scales[0] is None
     if lora is not None and lora[0] is None:
         if quantize and DOWN_BESIDE_QUANTIZATION and a.is_cuda and torch.cuda.is_current_stream_capturing():
-            h, (q, sa) = _down_beside(a, down_t, quantize_rows)
+            q, sa, h = _quantize_with_down_beside(a, down_t)
             a, scales, quantize = q, (sa, scales[1]), False
         else:
             h = torch.mm(a, down_t)
@@ -328,17 +328,18 @@ def lora_linear(
 DOWN_BESIDE_QUANTIZATION = True
 
 
-def _down_beside(a: Tensor, down_t: Tensor, other):
-    """(a·down_t computed on a side stream, ``other(a)`` on the current one), joined before return."""
+def _quantize_with_down_beside(a: Tensor, down_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``quantize_rows(a)`` on the current stream and h = a·down_t on a side stream, joined before
+    returning (q, scales, h)."""
     current = torch.cuda.current_stream(a.device)
     side = _side_stream(a.device)
     h = torch.empty(a.shape[0], down_t.shape[1], device=a.device, dtype=a.dtype)  # owned by current
     side.wait_stream(current)
     with torch.cuda.stream(side):
         torch.mm(a, down_t, out=h)
-    result = other(a)
+    q, scales = quantize_rows(a)
     current.wait_stream(side)
-    return h, result
+    return q, scales, h
 
 
 @functools.cache
