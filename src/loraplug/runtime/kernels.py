@@ -242,10 +242,11 @@ def lora_linear(a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale,
     operator under torch.compile (one per layer)."""
     if torch.compiler.is_compiling():
         return ops().lora_linear(a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale, w_scale, out_dtype)  # fmt: skip
-    from .triton_kernels import lora_linear as launch
+    from .triton_kernels import lora_linear_flat
 
-    lora = None if hstart is None else (h, hstart, rank_scale, packed)
-    return launch(a, weight, bias, lora, None if w_scale is None else (a_scale, w_scale), out_dtype, down_t)
+    return lora_linear_flat(
+        a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale, w_scale, out_dtype
+    )
 
 
 def up_views(spans: list[tuple[int, int, int, int]], packing: Packing) -> list[Tensor] | None:

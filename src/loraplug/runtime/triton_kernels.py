@@ -159,28 +159,15 @@ def _lora_linear_tma_kernel(
 
 
 @triton.jit
-def _row_scale(amax, FMAX: tl.constexpr):
-    """A row's fp8 scale from its max |x| (the largest e4m3 value maps to it)."""
-    return tl.maximum(amax, 1e-12) / FMAX
-
-
-@triton.jit
-def _e4m3_values(x, scale, FMAX: tl.constexpr):
-    """float32 x divided by its row scale, clamped to the e4m3 range (still float32)."""
-    return tl.clamp(x / scale, -FMAX, FMAX)
-
-
-@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BK: tl.constexpr, FMAX: tl.constexpr):
     """One row per program, read once: its max |x|, the scale, the e4m3 values."""
     row = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BK)
     x = tl.load(x_ptr + row * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
-    scale = _row_scale(tl.max(tl.abs(x), axis=0), FMAX)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / FMAX
     tl.store(s_ptr + row, scale)
-    tl.store(
-        q_ptr + row * stride_qm + rk, _e4m3_values(x, scale, FMAX).to(q_ptr.dtype.element_ty), mask=rk < K
-    )
+    q = tl.clamp(x / scale, -FMAX, FMAX)
+    tl.store(q_ptr + row * stride_qm + rk, q.to(q_ptr.dtype.element_ty), mask=rk < K)
 
 
 class _Binaries:
@@ -420,7 +407,8 @@ _LIB.define(
 )
 
 
-def _lora_linear_op(a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
+def lora_linear_flat(a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale, w_scale, out_dtype):
+    """``lora_linear`` given the operator's flat arguments (the eager path calls it too)."""
     lora = None if hstart is None else (h, hstart, rank_scale, packed)
     scales = None if w_scale is None else (a_scale, w_scale)
     return lora_linear(a, weight, bias, lora, scales, out_dtype, down_t)
@@ -431,4 +419,4 @@ def _(a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale, w_scale, 
     return a.new_empty(a.shape[0], weight.shape[0], dtype=out_dtype)
 
 
-_LIB.impl("lora_linear", _lora_linear_op, "CompositeExplicitAutograd")
+_LIB.impl("lora_linear", lora_linear_flat, "CompositeExplicitAutograd")
