@@ -30,15 +30,16 @@ SHAPES = {
 RANKS = {"r16": [16], "2x_r16": [16, 16], "r64": [64]}
 
 
-def _lora(x, k, n, offs, slices, ranks):
-    """(h, hstart, rank scales, P) for LoRAs of ``ranks`` on every slice, as the runtime lays them."""
+def _lora(x, k, n, offs, slices, ranks, bn=None):
+    """(h, hstart, rank scales, P) for LoRAs of ``ranks`` on every slice, as the runtime lays them
+    (for output tiles of width ``bn``; default: the bf16 configuration's)."""
     spans, ups, start = [], [], 0
     for o, s in zip(offs, slices, strict=True):
         for r in ranks:
             spans.append((start, r, o, s))
             ups.append(torch.randn(r, s, device="cuda", dtype=x.dtype) * 0.01)
             start += r
-    packing = kernels.pack_ups(spans, ups, n, kernels.config(False).bn)
+    packing = kernels.pack_ups(spans, ups, n, bn or kernels.config(False).bn)
     assert packing.columns is None
     down_t = torch.randn(k, start, device="cuda", dtype=x.dtype) * 0.01
     return x @ down_t, packing.hstart, torch.ones(start, device="cuda", dtype=x.dtype), packing.packed

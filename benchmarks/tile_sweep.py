@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from kernel_parts import _lora  # noqa: E402
+
 from loraplug.bench import _graph_time_fn as device_ms  # noqa: E402
 from loraplug.fp8 import quantize_per_row  # noqa: E402
 from loraplug.runtime import kernels  # noqa: E402
@@ -63,19 +65,6 @@ CANDIDATES = {
 }
 
 
-def lora(x, k, n, slices, bn, rank=16):
-    """(h, hstart, rank scales, P): LoRA r16 on every slice, packed for tile width ``bn``."""
-    spans, ups, start, off = [], [], 0, 0
-    for s in slices:
-        spans.append((start, rank, off, s))
-        ups.append(torch.randn(rank, s, device="cuda", dtype=torch.bfloat16) * 0.01)
-        start, off = start + rank, off + s
-    packing = kernels.pack_ups(spans, ups, n, bn)
-    down_t = torch.randn(k, start, device="cuda", dtype=torch.bfloat16) * 0.01
-    scale = torch.ones(start, device="cuda", dtype=torch.bfloat16)
-    return torch.mm(x, down_t), packing.hstart.cuda(), scale, packing.packed.cuda()
-
-
 def name(t: kernels.Tiles) -> str:
     return f"{t.bm}x{t.bn}x{t.bk}_w{t.warps}_s{t.stages}{'_flat' if t.flatten else ''}"
 
@@ -92,6 +81,7 @@ def main() -> dict:
         b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
         wq, ws = quantize_per_row(w)
         q, sx = tk.quantize_rows(x)
+        offs = [sum(slices[:i]) for i in range(len(slices))]
         row = {
             "calls": calls,
             "cublas_bf16": device_ms(lambda: F.linear(x, w, b)),
@@ -105,7 +95,7 @@ def main() -> dict:
             fp8 = kind == "fp8"
             for tiles in candidates:
                 kernels.CONFIGS[kind] = tiles
-                packed = lora(x, k, n, slices, tiles.bn)
+                packed = _lora(x, k, n, offs, slices, [16], tiles.bn)
                 a, scales = (q, (sx, ws)) if fp8 else (x, None)
                 key = f"{kind}_{name(tiles)}"
                 try:
