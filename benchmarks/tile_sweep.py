@@ -1,7 +1,8 @@
 # ruff: noqa: B023  (each lambda is timed inside the loop iteration that made it)
 """Device time of the fused GEMM (LoRA r16 on every slice) per tile configuration on each of
 Flux-dev's adapted layer shapes at 1024² (GPU machine), against cuBLAS (bf16 ``F.linear``; fp8
-``torch._scaled_mm``) on the same shape, and the whole model's sum (each shape times its calls
+``torch._scaled_mm``) and the portable bf16 path (cuBLAS + LoRA) on the same shape, the down
+projection alone (the fused timing is given h), and the whole model's sum (each shape times its calls
 per forward) for every configuration and for the best configuration per shape.
 
 Each variant runs 20 times inside one CUDA graph (no host launch cost in the measure; median of
@@ -44,29 +45,30 @@ SHAPES = {
     "txt_mlp2": (512, 12288, 3072, [3072], 19),
 }
 T = kernels.Tiles
+# the defaults, then each with Triton's warp specialization of the tile loop (a TMA producer warp
+# feeding the MMA warps; on Hopper not with a flattened loop), and the best earlier alternatives
 CANDIDATES = {
     "fp8": [
         T(128, 256, 128, 8, 3, True, True),
-        T(128, 256, 128, 8, 3, True, False),
-        T(128, 128, 128, 8, 4, True, True),
+        T(128, 256, 128, 8, 3, True, False, ws=True),
+        T(128, 256, 128, 8, 4, True, False, ws=True),
         T(128, 128, 128, 4, 4, True, True),
-        T(64, 256, 128, 4, 4, True, True),
-        T(256, 128, 128, 8, 3, True, True),
-        T(64, 128, 128, 4, 6, True, True),
+        T(128, 128, 128, 4, 4, True, False, ws=True),
     ],
     "bf16": [
         T(128, 256, 64, 8, 3, True, False),
-        T(128, 256, 64, 8, 3, True, True),
-        T(128, 128, 64, 8, 4, True, True),
+        T(128, 256, 64, 8, 3, True, False, ws=True),
+        T(128, 256, 64, 8, 4, True, False, ws=True),
         T(128, 128, 64, 4, 4, True, True),
-        T(64, 256, 64, 4, 4, True, True),
-        T(256, 128, 64, 8, 3, True, True),
+        T(128, 128, 64, 4, 4, True, False, ws=True),
+        T(128, 128, 64, 8, 5, True, False, ws=True),
     ],
 }
+CANDIDATES = {kind: CANDIDATES[kind] for kind in os.environ.get("KINDS", "fp8 bf16").split()}
 
 
 def name(t: kernels.Tiles) -> str:
-    return f"{t.bm}x{t.bn}x{t.bk}_w{t.warps}_s{t.stages}{'_flat' if t.flatten else ''}"
+    return f"{t.bm}x{t.bn}x{t.bk}_w{t.warps}_s{t.stages}{'_flat' if t.flatten else ''}{'_ws' if t.ws else ''}"
 
 
 @torch.no_grad()
@@ -82,8 +84,19 @@ def main() -> dict:
         wq, ws = quantize_per_row(w)
         q, sx = tk.quantize_rows(x)
         offs = [sum(slices[:i]) for i in range(len(slices))]
+        down_t = torch.randn(k, 16 * len(slices), device="cuda", dtype=x.dtype) * 0.01
+        ups = [torch.randn(16, s, device="cuda", dtype=x.dtype) * 0.01 for s in slices]
+
+        def portable():  # the bf16 default: cuBLAS base, one down GEMM, an in-place add per slice
+            y = F.linear(x, w, b)
+            hid = torch.mm(x, down_t)
+            for i, (o, s) in enumerate(zip(offs, slices, strict=True)):
+                y[:, o : o + s].addmm_(hid[:, i * 16 : (i + 1) * 16], ups[i])
+
         row = {
             "calls": calls,
+            "down_mm": device_ms(lambda: torch.mm(x, down_t)),
+            "portable_bf16": device_ms(portable),
             "cublas_bf16": device_ms(lambda: F.linear(x, w, b)),
             "cublas_fp8": device_ms(
                 lambda: torch._scaled_mm(
@@ -114,7 +127,7 @@ def main() -> dict:
             totals[f"{kind}_best_per_shape"] = totals.get(f"{kind}_best_per_shape", 0.0) + calls * min(
                 timed.values()
             )
-        for ref in ("cublas_bf16", "cublas_fp8"):
+        for ref in ("cublas_bf16", "cublas_fp8", "portable_bf16", "down_mm"):
             totals[ref] = totals.get(ref, 0.0) + calls * row[ref]
         res["shapes"][shape] = row
         print(shape, {key: round(v * 1000, 1) for key, v in row.items() if isinstance(v, float)}, flush=True)

@@ -254,6 +254,30 @@ def test_norm_diffs_match_lycoris(tmp_path, strength):
                 close(base(x), want, rtol=1e-5, atol=2e-5)
 
 
+def test_full_diffs_of_norm_layers_move_their_affine_weights():
+    """``.diff`` / ``.diff_b`` on norm layers (ComfyUI and Wan LoRAs carry them): the same as
+    adding them to the norm's weight and bias, at any strength, in bypass and merge."""
+    torch.manual_seed(0)
+    base = Normed()
+    diffs = {"ln.diff": torch.randn(16), "ln.diff_b": torch.randn(16), "gn.diff": torch.randn(8)}
+    reference = copy.deepcopy(base)
+    x = torch.randn(4, 8)
+    snap = snapshot(base)
+    for strength in (0.5, 1.0):
+        with torch.no_grad():
+            reference.load_state_dict(base.state_dict())
+            reference.ln.weight += strength * diffs["ln.diff"]
+            reference.ln.bias += strength * diffs["ln.diff_b"]
+            reference.gn.weight += strength * diffs["gn.diff"]
+            want = reference(x)
+        for mode in ("bypass", "merge"):
+            with lp.apply(base, diffs, strength=strength, mode=mode) as handle:
+                assert set(handle.report.matched) == {"ln", "gn"}
+                with torch.no_grad():
+                    close(base(x), want, rtol=1e-5, atol=2e-5)
+    assert_identical(base, snap)
+
+
 def test_lora_on_a_norm_layer_is_refused():
     model = Normed()
     with pytest.raises(lp.UnsupportedModuleError, match="norm layer"):

@@ -61,3 +61,50 @@ def test_lora_equals_peft(tmp_path, use_rslora, use_dora):
         assert not torch.allclose(got[0], plain[0], atol=1e-3), "adapter had no effect"
         handle.remove()
         assert_identical(base, snap)
+
+
+def test_lora_bias_equals_peft(tmp_path):
+    """PEFT's ``lora_bias=True`` (a bias on lora_B, as in BFL's Flux control LoRAs): bypass and merge
+    equal PEFT, strength scales the bias with the weights, and the bias survives kohya and PEFT
+    round trips; a bias on a DoRA adapter is refused with the key named."""
+    torch.manual_seed(0)
+    base = Net()
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=["lin"], lora_bias=True, init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    randomize_(peft_model, ("lora_A", "lora_B"), std=0.2)
+    peft_model.save_pretrained(tmp_path / "peft")
+    x, img = _inputs()
+    with torch.no_grad():
+        want, plain = peft_model(x, img)[0], base(x, img)[0]
+    with torch.no_grad():
+        peft_model.base_model.model.lin.lora_B["default"].bias.zero_()
+        without_bias = peft_model(x, img)[0]
+    assert not torch.allclose(want, without_bias, atol=1e-3), "the bias must matter to this test"
+
+    adapters = lp.load(tmp_path / "peft")
+    assert {a.source["up_bias"] for a in adapters.adapters.values()} == {"base_model.model.lin.lora_B.bias"}
+    snap = snapshot(base)
+    for mode in ("bypass", "merge"):
+        handle = lp.apply(base, adapters, mode=mode)
+        with torch.no_grad():
+            close(base(x, img)[0], want)
+            handle.set_strength(0.5)
+            close(base(x, img)[0], plain + 0.5 * (want - plain))
+        handle.remove()
+        assert_identical(base, snap)
+    for fmt in ("kohya", "peft"):
+        lp.save(adapters, tmp_path / f"{fmt}.safetensors", format=fmt, model=base)
+        again = lp.load(tmp_path / f"{fmt}.safetensors")
+        with lp.apply(base, again):
+            with torch.no_grad():
+                close(base(x, img)[0], want)
+
+    dora = {
+        "lin.lora_A.weight": torch.randn(4, 16),
+        "lin.lora_B.weight": torch.randn(12, 4),
+        "lin.lora_B.bias": torch.randn(12),
+        "lin.lora_magnitude_vector": torch.rand(12) + 1,
+    }
+    with pytest.raises(lp.LoraplugError, match="lin.*lora_B.bias"):
+        lp.apply(base, dora)
+    assert_identical(base, snap)

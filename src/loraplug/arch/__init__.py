@@ -17,18 +17,11 @@ from torch import nn
 
 from ..adapters import AdapterSet
 from ..algorithms.op import LayerOp, layer_op
+from . import text_encoders
 
 # Keys of other pipeline components (text encoders): matched when the model is that component,
 # otherwise reported as belonging to it rather than as unmatched.
-COMPONENT_PREFIXES = {
-    "lora_te1_": "text_encoder",
-    "lora_te2_": "text_encoder_2",
-    "lora_te3_": "text_encoder_3",
-    "lora_te_": "text_encoder",
-    "text_encoder.": "text_encoder",
-    "text_encoder_2.": "text_encoder_2",
-    "text_encoder_3.": "text_encoder_3",
-}
+COMPONENT_PREFIXES = {prefix: component for prefix, component, _ in text_encoders.PREFIXES}
 INNER_PREFIXES = ("text_model.", "text_model_")
 FILE_PREFIXES = (
     *COMPONENT_PREFIXES,

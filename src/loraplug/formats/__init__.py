@@ -18,7 +18,7 @@ from .io import read_path
 from .variants import rewrite
 
 FORMATS = ("peft", "kohya", "comfy", "diffusers", "xlabs")
-_PEFT_ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.weight$")
+_PEFT_ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.(weight|bias)$")
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te", "lycoris_", "lora_transformer_")
 _COMFY_PREFIXES = ("diffusion_model.", "model.diffusion_model.")
 _CONFIG_FIELDS = {
@@ -82,7 +82,7 @@ def _group(tensors: dict[str, Tensor]) -> tuple[dict[str, dict[str, tuple[str, T
     groups: dict[str, dict[str, tuple[str, Tensor]]] = defaultdict(dict)
     unknown = []
     for key, tensor in tensors.items():
-        norm = _PEFT_ADAPTER_NAME.sub(r".\1.weight", rewrite(key)[0])
+        norm = _PEFT_ADAPTER_NAME.sub(r".\1.\3", rewrite(key)[0])
         for suffix, canonical in suffixes.items():
             if norm.endswith("." + suffix):
                 module_key = norm[: -len(suffix) - 1]

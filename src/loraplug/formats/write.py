@@ -15,17 +15,19 @@ from torch import Tensor, nn
 from .. import specs
 from ..adapters import Adapter, AdapterSet
 from ..algorithms.lora import lora_delta_weight, lora_resize, lora_scale
-from ..arch import FILE_PREFIXES, ModelIndex
+from ..arch import FILE_PREFIXES, ModelIndex, text_encoders
+from ..arch.text_encoders import text_encoder_key
 from ..errors import FormatError, LoraplugError
 
 WRITE_FORMATS = ("peft", "kohya", "comfy")
-_KOHYA_NAMES = {"down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight",
+_KOHYA_NAMES = {"down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight", "up_bias": "lora_up.bias",
                 "magnitude": "dora_scale", "a1": "a1.weight", "a2": "a2.weight", "b1": "b1.weight",
                 "b2": "b2.weight", "bm": "bm.weight", "oft_R": "oft_R.weight"}  # fmt: skip
 _PEFT_NAMES = {
     **_KOHYA_NAMES,
     "down": "lora_A.weight",
     "up": "lora_B.weight",
+    "up_bias": "lora_B.bias",
     "magnitude": "lora_magnitude_vector",
 }
 _PREFIX = {"kohya": "lora_unet_", "comfy": "diffusion_model."}
@@ -34,7 +36,7 @@ _PREFIX = {"kohya": "lora_unet_", "comfy": "diffusion_model."}
 def module_names(adapters: AdapterSet, model: nn.Module | None, dotted: bool) -> dict[str, str]:
     """A dotted module path per logical key: the model's own name where the key lands on one whole
     module, else the key without its format prefix. Turning kohya's flattened keys into dotted
-    paths (``dotted``) needs the model."""
+    paths (``dotted``) needs the model, except for text encoders (CLIP and T5 names are fixed)."""
     index = ModelIndex(model) if model is not None else None
     names = {}
     for key in adapters.adapters:
@@ -43,14 +45,49 @@ def module_names(adapters: AdapterSet, model: nn.Module | None, dotted: bool) ->
             if targets and len(targets) == 1 and targets[0].size is None and targets[0].rows is None:
                 names[key] = targets[0].module
                 continue
+        te = text_encoder_key(key)
+        if te is not None and te.flat and dotted:
+            names[key] = text_encoders.dotted(te.rest) or _unresolved(key, "the text encoder")
+            continue
+        if te is not None:
+            names[key] = te.rest
+            continue
         stripped = next((key[len(p) :] for p in FILE_PREFIXES if key.startswith(p)), key)
         if dotted and adapters.format == "kohya" and index is None:
-            raise FormatError(
-                f"{key}: a flattened (kohya) name cannot be turned back into a module path without the "
-                "model; pass model= (or --model) so loraplug can resolve it against the real modules."
-            )
+            _unresolved(key, "the model")
         names[key] = stripped
     return names
+
+
+def _unresolved(key: str, owner: str) -> str:
+    raise FormatError(
+        f"{key}: a flattened (kohya) name cannot be turned back into a module path without {owner}; "
+        "pass model= (or --model) so loraplug can resolve it against the real modules, or write "
+        "format='kohya'."
+    )
+
+
+def _key_prefix(key: str, name: str, fmt: str, component: str) -> str:
+    """The file prefix (module path included) of ``key`` in ``fmt``. Text-encoder keys keep their
+    component: PEFT files name it (``text_encoder_2.``), kohya files number it (``lora_te2_``), and
+    ComfyUI files keep ComfyUI's own text-encoder names or take kohya's, which ComfyUI resolves
+    against the CLIP it loads."""
+    te = text_encoder_key(key)
+    if te is None:
+        if fmt == "peft":
+            return f"{component}.{name}."
+        return _PREFIX[fmt] + (name.replace(".", "_") if fmt == "kohya" else name) + "."
+    if fmt == "comfy" and te.prefix.startswith("text_encoders."):
+        return te.prefix + name + "."
+    if te.component not in text_encoders.KOHYA_PREFIX:
+        raise FormatError(
+            f"{key}: ComfyUI's {te.component} is text_encoder_2 in Flux but text_encoder_3 in SD3, and "
+            f"{fmt} files name text encoders by position; write format='comfy' to keep it."
+        )
+    if fmt == "peft":
+        return f"{te.component}.{name}."
+    kohya = te.prefix if te.flat else text_encoders.KOHYA_PREFIX[te.component]  # lora_te_ stays
+    return kohya + name.replace(".", "_") + "."
 
 
 def resize(adapters: AdapterSet, rank: int) -> tuple[AdapterSet, list[str]]:
@@ -64,11 +101,13 @@ def resize(adapters: AdapterSet, rank: int) -> tuple[AdapterSet, list[str]]:
             continue
         down, up, mid = t["down"], t["up"], t.get("mid")
         kernel = (mid if mid is not None else down).shape[2:]
-        delta = lora_delta_weight(down.float(), up.float(), None if mid is None else mid.float(),
-                                  lora_scale(adapter.alpha, down.shape[0], adapter.rslora))  # fmt: skip
+        scale = lora_scale(adapter.alpha, down.shape[0], adapter.rslora)
+        delta = lora_delta_weight(down.float(), up.float(), None if mid is None else mid.float(), scale)
         new_down, new_up = lora_resize(delta, rank)
         r = new_down.shape[0]
         tensors = {k: v for k, v in t.items() if k not in ("down", "up", "mid")}
+        if "up_bias" in t:  # its scale folds in like the weights' (the new alpha is the new rank)
+            tensors["up_bias"] = (t["up_bias"].float() * scale).to(t["up_bias"].dtype)
         tensors["down"] = new_down.reshape(r, down.shape[1], *kernel).to(down.dtype)
         tensors["up"] = new_up.reshape(up.shape[0], r, *([1] * len(kernel))).to(up.dtype)
         out[key] = dataclasses.replace(adapter, tensors=tensors, alpha=float(r), rslora=False, config={})
@@ -110,9 +149,13 @@ def fuse_slices(adapters: AdapterSet, model: nn.Module) -> AdapterSet:
     out = {}
     for key, adapter in adapters.adapters.items():
         targets, _ = index.lookup(key)
-        plain = adapter.algorithm == "lora" and not {"mid", "dora_scale", "magnitude", "diff_b"} & set(
-            adapter.tensors
-        )
+        plain = adapter.algorithm == "lora" and not {
+            "mid",
+            "dora_scale",
+            "magnitude",
+            "diff_b",
+            "up_bias",
+        } & set(adapter.tensors)
         if (
             plain
             and targets
@@ -156,9 +199,8 @@ def to_state_dict(
     tensors: dict[str, Tensor] = {}
     alphas, ranks, rslora = {}, {}, False
     for key, adapter in adapters.adapters.items():
-        name = names[key]
-        prefix = f"{component}.{name}." if fmt == "peft" else _PREFIX[fmt] + (
-            name.replace(".", "_") if fmt == "kohya" else name) + "."  # fmt: skip
+        prefix = _key_prefix(key, names[key], fmt, component)
+        name = prefix[:-1]  # PEFT configs name modules with their component prefix
         for suffix, tensor in _file_tensors(adapter, fmt).items():
             tensor = tensor.detach()
             if dtype is not None and tensor.is_floating_point():
@@ -186,24 +228,30 @@ def to_state_dict(
     if ranks:
         metadata.setdefault("loraplug_rank", str(max(set(ranks.values()), key=list(ranks.values()).count)))
     if fmt == "peft" and ranks:
-        metadata["lora_adapter_metadata"] = json.dumps(_peft_config(ranks, alphas, rslora, component))
+        metadata["lora_adapter_metadata"] = json.dumps(_peft_config(ranks, alphas, rslora))
     return tensors, metadata
 
 
-def _peft_config(ranks: dict, alphas: dict, rslora: bool, component: str) -> dict:
-    """A PEFT LoraConfig (prefixed by component, as diffusers writes it): the most common rank and
-    alpha as defaults, the rest as exact-name patterns."""
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    config = {
-        "r": r,
-        "lora_alpha": alpha,
-        "use_rslora": rslora,
-        "target_modules": sorted(ranks),
-        "rank_pattern": {re.escape(k): v for k, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(k): v for k, v in alphas.items() if v != alpha},
-    }
-    return {f"{component}.{k}": v for k, v in config.items()}
+def _peft_config(ranks: dict, alphas: dict, rslora: bool) -> dict:
+    """PEFT LoraConfigs keyed by component prefix, as diffusers writes them (``ranks`` and ``alphas``
+    are keyed by ``component.module``): per component the most common rank and alpha as defaults,
+    the rest as exact-name patterns."""
+    out = {}
+    for component in sorted({name.split(".", 1)[0] for name in ranks}):
+        own = {n.split(".", 1)[1]: r for n, r in ranks.items() if n.startswith(component + ".")}
+        own_alphas = {n.split(".", 1)[1]: a for n, a in alphas.items() if n.startswith(component + ".")}
+        r = max(set(own.values()), key=list(own.values()).count)
+        alpha = max(set(own_alphas.values()), key=list(own_alphas.values()).count)
+        config = {
+            "r": r,
+            "lora_alpha": alpha,
+            "use_rslora": rslora,
+            "target_modules": sorted(own),
+            "rank_pattern": {re.escape(k): v for k, v in own.items() if v != r},
+            "alpha_pattern": {re.escape(k): v for k, v in own_alphas.items() if v != alpha},
+        }
+        out.update({f"{component}.{k}": v for k, v in config.items()})
+    return out
 
 
 def save(

@@ -111,7 +111,9 @@ class Tiles(NamedTuple):
     """A kernel configuration: output tile BM × BN, reduction step BK, warps, pipeline stages, TMA
     (the persistent Hopper kernel) or pointer loads, whether the persistent kernel's tile loop is
     flattened into its K loop (one software pipeline across tiles), whether its TMA descriptors
-    are made on the device (cheap launches) or encoded by the host at every launch."""
+    are made on the device (cheap launches) or encoded by the host at every launch, whether the
+    tile loop is warp-specialized (Triton's producer/consumer partitions; not with flatten on
+    Hopper)."""
 
     bm: int
     bn: int
@@ -121,6 +123,7 @@ class Tiles(NamedTuple):
     tma: bool
     flatten: bool = True
     device_desc: bool = True
+    ws: bool = False
 
 
 # the fastest measured on an H200 (benchmarks/linear_stack.py, kernel_parts.py, tile_sweep.py);

@@ -117,6 +117,7 @@ def _lora_linear_tma_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
     PACK_BN: tl.constexpr,
     NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, ONE_STEP: tl.constexpr, DEVICE_DESC: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):  # fmt: skip
     """Persistent (one program per SM), every tile moved by the tensor memory accelerator (Hopper).
     After the K loop, the tile's LoRA tail: h's run of columns from ``hstart[tile]`` and P's rows
@@ -125,7 +126,8 @@ def _lora_linear_tma_kernel(
     pipeline (the next tile's loads start during this epilogue; Triton flattens only a tile loop
     with one inner loop, so with ONE_STEP). DEVICE_DESC: the descriptors are made here from plain
     pointers (the host then only passes pointers: measured far cheaper per launch than encoding
-    five host descriptors)."""
+    five host descriptors). WARP_SPEC: Triton splits the tile loop into a TMA producer and MMA
+    consumers."""
     a_desc = _descriptor(a_desc, M, K, stride_am, BM, BK, DEVICE_DESC)
     w_desc = _descriptor(w_desc, N, K, stride_wn, BN, BK, DEVICE_DESC)
     o_desc = _descriptor(o_desc, M, N, stride_om, BM, BN, DEVICE_DESC)
@@ -133,7 +135,7 @@ def _lora_linear_tma_kernel(
         h_desc = _descriptor(h_desc, M, RH, stride_hm, BM, BR, DEVICE_DESC)
         p_desc = _descriptor(p_desc, RC, N, stride_pr, BR, BN, DEVICE_DESC)
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tile(tile, M, N, BM, BN, GROUP_M)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, K, BK):
@@ -353,7 +355,7 @@ def _launch_tma(a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc,
     sms = _sm_count(a.device)
     args = (*descs, bias, sa, sw, hstart, rank_scale, M, N, K, h.shape[-1] if rc else 0, rc,
             a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0))  # fmt: skip
-    constexprs = dict(**flags, NUM_SMS=sms, FLATTEN=tiles_cfg.flatten, ONE_STEP=rc <= BR, DEVICE_DESC=tiles_cfg.device_desc)  # fmt: skip
+    constexprs = dict(**flags, NUM_SMS=sms, FLATTEN=tiles_cfg.flatten, ONE_STEP=rc <= BR, DEVICE_DESC=tiles_cfg.device_desc, WARP_SPEC=tiles_cfg.ws)  # fmt: skip
     _TMA_KERNEL.launch(
         min(sms, _cdiv(M, BM) * _cdiv(N, BN)), args, constexprs, tiles_cfg.warps, tiles_cfg.stages
     )

@@ -11,6 +11,7 @@ from ..adapters import Adapter
 from ..algorithms.op import LayerOp
 from . import AlgorithmSpec, register
 from .base import BaseView, DensePatch, Patch, channel_view
+from .norm import NormPatch
 
 
 class FullPatch(DensePatch):
@@ -45,12 +46,20 @@ class BiasPatch(Patch):
         return channel_view(bias, x, self.op.channel_dim)
 
 
+def _build_full(adapter: Adapter, op: LayerOp, out_features: int) -> Patch:
+    """A diff of a norm layer's affine weight is a norm diff (ComfyUI and Wan LoRAs carry them)."""
+    if op.kind == "norm":
+        return NormPatch(adapter, op, out_features, name="diff")
+    return FullPatch(adapter, op, out_features)
+
+
 register(
     AlgorithmSpec(
         name="full",
         suffixes={"diff": "diff"},
         identify=(frozenset({"diff"}),),
-        build=FullPatch,
+        build=_build_full,
+        layers=frozenset({"linear", "conv", "norm"}),
         row_dims=lambda a: {"diff": 0},
     )
 )

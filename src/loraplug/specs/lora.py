@@ -7,8 +7,9 @@ from torch import Tensor
 from ..adapters import Adapter
 from ..algorithms.lora import lora_bypass, lora_delta_weight, lora_scale
 from ..algorithms.op import LayerOp
+from ..errors import AdapterTensorError
 from . import AlgorithmSpec, register
-from .base import BaseView, Patch, squeeze_pointwise
+from .base import BaseView, Patch, as_float32, squeeze_pointwise
 from .dora import with_dora
 
 SUFFIXES = {
@@ -21,11 +22,14 @@ SUFFIXES = {
     "lora.up.weight": "up",
     "lora_linear_layer.down.weight": "down",
     "lora_linear_layer.up.weight": "up",
+    "lora_B.bias": "up_bias",  # PEFT lora_bias=True (BFL Flux control LoRAs, Wan diff_b as LoRA bias)
+    "lora_up.bias": "up_bias",
 }
 
 
 class LoraPatch(Patch):
-    """ΔW = alpha/rank · up ⋅ (mid ⋅) down on one output slice."""
+    """ΔW = alpha/rank · up ⋅ (mid ⋅) down on one output slice; an up projection with a bias
+    (PEFT's ``lora_bias``) moves the output by alpha/rank · that bias too."""
 
     def __init__(self, adapter: Adapter, op: LayerOp, out_features: int):
         super().__init__(adapter, op, out_features)
@@ -46,6 +50,16 @@ class LoraPatch(Patch):
             self.check("down", down, (rank, in_per_group, *op.kernel), "this layer's input")
         self.down, self.up, self.mid = down, up, mid  # kept in their own dtype: no copies
         self.scale = lora_scale(adapter.alpha, rank, adapter.rslora)
+        up_bias = t.get("up_bias")
+        if up_bias is not None:
+            self.check("up_bias", up_bias, (out_features,), "the bias of the up projection")
+            if {"magnitude", "dora_scale"} & set(t):
+                raise AdapterTensorError(
+                    f"{adapter.key}: DoRA with a bias on the up projection (lora_B.bias) is not defined "
+                    "(PEFT refuses the combination too); re-export the adapter without lora_bias."
+                )
+            scaled = as_float32(up_bias) * self.scale
+            self.diff_b = scaled if self.diff_b is None else self.diff_b + scaled
 
     def tensors(self) -> dict[str, Tensor]:
         t = {"down": self.down, "up": self.up}
@@ -83,6 +97,6 @@ register(
         identify=(frozenset({"down", "up"}),),
         build=_build,
         rank=lambda a: a.tensors["down"].shape[0],
-        row_dims=lambda a: {"up": 0},
+        row_dims=lambda a: {"up": 0, "up_bias": 0},
     )
 )

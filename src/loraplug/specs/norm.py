@@ -12,22 +12,23 @@ from .base import BaseView, Patch, as_float32
 
 
 class NormPatch(Patch):
-    """Δy = s · w_norm ⊙ normalise(x) (+ s · b_norm)."""
+    """Δy = s · w_norm ⊙ normalise(x) (+ s · b_norm). ``name``: the tensor holding the weight diff
+    (LyCORIS ``w_norm``; a full ``diff`` on a norm layer means the same)."""
 
-    def __init__(self, adapter: Adapter, op: LayerOp, out_features: int):
+    def __init__(self, adapter: Adapter, op: LayerOp, out_features: int, name: str = "w_norm"):
         super().__init__(adapter, op, out_features)
-        w = adapter.tensors["w_norm"]
-        self.check("w_norm", w, (out_features,), "a norm-layer weight diff")
-        self.w = as_float32(w)
+        w = adapter.tensors[name]
+        self.check(name, w, (out_features,), "a norm-layer weight diff")
+        self.name, self.w = name, as_float32(w)
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"w_norm": self.w}
+        return {self.name: self.w}
 
     def delta_weight(self, weight: Tensor | None, strength: float) -> Tensor:
         return self.w * strength
 
     def bypass(self, x: Tensor, base: BaseView, strength: Tensor) -> Tensor:
-        return self.op.run(x, self.tensors_like(x)["w_norm"] * strength.to(x.dtype))
+        return self.op.run(x, self.tensors_like(x)[self.name] * strength.to(x.dtype))
 
 
 register(
