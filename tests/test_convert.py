@@ -99,3 +99,58 @@ def test_rslora_and_dtype_survive_kohya(tmp_path):
     assert load_file(path)["lora_unet_lin.lora_down.weight"].dtype == torch.bfloat16
     with lp.apply(model, path):
         close(model.lin(x), want, rtol=2e-2, atol=2e-2)
+
+
+def test_text_encoder_keys_convert_under_their_component(tmp_path):
+    """A kohya file with text-encoder and transformer keys, written as peft: the text encoder's keys
+    under ``text_encoder.`` (not the transformer) and loading in diffusers'
+    load_lora_into_text_encoder with the same output as loraplug's apply; ComfyUI's
+    ``text_encoders.clip_l.transformer.`` keys and a kohya round trip keep the component."""
+    from diffusers import FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                        vocab_size=100, max_position_embeddings=16)).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for i in range(2):
+        for part, name, out, inp in (
+            ("self_attn", "q_proj", 8, 8),
+            ("mlp", "fc1", 16, 8),
+            ("mlp", "fc2", 8, 16),
+        ):
+            key = f"lora_te1_text_model_encoder_layers_{i}_{part}_{name}"
+            sd[f"{key}.lora_down.weight"] = torch.randn(2, inp, generator=g)
+            sd[f"{key}.lora_up.weight"] = torch.randn(out, 2, generator=g)
+            sd[f"{key}.alpha"] = torch.tensor(1.0)
+    sd["lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight"] = torch.randn(2, 16, generator=g)
+    sd["lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight"] = torch.randn(16, 2, generator=g)
+    ids = torch.randint(0, 100, (1, 7), generator=g)
+    with torch.no_grad():
+        plain = clip(ids).last_hidden_state
+        with lp.apply(clip, sd, strict=False):
+            want = clip(ids).last_hidden_state
+    assert (want - plain).abs().max() > 0.1
+
+    flux = tiny_flux()
+    path = lp.save(lp.load(sd), tmp_path / "peft.safetensors", format="peft", model=flux)
+    keys = load_file(path)
+    assert {k.split(".", 1)[0] for k in keys} == {"text_encoder", "transformer"}
+    assert "text_encoder.text_model.encoder.layers.1.mlp.fc2.lora_A.weight" in keys
+    state, meta = FluxPipeline.lora_state_dict(path, return_lora_metadata=True)
+    ref = copy.deepcopy(clip)
+    FluxPipeline.load_lora_into_text_encoder(state, None, ref, prefix="text_encoder", metadata=meta)
+    with torch.no_grad():
+        close(ref(ids).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+
+    back = load_file(lp.save(lp.load(path), tmp_path / "kohya.safetensors", format="kohya", model=flux))
+    assert {k for k in back if k.startswith("lora_te1_")} == {k for k in sd if k.startswith("lora_te1_")}
+    comfy = {k.replace("lora_te1_text_model_", "text_encoders.clip_l.transformer.text_model.")
+             .replace("_layers_", ".layers.").replace("_self_attn_", ".self_attn.").replace("_mlp_", ".mlp."): v
+             for k, v in sd.items() if k.startswith("lora_te1_")}  # fmt: skip
+    with torch.no_grad(), lp.apply(clip, comfy, strict=False) as handle:
+        assert not handle.report.unmatched
+        close(clip(ids).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+    written = load_file(lp.save(lp.load(comfy), tmp_path / "c.safetensors", format="comfy", model=flux))
+    assert set(written) == set(comfy)

@@ -65,3 +65,10 @@ def dotted(flat_name: str) -> str | None:
     if m:
         return f"encoder.block.{m['i']}.layer.{m['j']}.{m['part']}.{m['name']}"
     return None
+
+
+def peft_target(module: str) -> str:
+    """A text-encoder module path as a PEFT target: without CLIP's ``text_model.`` wrapper, which
+    transformers 5 dropped from ``CLIPTextModel`` (PEFT matches a target as a path suffix, so
+    the short form names the same module on transformers 4 too); files keep the long form."""
+    return module.removeprefix("text_model.")

@@ -235,11 +235,14 @@ def to_state_dict(
 def _peft_config(ranks: dict, alphas: dict, rslora: bool) -> dict:
     """PEFT LoraConfigs keyed by component prefix, as diffusers writes them (``ranks`` and ``alphas``
     are keyed by ``component.module``): per component the most common rank and alpha as defaults,
-    the rest as exact-name patterns."""
+    the rest as exact-name patterns; text encoders' targets as ``text_encoders.peft_target``."""
     out = {}
     for component in sorted({name.split(".", 1)[0] for name in ranks}):
-        own = {n.split(".", 1)[1]: r for n, r in ranks.items() if n.startswith(component + ".")}
-        own_alphas = {n.split(".", 1)[1]: a for n, a in alphas.items() if n.startswith(component + ".")}
+        target = text_encoders.peft_target if component in text_encoders.KOHYA_PREFIX else str
+        own = {target(n.split(".", 1)[1]): r for n, r in ranks.items() if n.startswith(component + ".")}
+        own_alphas = {
+            target(n.split(".", 1)[1]): a for n, a in alphas.items() if n.startswith(component + ".")
+        }
         r = max(set(own.values()), key=list(own.values()).count)
         alpha = max(set(own_alphas.values()), key=list(own_alphas.values()).count)
         config = {
