@@ -197,3 +197,41 @@ def test_kohya_flattening_is_resolved_against_real_names_or_reported_ambiguous()
     assert [str(t) for t in handle.report.matched["lora_unet_a_b_d"]] == ["a.b_d"]
     assert handle.report.unmatched["lora_unet_a_b_c"].startswith("ambiguous: matches 2 modules")
     handle.remove()
+
+
+def test_old_diffusers_attention_processor_keys_equal_diffusers_loading_them():
+    """diffusers' pre-PEFT files (``unet.….attn1.processor.to_q_lora.down.weight``, ``to_out_lora``
+    for ``to_out.0``) on a tiny UNet2DConditionModel: the same output as diffusers'
+    load_lora_adapter, every key matched; in a text encoder ``to_q_lora`` is CLIP's ``q_proj``."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                attention_head_dim=2, norm_num_groups=4).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, module in unet.named_modules():
+        if name.endswith(("attn1", "attn2")):
+            for proj, layer in (("to_q", module.to_q), ("to_k", module.to_k), ("to_v", module.to_v), ("to_out", module.to_out[0])):  # fmt: skip
+                sd[f"unet.{name}.processor.{proj}_lora.down.weight"] = torch.randn(
+                    2, layer.in_features, generator=g
+                )
+                sd[f"unet.{name}.processor.{proj}_lora.up.weight"] = torch.randn(
+                    layer.out_features, 2, generator=g
+                )
+    x, t, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([10]), torch.randn(1, 5, 8, generator=g)
+    ref = copy.deepcopy(unet)
+    ref.load_lora_adapter(dict(sd), prefix="unet")
+    adapters = lp.load(sd)
+    assert adapters.format == "diffusers_old" and not adapters.unknown_keys
+    with torch.no_grad():
+        want = ref(x, t, ctx).sample
+        assert (want - unet(x, t, ctx).sample).abs().max() > 0.1
+        with lp.apply(unet, adapters) as handle:
+            assert not handle.report.unmatched and len(handle.report.matched) == len(sd) // 2
+            close(unet(x, t, ctx).sample, want, rtol=1e-5, atol=1e-5)
+    te = lp.load({"text_encoder.text_model.encoder.layers.0.self_attn.to_out_lora.down.weight": torch.zeros(2, 4),
+                  "text_encoder.text_model.encoder.layers.0.self_attn.to_out_lora.up.weight": torch.zeros(4, 2)})  # fmt: skip
+    assert list(te.adapters) == ["text_encoder.text_model.encoder.layers.0.self_attn.out_proj"]

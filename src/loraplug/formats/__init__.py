@@ -17,7 +17,7 @@ from ..errors import AdapterTensorError, FormatError, sample
 from .io import read_path
 from .variants import rewrite
 
-FORMATS = ("peft", "kohya", "comfy", "diffusers", "xlabs")
+FORMATS = ("peft", "kohya", "comfy", "diffusers", "diffusers_old", "xlabs")
 _PEFT_ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.([^.]+)\.(weight|bias)$")
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te", "lycoris_", "lora_transformer_")
 _COMFY_PREFIXES = ("diffusion_model.", "model.diffusion_model.")
@@ -175,8 +175,9 @@ def _config_for(module_key: str, configs: dict[str, dict]) -> dict | None:
 def _detect(tensors: dict[str, Tensor]) -> str:
     """The key convention's name, for reports (loading does not depend on it)."""
     keys = list(tensors)
-    if any(rewrite(k)[1] for k in keys):
-        return "xlabs"
+    variant = next((v for v in (rewrite(k)[1] for k in keys) if v), None)
+    if variant:
+        return variant
     if any(k.startswith(_COMFY_PREFIXES) for k in keys):
         return "comfy"
     if any(k.startswith(_KOHYA_PREFIXES) for k in keys):
