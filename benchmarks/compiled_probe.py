@@ -4,7 +4,8 @@ base GEMM accumulating into the adapters' output; the fused Triton kernel, ``LOR
 two LoRAs), loraplug's fp8 base (``quantize_fp8``, the blocks' projections) and fp8 + LoRA r16
 (the default: the fused kernel; with the adapters on the portable path, ``=base``; without the
 narrow tiles for few output tiles, ``_wide``; captured without the down projection beside the
-quantization, ``_serial``), a
+quantization, ``_serial``; with Triton's warp specialization, ``_ws``: ``WS_TILES_BF16`` /
+``WS_TILES_FP8`` pick its tiles), a
 K-concatenation LoRA (``KConcat``: one GEMM over ``[x | s·x·Aᵀ]`` and ``[W | B]``), and
 (``REFERENCE=0`` skips it) a reference fp8 layer written out below (the arithmetic of
 ``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations, ``torch._scaled_mm``)
@@ -190,6 +191,16 @@ def configs(**entries):
         kernels.CONFIGS.update(kept)
 
 
+def warp_specialized(kind: str) -> kernels.Tiles:
+    """The default configuration of ``kind`` with Triton's warp specialization of the tile loop
+    (``WS_TILES="bm,bn,bk,warps,stages"`` overrides the tiles; the tile width stays the packing's)."""
+    tiles = kernels.config(kind == "fp8")
+    if os.environ.get("WS_TILES_" + kind.upper()):
+        bm, bn, bk, warps, stages = map(int, os.environ["WS_TILES_" + kind.upper()].split(","))
+        tiles = tiles._replace(bm=bm, bn=bn, bk=bk, warps=warps, stages=stages)
+    return tiles._replace(flatten=False, ws=True)
+
+
 def build() -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
@@ -214,6 +225,10 @@ def main() -> None:
             handle = lp.apply(model, lora)
             measure(model, "bf16_lora_r16_fused", mode)
             handle.remove()
+            with configs(bf16=warp_specialized("bf16")):
+                handle = lp.apply(model, lora)
+                measure(model, "bf16_lora_r16_fused_ws", mode)
+                handle.remove()
     with env("LORAPLUG_ACCUMULATE", "all"):  # the base GEMM accumulating into the adapters' output
         handle = lp.apply(model, lora)
         measure(model, "bf16_lora_r16_accumulating", None)
@@ -232,6 +247,10 @@ def main() -> None:
         ):  # adapters on the portable path (the compiled default before s6)
             handle = lp.apply(model, lora)
             measure(model, "fp8_lora_r16_portable", mode)
+            handle.remove()
+        with configs(fp8=warp_specialized("fp8")):
+            handle = lp.apply(model, lora)
+            measure(model, "fp8_lora_r16_ws", mode)
             handle.remove()
         with configs(fp8_narrow=None):  # no narrow tiles for the text stream's few output tiles
             handle = lp.apply(model, lora)
