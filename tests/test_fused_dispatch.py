@@ -228,7 +228,7 @@ def test_quantize_fp8_selects_by_pattern_and_refuses_meta():
 INTERPRETED = """
 import torch
 from loraplug.runtime import kernels
-kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, TMA, FLAT), fp8=(32, 32, 32, 4, 1, TMA, FLAT))
+kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, TMA, FLAT, True, WS), fp8=(32, 32, 32, 4, 1, TMA, FLAT, True, WS))
 from loraplug.runtime import triton_kernels as tk
 torch.manual_seed(0)
 M, K, N = 70, 128, 96
@@ -286,15 +286,22 @@ print("ok")
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
 @pytest.mark.parametrize(
-    "tma, tail, flat", [(False, 0, True), (True, 0, True), (True, 2, True), (True, 2, False)]
+    "tma, tail, flat, ws",
+    [
+        (False, 0, True, False),
+        (True, 0, True, False),
+        (True, 2, True, False),
+        (True, 2, False, False),
+        (True, 2, False, True),
+    ],
 )
-def test_kernels_under_the_triton_interpreter(tma, tail, flat):
+def test_kernels_under_the_triton_interpreter(tma, tail, flat, ws):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [
             sys.executable,
             "-c",
-            INTERPRETED.replace("TMA", str(tma)).replace("FLAT", str(flat)),
+            INTERPRETED.replace("TMA", str(tma)).replace("FLAT", str(flat)).replace("WS", str(ws)),
         ],
         env=env,
         capture_output=True,
