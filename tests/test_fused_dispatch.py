@@ -271,6 +271,16 @@ laid_down, lora_d = laid(down), (None, hstart, laid(rs[None])[0], packed)
 assert rel(tk.lora_linear(x, w, b, lora_d, None, None, laid_down), y) < 1e-3
 y8d = tk.lora_linear(x, wq, b, lora_d, (None, ws), torch.float16, laid_down)
 assert rel(y8d, y8) < 2e-3, "fp8 kernel, h computed in the call"
+# the down projection read from the quantized rows (the e4m3 values widened, scaled per row)
+hq = tk.down_from_quantized(q, s, down, torch.float16)
+assert rel(hq, (q.float() * s[:, None]) @ down.float()) < 1e-3, "down projection from e4m3 rows"
+assert rel(tk.down_from_quantized(q, s, down.t().contiguous().t(), torch.float16), hq) < 1e-6, "strided down"
+tk.DOWN_FROM_QUANTIZED_MIN_K = K
+y8q = tk.lora_linear(x, wq, b, lora_d, (None, ws), torch.float16, laid_down)
+tk.DOWN_FROM_QUANTIZED_MIN_K = None
+hq_laid = tk.down_from_quantized(q, s, laid_down, torch.float16)
+assert torch.equal(y8q, tk.lora_linear(q, wq, b, (hq_laid, *lora[1:]), (s, ws), torch.float16)), "h from the quantized rows"
+assert 1e-4 < rel(y8q, y8) < 0.05  # this test's tail is large: the e4m3 rounding shows, within bounds
 # the registered operator (what compiled graphs call) runs the same launches
 ops = kernels.ops()
 assert torch.equal(ops.lora_linear(x, w, b, lora[0], None, *lora[1:], None, None, torch.float16), y)
