@@ -1,7 +1,7 @@
 """Where a forward's time goes, at reduced depth (``ND``/``NS`` blocks, default 4 + 8, so that each
 compile takes seconds, not minutes): the bf16 base and + loraplug LoRA r16 (portable; with the
-base GEMM accumulating into the adapters' output; the fused Triton kernel, ``LORAPLUG_KERNELS=all``;
-two LoRAs), loraplug's fp8 base (``quantize_fp8``, the blocks' projections) and fp8 + LoRA r16
+base GEMM accumulating into the adapters' output; the fused Triton kernel, ``LORAPLUG_KERNELS=all``,
+or only on the shapes ``kernels.float_shape_fuses`` picks, ``_shapes``; two LoRAs), loraplug's fp8 base (``quantize_fp8``, the blocks' projections) and fp8 + LoRA r16
 (the default: the fused kernel; with the adapters on the portable path, ``=base``; without the
 narrow tiles for few output tiles, ``_wide``; captured without the down projection beside the
 quantization, ``_serial``; with Triton's warp specialization, ``_ws``: ``WS_TILES_BF16`` /
@@ -230,6 +230,14 @@ def main() -> None:
             with configs(bf16=warp_specialized("bf16")):
                 handle = lp.apply(model, lora)
                 measure(model, "bf16_lora_r16_fused_ws", mode)
+                handle.remove()
+        with env("LORAPLUG_KERNELS", "shapes"):  # the fused kernel on the short-reduction shapes only
+            handle = lp.apply(model, lora)
+            measure(model, "bf16_lora_r16_shapes", mode)
+            handle.remove()
+            with configs(bf16=warp_specialized("bf16")):
+                handle = lp.apply(model, lora)
+                measure(model, "bf16_lora_r16_shapes_ws", mode)
                 handle.remove()
     with env("LORAPLUG_ACCUMULATE", "all"):  # the base GEMM accumulating into the adapters' output
         handle = lp.apply(model, lora)

@@ -662,3 +662,14 @@ def test_kept_binaries_are_keyed_at_least_as_finely_as_triton_specializes():
         assert _hooked()
     finally:
         knobs.runtime.launch_enter_hook.remove(print)
+
+
+def test_float_shape_rule_picks_the_measured_shapes(monkeypatch):
+    """``LORAPLUG_KERNELS=shapes``: the fused kernel on Flux-dev's short-reduction image/single
+    layers, the portable path on the long reductions and the 512-token text stream (132 SMs)."""
+    fuses = lambda m, k, n: kernels.float_shape_fuses(m, k, n, 132)  # noqa: E731
+    assert fuses(4608, 3072, 21504) and fuses(4096, 3072, 9216) and fuses(4096, 3072, 3072)
+    assert not fuses(4608, 15360, 3072) and not fuses(4096, 12288, 3072)
+    assert not fuses(512, 3072, 9216) and not fuses(512, 3072, 12288)
+    monkeypatch.setenv("LORAPLUG_KERNELS", "shapes")
+    assert kernels.on_float_shapes() and not kernels.on_float_bases()

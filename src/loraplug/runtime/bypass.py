@@ -429,6 +429,15 @@ class ModuleBypass:
             return None
         if self._masked():
             return None
+        if (
+            not isinstance(module, Fp8Linear)
+            and kernels.on_float_shapes()
+            and not kernels.float_shape_fuses(
+                x.numel() // x.shape[-1], x.shape[-1], w.shape[0],
+                torch.cuda.get_device_properties(x.device).multi_processor_count,
+            )
+        ):  # fmt: skip
+            return None
         if torch.is_grad_enabled() and (
             x.requires_grad or w.requires_grad or any(g.trained for g in self._lowrank.values())
         ):
@@ -572,7 +581,7 @@ def _block_n(module: nn.Module) -> int:
 def _fusable(module: nn.Module) -> bool:
     """A layer whose forward the fused kernels stand in for: an Fp8Linear (or, when opted in, a plain
     Linear), with no other wrapper already on its forward, where Triton and CUDA are present."""
-    kinds = (Fp8Linear, nn.Linear) if kernels.on_float_bases() else (Fp8Linear,)
+    kinds = (Fp8Linear, nn.Linear) if kernels.on_float_bases() or kernels.on_float_shapes() else (Fp8Linear,)
     return (
         kernels.available()
         and kernels.fuses_adapters()

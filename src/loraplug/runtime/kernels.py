@@ -55,6 +55,23 @@ def on_float_bases() -> bool:
     return os.environ.get("LORAPLUG_KERNELS") == "all"
 
 
+def on_float_shapes() -> bool:
+    """``LORAPLUG_KERNELS=shapes``: float bases take the fused kernel on the shapes where it was
+    measured faster than the portable path (``float_shape_fuses``), plain Linears only."""
+    return os.environ.get("LORAPLUG_KERNELS") == "shapes"
+
+
+def float_shape_fuses(m: int, k: int, n: int, sms: int) -> bool:
+    """Whether a bf16/fp16 m × k → n call takes the fused kernel under ``LORAPLUG_KERNELS=shapes``:
+    a short reduction (k ≤ 4096: the portable path's second pass over y weighs most against a
+    short GEMM) and at least two full tiles per multiprocessor (the Triton GEMM trails cuBLAS most
+    on few tiles). Measured per Flux-dev layer shape on an H100 (benchmarks/tile_sweep.py, session
+    9): fused + down projection 928 µs against the portable 1084 µs on linear1 (4608 × 3072 →
+    21504), slower on linear2 (k 15360) and on the 512-token text stream."""
+    tiles = config(False)
+    return k <= 4096 and -(-m // tiles.bm) * -(-n // tiles.bn) >= 2 * sms
+
+
 def fuses_adapters() -> bool:
     """Whether adapters join the base GEMM at all; ``LORAPLUG_KERNELS=base`` keeps the Triton fp8
     base GEMM but runs adapters on the portable path (for comparisons)."""
