@@ -5,9 +5,8 @@ or only on the shapes ``kernels.float_shape_fuses`` picks, ``_shapes``; two LoRA
 (the default: the fused kernel; with the adapters on the portable path, ``=base``; without the
 narrow tiles for few output tiles, ``_wide``; captured without the down projection beside the
 quantization, ``_serial``; with Triton's warp specialization, ``_ws``: ``WS_TILES_BF16`` /
-``WS_TILES_FP8`` pick its tiles, only on the narrow tiles, ``_narrow_ws``; TMA descriptors made by
-the host, ``_host_desc``; the down projection read from the e4m3 rows where K ≥ 8192 / always,
-``_downq`` / ``_downq_all``), a
+``WS_TILES_FP8`` pick its tiles, the narrow tiles warp-specialized (the default since session 9), ``_narrow_ws``; TMA descriptors
+made by the host, ``_host_desc``), a
 K-concatenation LoRA (``KConcat``: one GEMM over ``[x | s·x·Aᵀ]`` and ``[W | B]``), and
 (``REFERENCE=0`` skips it) a reference fp8 layer written out below (the arithmetic of
 ``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations, ``torch._scaled_mm``)
@@ -263,7 +262,7 @@ def main() -> None:
             measure(model, "fp8_lora_r16_ws", mode)
             handle.remove()
         narrow = kernels.Tiles(*kernels.CONFIGS["fp8_narrow"])
-        with configs(fp8_narrow=narrow._replace(flatten=False, ws=True)):  # the text stream's tiles
+        with configs(fp8_narrow=narrow._replace(flatten=False, ws=True)):  # the text stream's tiles (default)
             handle = lp.apply(model, lora)
             measure(model, "fp8_lora_r16_narrow_ws", mode)
             handle.remove()
@@ -276,12 +275,6 @@ def main() -> None:
             handle.remove()
         from loraplug.runtime import triton_kernels
 
-        for min_k, label in ((8192, "downq"), (0, "downq_all")):  # h from the e4m3 rows
-            triton_kernels.DOWN_FROM_QUANTIZED_MIN_K = min_k
-            handle = lp.apply(model, lora)
-            measure(model, f"fp8_lora_r16_{label}", mode)
-            handle.remove()
-        triton_kernels.DOWN_FROM_QUANTIZED_MIN_K = None
         with configs(fp8_narrow=None):  # no narrow tiles for the text stream's few output tiles
             handle = lp.apply(model, lora)
             measure(model, "fp8_lora_r16_wide", mode)

@@ -129,19 +129,16 @@ def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, flatten, who
 
 
 @pytest.mark.parametrize(
-    "flatten, device_desc, tokens, ws, downq",
-    [(True, True, 1000, False, False), (False, True, 1000, False, False), (True, False, 1000, False, False),
-     (True, True, 512, False, False), (False, True, 1000, True, False), (True, True, 1000, False, True)],
+    "flatten, device_desc, tokens, ws",
+    [(True, True, 1000, False), (False, True, 1000, False), (True, False, 1000, False), (True, True, 512, False),
+     (False, True, 1000, True)],
 )  # fmt: skip
-def test_fp8_base_with_lora_matches_reference(flatten, device_desc, tokens, ws, downq, monkeypatch):
-    """512 tokens: 144 full tiles on 132 multiprocessors, the narrow tiles run; ws: Triton's warp
-    specialization; downq: the down projection read from the e4m3 rows."""
-    from loraplug.runtime import triton_kernels
-
+def test_fp8_base_with_lora_matches_reference(flatten, device_desc, tokens, ws, monkeypatch):
+    """512 tokens: 144 full tiles on 132 multiprocessors, the narrow tiles run (warp-specialized);
+    ws: Triton's warp specialization of the full tiles."""
     fp8 = _fp8(3072, 3 * 3072)[0]
     tiles = kernels.config(True)._replace(flatten=flatten, device_desc=device_desc, ws=ws)
     monkeypatch.setitem(kernels.CONFIGS, "fp8", tiles)
-    monkeypatch.setattr(triton_kernels, "DOWN_FROM_QUANTIZED_MIN_K", 0 if downq else None)
     x = torch.randn(tokens, 3072, device="cuda", dtype=torch.bfloat16)
     narrow = kernels.config_for(
         True, tokens, 3 * 3072, torch.cuda.get_device_properties(0).multi_processor_count

@@ -172,33 +172,6 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BK: tl.c
     tl.store(q_ptr + row * stride_qm + rk, q.to(q_ptr.dtype.element_ty), mask=rk < K)
 
 
-@triton.jit
-def _down_from_quantized_kernel(
-    q_ptr, s_ptr, d_ptr, h_ptr, M, K, R, stride_qm, stride_dk, stride_dr, stride_hm,
-    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-):  # fmt: skip
-    """h = diag(s)·q·d for e4m3 rows q with scales s and a bf16/fp16 down projection d (K × R):
-    the e4m3 values widened to d's dtype in registers (the adapter stays in its own dtype), half
-    the bytes of reading x itself. One BM × BR block of h per program."""
-    blocks_r = tl.cdiv(R, BR)
-    pid_m, pid_r = tl.program_id(0) // blocks_r, tl.program_id(0) % blocks_r
-    rm = pid_m * BM + tl.arange(0, BM)
-    rr = pid_r * BR + tl.arange(0, BR)
-    rk = tl.arange(0, BK)
-    q_ptrs = q_ptr + rm[:, None].to(tl.int64) * stride_qm + rk[None, :]
-    d_ptrs = d_ptr + rk[:, None].to(tl.int64) * stride_dk + rr[None, :] * stride_dr
-    acc = tl.zeros((BM, BR), dtype=tl.float32)
-    for _ in range(0, K, BK):  # K is a multiple of BK (``supports``)
-        q = tl.load(q_ptrs, mask=(rm < M)[:, None], other=0.0)
-        d = tl.load(d_ptrs, mask=(rr < R)[None, :], other=0.0)
-        acc = tl.dot(q.to(d.dtype), d, acc)
-        q_ptrs += BK
-        d_ptrs += BK * stride_dk
-    acc *= tl.load(s_ptr + rm, mask=rm < M, other=0.0)[:, None]
-    h_ptrs = h_ptr + rm[:, None].to(tl.int64) * stride_hm + rr[None, :]
-    tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rr < R)[None, :])
-
-
 class _Binaries:
     """A jitted kernel launched through the binaries Triton compiled for it. Triton's own launch
     binds and specializes every argument again on each call (a third of the fused GEMM's host time
@@ -271,7 +244,6 @@ def _has_tma(device: torch.device) -> bool:
 _TMA_KERNEL = _Binaries(_lora_linear_tma_kernel)
 _POINTER_KERNEL = _Binaries(_lora_linear_kernel)
 _QUANTIZE_KERNEL = _Binaries(_quantize_rows_kernel)
-_DOWN_KERNEL = _Binaries(_down_from_quantized_kernel)
 
 
 def _rank_block(rc: int, tma: bool) -> int:
@@ -300,11 +272,7 @@ def lora_linear(
     fp8 = scales is not None
     quantize = fp8 and scales[0] is None
     if lora is not None and lora[0] is None:
-        if quantize and DOWN_FROM_QUANTIZED_MIN_K is not None and a.shape[1] >= DOWN_FROM_QUANTIZED_MIN_K:
-            q, sa = quantize_rows(a)
-            h = down_from_quantized(q, sa, down_t, a.dtype)
-            a, scales, quantize = q, (sa, scales[1]), False
-        elif quantize and DOWN_BESIDE_QUANTIZATION and a.is_cuda and torch.cuda.is_current_stream_capturing():
+        if quantize and DOWN_BESIDE_QUANTIZATION and a.is_cuda and torch.cuda.is_current_stream_capturing():
             q, sa, h = _quantize_with_down_beside(a, down_t)
             a, scales, quantize = q, (sa, scales[1]), False
         else:
@@ -347,24 +315,6 @@ def lora_linear(
 # branches: the graph runs them side by side. Outside a capture the extra stream synchronization
 # would cost host time per layer for nothing (launches are serial there anyway).
 DOWN_BESIDE_QUANTIZATION = True
-
-
-# The down projection of an fp8 layer read from the quantized activations (half the bytes of x,
-# and the rounding the base GEMM sees) where the reduction is at least this long; None: never
-# (then cuBLAS reads x, beside the quantization while a graph is captured).
-DOWN_FROM_QUANTIZED_MIN_K: int | None = None
-
-
-def down_from_quantized(q: Tensor, scales: Tensor, down_t: Tensor, dtype: torch.dtype) -> Tensor:
-    """h = diag(scales)·q·down_t in ``dtype`` for e4m3 rows ``q`` (M × K) and a K × R ``down_t``."""
-    M, K = q.shape
-    R = down_t.shape[1]
-    h = torch.empty(M, R, device=q.device, dtype=dtype)
-    BM, BR = 32, min(64, max(16, 1 << (R - 1).bit_length()))
-    args = (q, scales, down_t, h, M, K, R, q.stride(0), *down_t.stride(), h.stride(0))
-    with _on(q.device):
-        _DOWN_KERNEL.launch(_cdiv(M, BM) * _cdiv(R, BR), args, dict(BM=BM, BK=128, BR=BR), 4, 3)
-    return h
 
 
 def _quantize_with_down_beside(a: Tensor, down_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
