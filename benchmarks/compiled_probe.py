@@ -5,8 +5,8 @@ or only on the shapes ``kernels.float_shape_fuses`` picks, ``_shapes``; two LoRA
 (the default: the fused kernel; with the adapters on the portable path, ``=base``; without the
 narrow tiles for few output tiles, ``_wide``; captured without the down projection beside the
 quantization, ``_serial``; with Triton's warp specialization, ``_ws``: ``WS_TILES_BF16`` /
-``WS_TILES_FP8`` pick its tiles, the narrow tiles warp-specialized (the default since session 9), ``_narrow_ws``; TMA descriptors
-made by the host, ``_host_desc``), a
+``WS_TILES_FP8`` pick its tiles; the narrow tiles flattened, not warp-specialized (the default
+before session 9), ``_narrow_flat``; TMA descriptors made by the host, ``_host_desc``), a
 K-concatenation LoRA (``KConcat``: one GEMM over ``[x | s·x·Aᵀ]`` and ``[W | B]``), and
 (``REFERENCE=0`` skips it) a reference fp8 layer written out below (the arithmetic of
 ``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations, ``torch._scaled_mm``)
@@ -192,6 +192,13 @@ def configs(**entries):
         kernels.CONFIGS.update(kept)
 
 
+def measure_applied(model, adapters, name: str, mode: str | None, **apply_kwargs) -> None:
+    """``measure`` with ``adapters`` applied, removed afterwards."""
+    handle = lp.apply(model, adapters, **apply_kwargs)
+    measure(model, name, mode)
+    handle.remove()
+
+
 def warp_specialized(kind: str) -> kernels.Tiles:
     """The default configuration of ``kind`` with Triton's warp specialization of the tile loop
     (``WS_TILES="bm,bn,bk,warps,stages"`` overrides the tiles; the tile width stays the packing's)."""
@@ -219,70 +226,42 @@ def main() -> None:
     second = lp.load(diffusers_lora(model, 16, seed=99))
     for mode in modes:
         measure(model, "bf16_base", mode)
-        handle = lp.apply(model, lora)
-        measure(model, "bf16_lora_r16", mode)
-        handle.remove()
+        measure_applied(model, lora, "bf16_lora_r16", mode)
         with env("LORAPLUG_KERNELS", "all"):  # the Triton GEMM with the LoRA tail, on the bf16 base
-            handle = lp.apply(model, lora)
-            measure(model, "bf16_lora_r16_fused", mode)
-            handle.remove()
+            measure_applied(model, lora, "bf16_lora_r16_fused", mode)
             with configs(bf16=warp_specialized("bf16")):
-                handle = lp.apply(model, lora)
-                measure(model, "bf16_lora_r16_fused_ws", mode)
-                handle.remove()
+                measure_applied(model, lora, "bf16_lora_r16_fused_ws", mode)
         with env("LORAPLUG_KERNELS", "shapes"):  # the fused kernel on the short-reduction shapes only
-            handle = lp.apply(model, lora)
-            measure(model, "bf16_lora_r16_shapes", mode)
-            handle.remove()
+            measure_applied(model, lora, "bf16_lora_r16_shapes", mode)
             with configs(bf16=warp_specialized("bf16")):
-                handle = lp.apply(model, lora)
-                measure(model, "bf16_lora_r16_shapes_ws", mode)
-                handle.remove()
+                measure_applied(model, lora, "bf16_lora_r16_shapes_ws", mode)
     with env("LORAPLUG_ACCUMULATE", "all"):  # the base GEMM accumulating into the adapters' output
-        handle = lp.apply(model, lora)
-        measure(model, "bf16_lora_r16_accumulating", None)
-        handle.remove()
-    handle = lp.apply(model, [lora, second], strength=[1.0, 0.8])
-    measure(model, "bf16_lora_2x_r16", None)
-    handle.remove()
+        measure_applied(model, lora, "bf16_lora_r16_accumulating", None)
+    measure_applied(model, [lora, second], "bf16_lora_2x_r16", None, strength=[1.0, 0.8])
     quantize_fp8(model, targets=NOT_NORM)
     for mode in modes:
         measure(model, "fp8_base", mode)
-        handle = lp.apply(model, lora)
-        measure(model, "fp8_lora_r16", mode)
-        handle.remove()
+        measure_applied(model, lora, "fp8_lora_r16", mode)
         with env(
             "LORAPLUG_KERNELS", "base"
         ):  # adapters on the portable path (the compiled default before s6)
-            handle = lp.apply(model, lora)
-            measure(model, "fp8_lora_r16_portable", mode)
-            handle.remove()
+            measure_applied(model, lora, "fp8_lora_r16_portable", mode)
         with configs(fp8=warp_specialized("fp8")):
-            handle = lp.apply(model, lora)
-            measure(model, "fp8_lora_r16_ws", mode)
-            handle.remove()
+            measure_applied(model, lora, "fp8_lora_r16_ws", mode)
         narrow = kernels.Tiles(*kernels.CONFIGS["fp8_narrow"])
-        with configs(fp8_narrow=narrow._replace(flatten=False, ws=True)):  # the text stream's tiles (default)
-            handle = lp.apply(model, lora)
-            measure(model, "fp8_lora_r16_narrow_ws", mode)
-            handle.remove()
+        with configs(fp8_narrow=narrow._replace(flatten=True, ws=False)):  # session 8's text-stream tiles
+            measure_applied(model, lora, "fp8_lora_r16_narrow_flat", mode)
         host = {
             k: kernels.Tiles(*kernels.CONFIGS[k])._replace(device_desc=False) for k in ("fp8", "fp8_narrow")
         }
         with configs(**host):  # TMA descriptors encoded by the host (baked into a captured graph)
-            handle = lp.apply(model, lora)
-            measure(model, "fp8_lora_r16_host_desc", mode)
-            handle.remove()
+            measure_applied(model, lora, "fp8_lora_r16_host_desc", mode)
         from loraplug.runtime import triton_kernels
 
         with configs(fp8_narrow=None):  # no narrow tiles for the text stream's few output tiles
-            handle = lp.apply(model, lora)
-            measure(model, "fp8_lora_r16_wide", mode)
-            handle.remove()
+            measure_applied(model, lora, "fp8_lora_r16_wide", mode)
         triton_kernels.DOWN_BESIDE_QUANTIZATION = False  # captured graphs: quantization, then down projection
-        handle = lp.apply(model, lora)
-        measure(model, "fp8_lora_r16_serial", mode)
-        handle.remove()
+        measure_applied(model, lora, "fp8_lora_r16_serial", mode)
         triton_kernels.DOWN_BESIDE_QUANTIZATION = True
     if any(k.startswith("kconcat") for k in os.environ.get("VARIANTS", "kconcat").split()):
         model = None
