@@ -380,3 +380,47 @@ def test_strength_schedule_follows_the_sigmas(comfy):
     assert torch.isfinite(out).all()
     comfy["comfy"].model_management.unload_all_models()  # ComfyUI keeps the last model loaded
     assert not any(m._forward_hooks for m in patcher.model.modules())
+
+
+def test_text_encoder_keys_written_by_loraplug_are_in_comfys_key_map(comfy, tmp_path):
+    """ComfyUI's own CLIP key map (comfy.lora.model_lora_keys_clip, Flux's clip_l + t5xxl) as the
+    oracle for the text-encoder names loraplug writes: a diffusers file with transformers-5 CLIP
+    paths (no ``text_model.``) and T5 paths, converted to kohya and comfy, names only keys ComfyUI
+    loads."""
+    import comfy.lora
+    from safetensors.torch import load_file
+
+    import loraplug as lp
+
+    clip_parts = (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+    )
+    t5_parts = ("layer.0.SelfAttention.q", "layer.0.SelfAttention.o", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wo")  # fmt: skip
+    weights = [
+        f"clip_l.transformer.text_model.encoder.layers.{b}.{p}.weight" for b in range(2) for p in clip_parts
+    ]
+    weights += [f"t5xxl.transformer.encoder.block.{b}.{p}.weight" for b in range(2) for p in t5_parts]
+
+    class StateDictOnly:
+        def state_dict(self):
+            return dict.fromkeys(weights)
+
+    key_map = comfy.lora.model_lora_keys_clip(StateDictOnly(), {})
+    sd = {}
+    for b in range(2):
+        for p in clip_parts:
+            sd[f"text_encoder.encoder.layers.{b}.{p}.lora_A.weight"] = torch.zeros(2, 8)
+            sd[f"text_encoder.encoder.layers.{b}.{p}.lora_B.weight"] = torch.zeros(8, 2)
+        for p in t5_parts:
+            sd[f"text_encoder_2.encoder.block.{b}.{p}.lora_A.weight"] = torch.zeros(2, 8)
+            sd[f"text_encoder_2.encoder.block.{b}.{p}.lora_B.weight"] = torch.zeros(8, 2)
+    for fmt in ("kohya", "comfy"):
+        written = load_file(lp.save(lp.load(sd), tmp_path / f"{fmt}.safetensors", format=fmt))
+        modules = {k.rsplit(".", 2)[0] for k in written if k.endswith(".lora_down.weight")}
+        assert len(modules) == len(sd) // 2
+        assert modules <= set(key_map), sorted(modules - set(key_map))[:4]

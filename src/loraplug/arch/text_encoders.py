@@ -67,6 +67,18 @@ def dotted(flat_name: str) -> str | None:
     return None
 
 
+def canonical(module: str) -> str:
+    """A text-encoder module path as files write it: CLIP's body under ``text_model.`` (kohya's
+    ``lora_te1_text_model_…``, diffusers' ``text_encoder.text_model.…``, which ComfyUI and kohya
+    match), also when the path came from transformers 5's ``CLIPTextModel`` that dropped the
+    wrapper; T5 and ``text_projection`` paths as they are."""
+    return (
+        "text_model." + module
+        if module.startswith(("encoder.layers.", "embeddings.", "final_layer_norm"))
+        else module
+    )
+
+
 def peft_target(module: str) -> str:
     """A text-encoder module path as a PEFT target: without CLIP's ``text_model.`` wrapper, which
     transformers 5 dropped from ``CLIPTextModel`` (PEFT matches a target as a path suffix, so

@@ -77,6 +77,7 @@ def _key_prefix(key: str, name: str, fmt: str, component: str) -> str:
         if fmt == "peft":
             return f"{component}.{name}."
         return _PREFIX[fmt] + (name.replace(".", "_") if fmt == "kohya" else name) + "."
+    name = text_encoders.canonical(name)
     if fmt == "comfy" and te.prefix.startswith("text_encoders."):
         return te.prefix + name + "."
     if te.component not in text_encoders.KOHYA_PREFIX:
