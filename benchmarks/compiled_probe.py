@@ -15,7 +15,7 @@ and under CUDA graphs (``GRAPHS=0`` skips those): median time, Dynamo's counts, 
 kind against the wall time (device time well under wall: the host sets the pace), the top
 kernels. Ratios against the bf16 base of the same mode. ``VARIANTS`` (space-separated keys such
 as ``bf16_base_graphs fp8_lora_r16_graphs``; name the base for the ratios) runs only those.
-Writes $OUT/compiled_probe.json (after every variant).
+Writes $OUT/compiled_probe.json (``NAME`` renames it) after every variant.
 
     ND=4 NS=8 OUT=results python benchmarks/compiled_probe.py     # GPU machine
 """
@@ -166,7 +166,7 @@ def measure(model, name: str, mode: str | None) -> None:
     base = RES.get(f"bf16_base_{key.rpartition('_')[2]}_ms")
     if base and key + "_ms" in RES:
         RES[key + "_ratio"] = round(RES[key + "_ms"] / base, 4)
-    (OUT / "compiled_probe.json").write_text(json.dumps(RES, indent=1))
+    (OUT / os.environ.get("NAME", "compiled_probe.json")).write_text(json.dumps(RES, indent=1))
 
 
 @contextlib.contextmanager
