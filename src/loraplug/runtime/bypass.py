@@ -432,9 +432,12 @@ class ModuleBypass:
         if (
             not isinstance(module, Fp8Linear)
             and kernels.on_float_shapes()
-            and not kernels.float_shape_fuses(
-                x.numel() // x.shape[-1], x.shape[-1], w.shape[0],
-                torch.cuda.get_device_properties(x.device).multi_processor_count,
+            and not (
+                kernels.has_tma(cuda_capability(x.device))  # measured on Hopper's TMA kernel only
+                and kernels.float_shape_fuses(
+                    x.numel() // x.shape[-1], x.shape[-1], w.shape[0],
+                    torch.cuda.get_device_properties(x.device).multi_processor_count,
+                )
             )
         ):  # fmt: skip
             return None

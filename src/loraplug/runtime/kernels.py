@@ -57,7 +57,8 @@ def on_float_bases() -> bool:
 
 def on_float_shapes() -> bool:
     """``LORAPLUG_KERNELS=shapes``: float bases take the fused kernel on the shapes where it was
-    measured faster than the portable path (``float_shape_fuses``), plain Linears only."""
+    measured faster than the portable path (``float_shape_fuses``), plain Linears only, on Hopper
+    and later (the TMA kernel that was measured)."""
     return os.environ.get("LORAPLUG_KERNELS") == "shapes"
 
 
