@@ -201,7 +201,7 @@ def measure_applied(model, adapters, name: str, mode: str | None, **apply_kwargs
 
 def warp_specialized(kind: str) -> kernels.Tiles:
     """The default configuration of ``kind`` with Triton's warp specialization of the tile loop
-    (``WS_TILES="bm,bn,bk,warps,stages"`` overrides the tiles; the tile width stays the packing's)."""
+    (``WS_TILES_BF16`` / ``WS_TILES_FP8`` = "bm,bn,bk,warps,stages" override the tiles)."""
     tiles = kernels.config(kind == "fp8")
     if os.environ.get("WS_TILES_" + kind.upper()):
         bm, bn, bk, warps, stages = map(int, os.environ["WS_TILES_" + kind.upper()].split(","))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from kernel_parts import _lora  # noqa: E402
+from kernel_parts import _lora, portable  # noqa: E402
 
 from loraplug.bench import _graph_time_fn as device_ms  # noqa: E402
 from loraplug.fp8 import quantize_per_row  # noqa: E402
@@ -86,17 +86,10 @@ def main() -> dict:
         offs = [sum(slices[:i]) for i in range(len(slices))]
         down_t = torch.randn(k, 16 * len(slices), device="cuda", dtype=x.dtype) * 0.01
         ups = [torch.randn(16, s, device="cuda", dtype=x.dtype) * 0.01 for s in slices]
-
-        def portable():  # the bf16 default: cuBLAS base, one down GEMM, an in-place add per slice
-            y = F.linear(x, w, b)
-            hid = torch.mm(x, down_t)
-            for i, (o, s) in enumerate(zip(offs, slices, strict=True)):
-                y[:, o : o + s].addmm_(hid[:, i * 16 : (i + 1) * 16], ups[i])
-
         row = {
             "calls": calls,
             "down_mm": device_ms(lambda: torch.mm(x, down_t)),
-            "portable_bf16": device_ms(portable),
+            "portable_bf16": device_ms(lambda: portable(x, w, b, down_t, ups, offs, slices, 16)),
             "cublas_bf16": device_ms(lambda: F.linear(x, w, b)),
             "cublas_fp8": device_ms(
                 lambda: torch._scaled_mm(
