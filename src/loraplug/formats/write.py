@@ -227,10 +227,23 @@ def to_state_dict(
     metadata.update({k: str(v) for k, v in extra.items()})
     metadata.setdefault("loraplug_algo", ",".join(sorted(adapters.algorithms)))
     if ranks:
-        metadata.setdefault("loraplug_rank", str(max(set(ranks.values()), key=list(ranks.values()).count)))
+        metadata.setdefault("loraplug_rank", str(_most_common(ranks.values())))
     if fmt == "peft" and ranks:
         metadata["lora_adapter_metadata"] = json.dumps(_peft_config(ranks, alphas, rslora))
     return tensors, metadata
+
+
+def _most_common(values):
+    """The value that occurs most often."""
+    values = list(values)
+    return max(set(values), key=values.count)
+
+
+def _of_component(values: dict, component: str) -> dict:
+    """The entries of ``values`` (keyed ``component.module``) under ``component``, keyed by module as
+    a PEFT target (``text_encoders.peft_target`` for text encoders)."""
+    target = text_encoders.peft_target if component in text_encoders.KOHYA_PREFIX else str
+    return {target(n.split(".", 1)[1]): v for n, v in values.items() if n.startswith(component + ".")}
 
 
 def _peft_config(ranks: dict, alphas: dict, rslora: bool) -> dict:
@@ -239,13 +252,8 @@ def _peft_config(ranks: dict, alphas: dict, rslora: bool) -> dict:
     the rest as exact-name patterns; text encoders' targets as ``text_encoders.peft_target``."""
     out = {}
     for component in sorted({name.split(".", 1)[0] for name in ranks}):
-        target = text_encoders.peft_target if component in text_encoders.KOHYA_PREFIX else str
-        own = {target(n.split(".", 1)[1]): r for n, r in ranks.items() if n.startswith(component + ".")}
-        own_alphas = {
-            target(n.split(".", 1)[1]): a for n, a in alphas.items() if n.startswith(component + ".")
-        }
-        r = max(set(own.values()), key=list(own.values()).count)
-        alpha = max(set(own_alphas.values()), key=list(own_alphas.values()).count)
+        own, own_alphas = _of_component(ranks, component), _of_component(alphas, component)
+        r, alpha = _most_common(own.values()), _most_common(own_alphas.values())
         config = {
             "r": r,
             "lora_alpha": alpha,
