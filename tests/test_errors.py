@@ -60,8 +60,19 @@ def _untouched(model, snap):
             lp.UnmatchedKeysError,
             "1.hypernet.weight",
         ),
+        (lambda sd: sd.update({"1.lora_B.bias": torch.randn(5)}), lp.ShapeMismatchError, "1: up_bias"),
     ],
-    ids=["up-rows", "down-cols", "missing-down", "nan", "inf", "int8", "unknown-module", "unknown-tensor"],
+    ids=[
+        "up-rows",
+        "down-cols",
+        "missing-down",
+        "nan",
+        "inf",
+        "int8",
+        "unknown-module",
+        "unknown-tensor",
+        "up-bias",
+    ],
 )
 def test_bad_adapter_raises_and_leaves_model_untouched(mode, mutate, error, needle):
     model = _model()
