@@ -4,7 +4,9 @@ measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on
 (split_hooked: adapters added after the base GEMM, the previous default; split_bf16: bf16
 adapters, as diffusers' add_adapter gives PEFT), the fused layout (one
 adapter per q/k/v slice) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
-picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step; ``PROFILE=1`` adds each step's device
+picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step; ``REGIONAL=1`` compiles each transformer block
+(diffusers' ``compile_repeated_blocks``: one compile per block kind, minutes less at full depth)
+instead of the whole model; ``PROFILE=1`` adds each step's device
 time by kernel kind); with COMPILE=1 also the layouts in
 COMPILE_LAYOUTS (default split and fp8) and (``FROZEN_COMPILED=0`` skips it) the frozen model under torch.compile. Writes
 $OUT/flux_train_bench.json, and after every variant flux_train_bench.partial.json."""
@@ -32,6 +34,7 @@ res = {
     "device": torch.cuda.get_device_name(),
     "torch": torch.__version__,
     "blocks": [CFG["num_layers"], CFG["num_single_layers"]],
+    "regional_compile": os.environ.get("REGIONAL") == "1",
 }
 g = torch.Generator(device=DEV).manual_seed(0)
 INP = dict(hidden_states=torch.randn(1, T_IMG, 64, device=DEV, dtype=DT, generator=g),
@@ -78,6 +81,20 @@ def time_steps(model, params, name, input_grad=False):
     (Path(os.environ.get("OUT", ".")) / "flux_train_bench.partial.json").write_text(json.dumps(res, indent=1))
 
 
+def compile_model(model, mode):
+    """torch.compile of the whole model, or (REGIONAL=1) of each repeated block."""
+    if os.environ.get("REGIONAL") == "1":
+        model.compile_repeated_blocks(mode=mode)
+    else:
+        model.compile(mode=mode)
+
+
+def uncompile(model):
+    """Back to the eager modules (the blocks' compiled wrappers too)."""
+    for module in model.modules():
+        module._compiled_call_impl = None
+
+
 def main():
     from peft import LoraConfig
 
@@ -110,7 +127,7 @@ def main():
         if layout in COMPILE_LAYOUTS and os.environ.get("COMPILE") == "1":  # as lp.train(compile=True)
             mode = os.environ.get("COMPILE_MODE") or None  # reduce-overhead: CUDA graphs
             torch._dynamo.utils.counters.clear()
-            model.compile(mode=mode)
+            compile_model(model, mode)
             t0 = time.time()
             time_steps(model, params, f"loraplug_{layout}_r16_step_compiled")
             res[f"loraplug_{layout}_compile_and_time_s"] = round(time.time() - t0, 1)
@@ -118,9 +135,9 @@ def main():
             if "frozen_fwd_bwd_compiled_ms" not in res and os.environ.get("FROZEN_COMPILED", "1") == "1":
                 handle.remove()
                 torch._dynamo.reset()
-                model.compile(mode=mode)  # the same mode: the ratio compares like with like
+                compile_model(model, mode)  # the same mode: the ratio compares like with like
                 time_steps(model, [], "frozen_fwd_bwd_compiled", input_grad=True)
-            model._compiled_call_impl = None
+            uncompile(model)
         os.environ.pop("LORAPLUG_ACCUMULATE", None)
         del model, params, handle
         torch._dynamo.reset()
