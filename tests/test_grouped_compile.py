@@ -114,3 +114,45 @@ def test_an_fp8_base_without_kernels_has_its_group_before_compiling():
     assert not (kernels.available() and runner.fused)  # this machine: no kernels for it
     assert (torch.device("cpu"), torch.bfloat16) in runner._lowrank
     handle.remove()
+
+
+def _block_lora(model: nn.Module, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"{name}.lora_{ab}.weight": torch.randn(*((2, m.in_features) if ab == "A" else (m.out_features, 2)), generator=g) * 0.2
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and "blocks." in name
+        for ab in "AB"
+    }  # fmt: skip
+
+
+def test_blocks_compiled_one_by_one_share_their_kinds_graphs():
+    """diffusers' regional compilation (``compile_repeated_blocks``: one compile per block kind)
+    with adapters applied: the blocks reuse their kind's graph as on the plain model (each block's
+    adapters are graph inputs, not constants baked into a graph per block), outputs follow the
+    eager model, and strength changes never recompile."""
+    from torch._dynamo.utils import counters
+
+    from loraplug.testing import flux_inputs, tiny_flux
+
+    inputs = flux_inputs()
+
+    def graphs(model) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        model.compile_repeated_blocks(fullgraph=True, backend="eager")
+        model(**inputs)
+        return counters["stats"]["unique_graphs"]
+
+    with torch.no_grad():
+        plain_graphs = graphs(tiny_flux(layers=3, single_layers=3))
+        model, eager = tiny_flux(layers=3, single_layers=3), tiny_flux(layers=3, single_layers=3)
+        lora = _block_lora(model)
+        handle, reference = lp.apply(model, lora), lp.apply(eager, lora)
+        assert graphs(model) == plain_graphs < 6
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for strength in (0.5, -1.0):
+                handle.set_strength(strength)
+                reference.set_strength(strength)
+                close(model(**inputs)[0], eager(**inputs)[0], rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

@@ -218,6 +218,39 @@ def test_compiled_training_matches_eager():
                  lambda b: model(b).sum(), steps=1, progress=False, compile="fast")  # fmt: skip
 
 
+def test_training_with_blocks_compiled_one_by_one_matches_eager():
+    """regional=True compiles each Flux block (one compile per block kind) and trains the same
+    adapters as eager; the blocks are eager again afterwards; a model without named repeated
+    blocks, or regional without compile, is refused."""
+    from loraplug.testing import flux_inputs, tiny_flux
+
+    inputs = flux_inputs()
+    target = torch.randn_like(inputs["hidden_states"])
+
+    def run(**kw):
+        torch._dynamo.reset()
+        model = tiny_flux(layers=1, single_layers=2)
+        handle = lp.create(model, "lora", rank=2, targets="attn+mlp", init="random")
+        loss = lambda _: nn.functional.mse_loss(model(**inputs)[0], target)  # noqa: E731
+        result = lp.train(handle, [None], loss, steps=3, lr=1e-2, progress=False, **kw)
+        assert all(m._compiled_call_impl is None for m in model.modules())
+        return result.losses
+
+    from torch._dynamo.utils import counters
+
+    eager = run()
+    counters.clear()
+    assert run(compile=True, regional=True) == pytest.approx(eager, rel=1e-4)
+    assert counters["stats"]["unique_graphs"] >= 2  # a graph per block kind (the whole model: one)
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    handle = lp.create(model, "lora", rank=2, targets="all-linear")
+    with pytest.raises(lp.LoraplugError, match="repeated blocks"):
+        lp.train(handle, [torch.randn(2, 4)], lambda b: model(b).sum(), steps=1, progress=False, compile=True, regional=True)  # fmt: skip
+    with pytest.raises(lp.LoraplugError, match="compile=True"):
+        lp.train(handle, [torch.randn(2, 4)], lambda b: model(b).sum(), steps=1, progress=False, regional=True)  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_training_graph_returns_only_the_output(dtype):
     """Trained adapters (float32 masters cast to a bf16 model's activations, or of the model's own
