@@ -2,7 +2,7 @@
 512x512 = 1024 image + 512 text tokens, batch 1, fused AdamW as lp.train uses on CUDA, for every variant), ratios to the frozen forward+backward
 measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on the split layout
 (split_hooked: adapters added after the base GEMM, the previous default; split_bf16: bf16
-adapters, as diffusers' add_adapter gives PEFT), the fused layout (one
+adapters, as diffusers' add_adapter gives PEFT; split_combo: compiled with Inductor's combo kernels), the fused layout (one
 adapter per q/k/v slice) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
 picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step; ``REGIONAL=1`` compiles each transformer block
 (diffusers' ``compile_repeated_blocks``: one compile per block kind, minutes less at full depth)
@@ -129,7 +129,10 @@ def main():
             torch._dynamo.utils.counters.clear()
             compile_model(model, mode)
             t0 = time.time()
-            time_steps(model, params, f"loraplug_{layout}_r16_step_compiled")
+            # split_combo: Inductor's combo kernels (independent small kernels, e.g. the adapters'
+            # casts, launched as one)
+            with torch._inductor.config.patch(combo_kernels=layout.endswith("_combo")):
+                time_steps(model, params, f"loraplug_{layout}_r16_step_compiled")
             res[f"loraplug_{layout}_compile_and_time_s"] = round(time.time() - t0, 1)
             res[f"loraplug_{layout}_r16_step_compiled_dynamo"] = _graphs()
             if "frozen_fwd_bwd_compiled_ms" not in res and os.environ.get("FROZEN_COMPILED", "1") == "1":

@@ -49,7 +49,7 @@ for s in ${STEPS:-tests linear parts profile eager train}; do
     probe_full) ND=19 NS=38 REFERENCE=0 VARIANTS="${VARIANTS:-bf16_base_compiled bf16_lora_r16_compiled fp8_base_compiled fp8_lora_r16_compiled fp8_lora_r16_portable_compiled}" step compiled_probe_full "${PROBE_LIMIT:-560}" python3 benchmarks/compiled_probe.py ;;
     fp8_target) NAME=fp8_target.json ND=19 NS=38 REFERENCE=0 VARIANTS="bf16_base_compiled bf16_base_graphs fp8_lora_r16_graphs fp8_lora_r16_narrow_flat_graphs" step fp8_target "${PROBE_LIMIT:-400}" python3 benchmarks/compiled_probe.py ;;
     bf16_shapes) NAME=bf16_shapes.json ND=19 NS=38 REFERENCE=0 VARIANTS="bf16_base_eager bf16_lora_r16_eager bf16_lora_r16_shapes_eager bf16_base_compiled bf16_lora_r16_compiled bf16_lora_r16_shapes_compiled" step bf16_shapes "${PROBE_LIMIT:-450}" python3 benchmarks/compiled_probe.py ;;
-    train_full) REGIONAL=1 LAYOUTS="${LAYOUTS:-split}" COMPILE=1 COMPILE_MODE=reduce-overhead COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-split}" step flux_train_full "${TRAIN_LIMIT:-560}" python3 benchmarks/flux_train_bench.py ;;
+    train_full) PROFILE=1 REGIONAL=1 LAYOUTS="${LAYOUTS:-split split_bf16 split_combo}" COMPILED_ONLY="split_bf16 split_combo" COMPILE=1 COMPILE_MODE=reduce-overhead COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-split split_bf16 split_combo}" step flux_train_full "${TRAIN_LIMIT:-560}" python3 benchmarks/flux_train_bench.py ;;
     train_small) ND=4 NS=8 LAYOUTS="${LAYOUTS:-split_bf16 split fp8}" COMPILE=1 COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-split_bf16 fp8}" step flux_train_small "${TRAIN_LIMIT:-300}" python3 benchmarks/flux_train_bench.py ;;
     compile) NAME=flux_compiled.json MODES="${MODES:-portable}" EAGER=0 FP8=1 PEFT=0 COMPILE=1 step flux_compiled 450 python3 benchmarks/flux_bench.py ;;
   esac
