@@ -11,6 +11,7 @@
 #   STEPS="fp8_target" …          # full depth: fp8 + LoRA under CUDA graphs vs the compiled bf16 base
 #   STEPS="bf16_shapes" …         # full depth: LORAPLUG_KERNELS=shapes against portable, eager + compiled
 #   STEPS="train_full" …         # full depth, blocks compiled one by one, CUDA graphs: LoRA step vs frozen
+#   STEPS="wsprobe" …            # warp-specialized narrow tiles against the default, fp8/bf16 × bias × LoRA
 #   STEPS="tiles" …               # the fused GEMM per tile configuration on every Flux-dev layer shape
 #   STEPS="host" …                # host time per call of each path on a tiny layer (launch costs)
 set -uo pipefail
@@ -49,7 +50,8 @@ for s in ${STEPS:-tests linear parts profile eager train}; do
     probe_full) ND=19 NS=38 REFERENCE=0 VARIANTS="${VARIANTS:-bf16_base_compiled bf16_lora_r16_compiled fp8_base_compiled fp8_lora_r16_compiled fp8_lora_r16_portable_compiled}" step compiled_probe_full "${PROBE_LIMIT:-560}" python3 benchmarks/compiled_probe.py ;;
     fp8_target) NAME=fp8_target.json ND=19 NS=38 REFERENCE=0 VARIANTS="bf16_base_compiled bf16_base_graphs fp8_lora_r16_graphs fp8_lora_r16_narrow_flat_graphs" step fp8_target "${PROBE_LIMIT:-400}" python3 benchmarks/compiled_probe.py ;;
     bf16_shapes) NAME=bf16_shapes.json ND=19 NS=38 REFERENCE=0 VARIANTS="bf16_base_eager bf16_lora_r16_eager bf16_lora_r16_shapes_eager bf16_base_compiled bf16_lora_r16_compiled bf16_lora_r16_shapes_compiled" step bf16_shapes "${PROBE_LIMIT:-450}" python3 benchmarks/compiled_probe.py ;;
-    train_full) PROFILE=1 REGIONAL=1 LAYOUTS="${LAYOUTS:-split split_bf16 split_combo}" COMPILED_ONLY="split_bf16 split_combo" COMPILE=1 COMPILE_MODE=reduce-overhead COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-split split_bf16 split_combo}" step flux_train_full "${TRAIN_LIMIT:-560}" python3 benchmarks/flux_train_bench.py ;;
+    train_full) PROFILE=1 REGIONAL=1 LAYOUTS="${LAYOUTS:-split split_bf16 split_combo}" COMPILED_ONLY="${COMPILED_ONLY:-split_bf16 split_combo}" COMPILE=1 COMPILE_MODE=reduce-overhead COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-split split_bf16 split_combo}" step flux_train_full "${TRAIN_LIMIT:-560}" python3 benchmarks/flux_train_bench.py ;;
+    wsprobe) step ws_probe 90 python3 benchmarks/ws_probe.py ;;
     train_small) ND=4 NS=8 LAYOUTS="${LAYOUTS:-split_bf16 split fp8}" COMPILE=1 COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-split_bf16 fp8}" step flux_train_small "${TRAIN_LIMIT:-300}" python3 benchmarks/flux_train_bench.py ;;
     compile) NAME=flux_compiled.json MODES="${MODES:-portable}" EAGER=0 FP8=1 PEFT=0 COMPILE=1 step flux_compiled 450 python3 benchmarks/flux_bench.py ;;
   esac

@@ -134,7 +134,7 @@ def test_fused_matches_float32_and_portable(dtype, m, i, o, slices, flatten, who
      (False, True, 1000, True)],
 )  # fmt: skip
 def test_fp8_base_with_lora_matches_reference(flatten, device_desc, tokens, ws, monkeypatch):
-    """512 tokens: 144 full tiles on 132 multiprocessors, the narrow tiles run (warp-specialized);
+    """512 tokens: 144 full tiles on 132 multiprocessors, the narrow tiles run;
     ws: Triton's warp specialization of the full tiles."""
     fp8 = _fp8(3072, 3 * 3072)[0]
     tiles = kernels.config(True)._replace(flatten=flatten, device_desc=device_desc, ws=ws)
