@@ -146,9 +146,9 @@ class Tiles(NamedTuple):
 
 # the fastest measured on an H200 (benchmarks/linear_stack.py, kernel_parts.py, tile_sweep.py);
 # "*_narrow": for outputs with fewer full tiles than two per multiprocessor (Flux's 512 text
-# tokens), half-width tiles over the same packing (None: never). Warp-specialized narrow fp8 tiles
-# timed 4–8 % faster at full depth (sessions 9–10) but wrote NaN into column 0 (GPU tests,
-# session 10, H200): not used.
+# tokens), half-width tiles over the same packing (None: never). Warp-specialized narrow tiles
+# (session 9's fp8 default) wrote NaN into the first column of every tile whenever the LoRA tail
+# ran (H100 and H200, Triton 3.6: benchmarks/ws_probe.py): not used.
 CONFIGS = {
     "bf16": Tiles(128, 256, 64, 8, 3, True, False),
     "fp8": Tiles(128, 256, 128, 8, 3, True, True),
