@@ -175,3 +175,26 @@ def test_two_peft_adapter_names_in_one_state_dict():
     }
     with pytest.raises(lp.FormatError, match="two adapters"):
         lp.load(sd)
+
+
+@pytest.mark.parametrize("width, hinted", [(2, True), (0.5, False)])
+def test_a_flux_control_lora_is_named_as_such(width, hinted):
+    """A Flux Control LoRA (Canny/Depth) reads twice the image-input channels: the shape error says
+    what the file is and where it loads; a plain mismatch on that layer gets no such hint; the model
+    is untouched either way."""
+    from loraplug.testing import tiny_flux
+
+    model = tiny_flux()
+    snap = snapshot(model)
+    inner, dim = model.x_embedder.in_features, model.x_embedder.out_features
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        "img_in.lora_A.weight": torch.randn(4, int(inner * width), generator=g),
+        "img_in.lora_B.weight": torch.randn(dim, 4, generator=g),
+        "double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(4, dim, generator=g),
+        "double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(3 * dim, 4, generator=g),
+    }
+    with pytest.raises(lp.ShapeMismatchError, match="x_embedder|img_in") as err:
+        lp.apply(model, sd)
+    assert ("Flux Control LoRA" in str(err.value)) == hinted
+    _untouched(model, snap)

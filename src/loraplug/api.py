@@ -13,7 +13,15 @@ from torch import Tensor, nn
 from . import specs
 from .adapters import AdapterSet
 from .arch import ModelIndex, Target, component_of
-from .errors import HandleError, LoraplugError, UnmatchedKeysError, UnsupportedModuleError, sample
+from .arch.flux import widened_input_hint
+from .errors import (
+    HandleError,
+    LoraplugError,
+    ShapeMismatchError,
+    UnmatchedKeysError,
+    UnsupportedModuleError,
+    sample,
+)
 from .formats import load as _load
 from .formats import write
 from .report import Report
@@ -205,7 +213,13 @@ def apply(
                     )
                 size = op.out_features if target.size is None else target.size
                 part = adapter if target.rows is None else specs.take_rows(adapter, *target.rows)
-                patch = spec.build(part, op, size)
+                try:
+                    patch = spec.build(part, op, size)
+                except ShapeMismatchError as err:
+                    hint = widened_input_hint(target.module, op.in_features, part.tensors)
+                    if not hint:
+                        raise
+                    raise ShapeMismatchError(f"{err}{hint}") from None
                 if (
                     patch.reads_base
                     and mode == "bypass"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..algorithms.op import LayerOp
 from . import Target, provider
@@ -93,3 +93,19 @@ def flux(model: nn.Module, ops: dict[str, LayerOp]) -> tuple[dict[str, list[Targ
                 found[f"{m['root']}single_transformer_blocks.{m['n']}.attn.to_qkv"] = [Target(name, 0, width)]
                 found[f"{m['root']}single_blocks.{m['n']}.attn_qkv"] = [Target(name, 0, width)]
     return found, set()
+
+
+def widened_input_hint(module: str, in_features: int, tensors: dict[str, Tensor]) -> str:
+    """What to tell a user whose adapter reads more channels than Flux's image-input embedding has:
+    a Flux Control LoRA (Canny/Depth) widens that layer to take the control image's latents too
+    ("" for any other module or mismatch)."""
+    wider = any(
+        t.ndim == 2 and t.shape[1] > in_features and t.shape[1] % in_features == 0 for t in tensors.values()
+    )
+    if module.rpartition(".")[2] not in ("img_in", "x_embedder") or not wider:
+        return ""
+    return (
+        " This looks like a Flux Control LoRA (Canny/Depth: its image input also takes the control "
+        "image's latents); it widens the model's input, which bypass does not do. Load it with "
+        "diffusers' FluxControlPipeline.load_lora_weights (it widens the layer)."
+    )
