@@ -5,7 +5,7 @@ measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on
 adapters, as diffusers' add_adapter gives PEFT; split_combo: compiled with Inductor's combo kernels), the fused layout (one
 adapter per q/k/v slice) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
 picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step; ``REGIONAL=1`` compiles each transformer block
-(diffusers' ``compile_repeated_blocks``: one compile per block kind, minutes less at full depth)
+(lp.train's ``regional=True``: one compile per block kind, minutes less at full depth)
 instead of the whole model; ``PROFILE=1`` adds each step's device
 time by kernel kind); with COMPILE=1 also the layouts in
 COMPILE_LAYOUTS (default split and fp8) and (``FROZEN_COMPILED=0`` skips it) the frozen model under torch.compile. Writes
@@ -23,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loraplug as lp  # noqa: E402
 from loraplug.bench import CFG, _graphs, _time_fn  # noqa: E402
+from loraplug.train import _compile  # noqa: E402  (what lp.train(compile=, regional=) runs)
 
 DEV, DT = "cuda", torch.bfloat16
 ITERS = int(os.environ.get("ITERS", 6))
+REGIONAL = os.environ.get("REGIONAL") == "1"  # compile block by block, as lp.train(regional=True)
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]  # fmt: skip
 T_IMG, T_TXT = 1024, 512
@@ -34,7 +36,7 @@ res = {
     "device": torch.cuda.get_device_name(),
     "torch": torch.__version__,
     "blocks": [CFG["num_layers"], CFG["num_single_layers"]],
-    "regional_compile": os.environ.get("REGIONAL") == "1",
+    "regional_compile": REGIONAL,
 }
 g = torch.Generator(device=DEV).manual_seed(0)
 INP = dict(hidden_states=torch.randn(1, T_IMG, 64, device=DEV, dtype=DT, generator=g),
@@ -81,20 +83,6 @@ def time_steps(model, params, name, input_grad=False):
     (Path(os.environ.get("OUT", ".")) / "flux_train_bench.partial.json").write_text(json.dumps(res, indent=1))
 
 
-def compile_model(model, mode):
-    """torch.compile of the whole model, or (REGIONAL=1) of each repeated block."""
-    if os.environ.get("REGIONAL") == "1":
-        model.compile_repeated_blocks(mode=mode)
-    else:
-        model.compile(mode=mode)
-
-
-def uncompile(model):
-    """Back to the eager modules (the blocks' compiled wrappers too)."""
-    for module in model.modules():
-        module._compiled_call_impl = None
-
-
 def main():
     from peft import LoraConfig
 
@@ -127,7 +115,7 @@ def main():
         if layout in COMPILE_LAYOUTS and os.environ.get("COMPILE") == "1":  # as lp.train(compile=True)
             mode = os.environ.get("COMPILE_MODE") or None  # reduce-overhead: CUDA graphs
             torch._dynamo.utils.counters.clear()
-            compile_model(model, mode)
+            compiled = _compile(model, mode, REGIONAL)
             t0 = time.time()
             # split_combo: Inductor's combo kernels (independent small kernels, e.g. the adapters'
             # casts, launched as one)
@@ -138,9 +126,10 @@ def main():
             if "frozen_fwd_bwd_compiled_ms" not in res and os.environ.get("FROZEN_COMPILED", "1") == "1":
                 handle.remove()
                 torch._dynamo.reset()
-                compile_model(model, mode)  # the same mode: the ratio compares like with like
+                _compile(model, mode, REGIONAL)  # the same mode: the ratio compares like with like
                 time_steps(model, [], "frozen_fwd_bwd_compiled", input_grad=True)
-            uncompile(model)
+            for module in compiled:  # back to the eager modules
+                module._compiled_call_impl = None
         os.environ.pop("LORAPLUG_ACCUMULATE", None)
         del model, params, handle
         torch._dynamo.reset()
