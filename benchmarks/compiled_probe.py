@@ -11,7 +11,7 @@ K-concatenation LoRA (``KConcat``: one GEMM over ``[x | s·x·Aᵀ]`` and ``[W |
 (``REFERENCE=0`` skips it) a reference fp8 layer written out below (the arithmetic of
 ``shared/anchors/flux_fp8_gpu.py``: e4m3 per row, per-token activations, ``torch._scaled_mm``)
 with a reference grouped LoRA hook. Each variant eager, under torch.compile
-and under CUDA graphs (``GRAPHS=0`` skips those): median time, Dynamo's counts, device time by
+and under CUDA graphs (``GRAPHS=0`` skips those; ``AUTOTUNE=1`` adds ``mode="max-autotune"``): median time, Dynamo's counts, device time by
 kind against the wall time (device time well under wall: the host sets the pace), the top
 kernels. Ratios against the bf16 base of the same mode. ``VARIANTS`` (space-separated keys such
 as ``bf16_base_graphs fp8_lora_r16_graphs``; name the base for the ratios) runs only those.
@@ -141,9 +141,15 @@ def kconcat_lora(model: nn.Module, rank: int = 16) -> None:
             )
 
 
+def variant_key(name: str, mode: str | None) -> str:
+    """``name`` with the mode's suffix: ``_eager``, ``_compiled``, ``_graphs``, ``_autotune``."""
+    return f"{name}_{ {None: 'compiled', 'eager': 'eager', 'max-autotune': 'autotune'}.get(mode, 'graphs') }"
+
+
 def measure(model, name: str, mode: str | None) -> None:
-    """``mode``: None (torch.compile), "reduce-overhead" (CUDA graphs) or "eager"."""
-    key = f"{name}_{ {None: 'compiled', 'eager': 'eager'}.get(mode, 'graphs') }"
+    """``mode``: None (torch.compile), "reduce-overhead" (CUDA graphs), "max-autotune" (Inductor's
+    GEMM templates, timed against cuBLAS per shape, and CUDA graphs) or "eager"."""
+    key = variant_key(name, mode)
     chosen = os.environ.get("VARIANTS", "").split()
     if chosen and key not in chosen:
         return
@@ -193,9 +199,24 @@ def configs(**entries):
 
 
 def measure_applied(model, adapters, name: str, mode: str | None, **apply_kwargs) -> None:
-    """``measure`` with ``adapters`` applied, removed afterwards."""
+    """``measure`` with ``adapters`` applied, removed afterwards; the GPU memory the applied
+    adapters hold after the timed calls (their caches; the sets themselves stay on the CPU, as
+    loaded from a file) against the adapters' own bytes (``_added_memory_vs_adapters``)."""
+    key = variant_key(name, mode)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     handle = lp.apply(model, adapters, **apply_kwargs)
     measure(model, name, mode)
+    torch.cuda.synchronize()
+    if key + "_ms" in RES:
+        sets = adapters if isinstance(adapters, list) else [adapters]
+        own = sum(
+            t.numel() * t.element_size()
+            for s in sets
+            for a in s.adapters.values()
+            for t in a.tensors.values()
+        )
+        RES[key + "_added_memory_vs_adapters"] = round((torch.cuda.memory_allocated() - before) / own, 4)
     handle.remove()
 
 
@@ -221,9 +242,11 @@ def build() -> nn.Module:
 
 def main() -> None:
     modes = ["eager", None] + (["reduce-overhead"] if os.environ.get("GRAPHS", "1") == "1" else [])
+    modes += ["max-autotune"] if os.environ.get("AUTOTUNE") == "1" else []
     model = build()
-    lora = lp.load(diffusers_lora(model, 16, seed=16))
-    second = lp.load(diffusers_lora(model, 16, seed=99))
+    # on the CPU, as read from a file: what the GPU holds is then loraplug's own
+    lora = lp.load({k: v.cpu() for k, v in diffusers_lora(model, 16, seed=16).items()})
+    second = lp.load({k: v.cpu() for k, v in diffusers_lora(model, 16, seed=99).items()})
     for mode in modes:
         measure(model, "bf16_base", mode)
         measure_applied(model, lora, "bf16_lora_r16", mode)
@@ -235,9 +258,10 @@ def main() -> None:
             measure_applied(model, lora, "bf16_lora_r16_shapes", mode)
             with configs(bf16=warp_specialized("bf16")):
                 measure_applied(model, lora, "bf16_lora_r16_shapes_ws", mode)
+            measure_applied(model, [lora, second], "bf16_lora_2x_r16_shapes", mode, strength=[1.0, 0.8])
+        measure_applied(model, [lora, second], "bf16_lora_2x_r16", mode, strength=[1.0, 0.8])
     with env("LORAPLUG_ACCUMULATE", "all"):  # the base GEMM accumulating into the adapters' output
         measure_applied(model, lora, "bf16_lora_r16_accumulating", None)
-    measure_applied(model, [lora, second], "bf16_lora_2x_r16", None, strength=[1.0, 0.8])
     quantize_fp8(model, targets=NOT_NORM)
     for mode in modes:
         measure(model, "fp8_base", mode)

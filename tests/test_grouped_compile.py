@@ -99,6 +99,82 @@ def test_added_memory_is_one_copy_of_the_adapter():
     handle.remove()
 
 
+def _storages_held(group: bypass._LowRank, exclude: set[int]) -> int:
+    """Bytes of the distinct storages a group's tensors live in, not counting ``exclude``."""
+    tensors = [group.down_t, *group.ups_t, *group.run_ups(), group.rank_scale, group.static_scale]
+    for fused in group.packs.values():
+        tensors += [fused.down_t, fused.rank_scale, fused.hstart, fused.packed]
+    seen = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen.setdefault(storage.data_ptr(), storage.nbytes())
+    return sum(n for ptr, n in seen.items() if ptr not in exclude)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["portable", "packed"])
+@pytest.mark.parametrize("slices", [1, 3], ids=["whole", "qkv"])
+def test_stacked_adapters_cost_one_copy_in_the_activation_dtype(slices, packed):
+    """Two LoRAs kept as float32 (as loaded), run in bf16: the group's bf16 tensors are one copy of
+    the adapters — the stacked ups of each slice's run are not a second one (a view into the fused
+    kernel's packing where it exists, else the members' own tensors are views into the stack).
+    Slices one output tile wide: a packing of narrower ones holds zeros where a tile spans two."""
+    from loraplug.runtime import kernels
+
+    size = 256  # one output tile of the kernel per slice (Flux-dev's slices are 12 such tiles)
+    model = nn.Sequential(nn.Linear(64, size * slices)).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    names = ["q", "k", "v"][:slices] if slices > 1 else [None]
+    sds = []
+    for _ in range(2):
+        sd = {}
+        for name in names:
+            key = "0" if name is None else f"0.{name}"
+            sd[f"{key}.lora_A.weight"] = torch.randn(16, 64, generator=g)
+            sd[f"{key}.lora_B.weight"] = torch.randn(size, 16, generator=g)
+        sds.append(sd)
+    if slices > 1:  # a fused qkv layer: the file's q/k/v keys land on its slices
+        sets = [lp.load({k.replace("0.", "to_"): v for k, v in sd.items()}) for sd in sds]
+        model = _FusedQkv()
+    else:
+        sets = [lp.load(sd) for sd in sds]
+    x = torch.randn(5, 64).bfloat16()
+    with torch.no_grad():
+        plain = model(x)
+    handle = lp.apply(model, sets)
+    runner = bypass.runners(model.to_qkv if slices > 1 else model[0])
+    (group,) = runner._lowrank.values()
+    if packed:
+        group.packed(kernels.config(False).bn)
+    with torch.no_grad():
+        got = model(x)
+    own = {t.untyped_storage().data_ptr() for sd in sds for t in sd.values()}
+    bf16_bytes = sum(t.numel() * 2 for sd in sds for t in sd.values())
+    held = _storages_held(group, own)
+    assert held <= 1.05 * bf16_bytes, (held, bf16_bytes)
+    ref = plain.float()
+    for sd in sds:  # the portable path's result, written out
+        for i, name in enumerate(names):
+            key = "0" if name is None else f"0.{name}"
+            delta = x.float() @ sd[f"{key}.lora_A.weight"].T @ sd[f"{key}.lora_B.weight"].T
+            ref[:, i * size : (i + 1) * size] += delta
+    close(got.float(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())  # bf16 arithmetic
+    handle.remove()
+
+
+class _FusedQkv(nn.Module):
+    """A fused q/k/v projection as diffusers leaves it after ``fuse_qkv_projections`` (the split
+    layers kept, unused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = (nn.Linear(64, 256).to(torch.bfloat16) for _ in range(3))
+        self.to_qkv = nn.Linear(64, 768).to(torch.bfloat16)
+        self.fused_projections = True
+
+    def forward(self, x):
+        return self.to_qkv(x)
+
+
 def test_an_fp8_base_without_kernels_has_its_group_before_compiling():
     """warm() builds the stacked adapters of an fp8 layer (bf16 activations) at apply, Triton or
     not: built lazily, a compiled graph would hold the build and redo it on every call."""

@@ -79,17 +79,28 @@ class _LowRank:
     _run_ups: list[Tensor] | None = None
 
     def run_ups(self) -> list[Tensor]:
-        """Each run's up projections in one (Σr, size) matrix: the entry's own for a run of one,
-        else one copy (built on first use)."""
+        """Each run's up projections in one (Σr, size) matrix (built on first use): the entry's own
+        for a run of one, a view where the members' rows already lie one after another (the fused
+        kernel's packing), else one stacked copy — which then holds the members that were copies
+        made for this group (cast to another dtype or device: their ``ups_t`` become views into
+        it), so an untrained group keeps one copy of its ups, not two."""
         if self._run_ups is None:
-            ups = []
+            ups, members_of = [], []
             for start, ranks, _, _ in self.runs:
-                members = [
-                    u
-                    for (s, _, _, _), u in zip(self.spans, self.ups_t, strict=True)
-                    if start <= s < start + ranks
-                ]
-                ups.append(members[0] if len(members) == 1 else torch.cat(members))
+                members = [i for i, (s, _, _, _) in enumerate(self.spans) if start <= s < start + ranks]
+                run = _adjacent_rows([self.ups_t[i] for i in members])
+                if run is None:
+                    run = torch.cat([self.ups_t[i] for i in members])
+                    if not self.trained:  # trained ups are parameters' views: autograd must reach them
+                        members_of.append((members, run))
+                ups.append(run)
+            for members, run in members_of:
+                row = 0
+                for i in members:
+                    rank = self.spans[i][1]
+                    if not _shares_storage(self.ups_t[i], self.entries[i].patch.all_tensors().values()):
+                        self.ups_t[i] = run[row : row + rank]
+                    row += rank
             self._run_ups = ups
         return self._run_ups
 
@@ -260,6 +271,28 @@ class _FusedOperands:
     def refresh(self, rank_scale: Tensor) -> None:
         if self.columns is not None:
             self.rank_scale.copy_(_gather_columns(rank_scale[None], self.columns)[0])
+
+
+def _adjacent_rows(members: list[Tensor]) -> Tensor | None:
+    """The members ((rᵢ, size) matrices) as one (Σr, size) view where each one's rows follow the
+    previous one's in the same storage (one member: itself), else None."""
+    first = members[0]
+    if len(members) == 1:
+        return first
+    end = first.data_ptr()
+    for m in members:
+        if m.data_ptr() != end or m.stride() != first.stride() or m.shape[1:] != first.shape[1:]:
+            return None
+        if m.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return None
+        end += m.shape[0] * m.stride(0) * m.element_size()
+    return first.as_strided((sum(m.shape[0] for m in members), *first.shape[1:]), first.stride())
+
+
+def _shares_storage(t: Tensor, others) -> bool:
+    """Whether ``t`` lives in the storage of one of ``others`` (an adapter's own tensor)."""
+    ptr = t.untyped_storage().data_ptr()
+    return any(o.untyped_storage().data_ptr() == ptr for o in others)
 
 
 def _gather_columns(t: Tensor, columns: Tensor) -> Tensor:
