@@ -426,22 +426,36 @@ def test_kernel_availability_is_not_looked_up_per_call(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_kernel_switches(monkeypatch):
-    """LORAPLUG_KERNELS: unset → fused only on fp8 bases; all → float bases too; base → adapters
-    never fused; 0 → no kernels."""
+@pytest.mark.parametrize("gpu", ["NVIDIA H100 80GB HBM3", "NVIDIA H200"])
+def test_kernel_switches(monkeypatch, gpu):
+    """LORAPLUG_KERNELS: unset → fused on fp8 bases, and on float bases where that was measured
+    faster (an H100: on the shapes float_shape_fuses picks); shapes → float bases on any GPU;
+    fp8 → fp8 bases only; all → float bases on every shape; base → adapters never fused; 0 → no
+    kernels."""
     monkeypatch.setattr(kernels, "TRITON_INSTALLED", True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    from loraplug.runtime.bypass import _fusable
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    from loraplug.runtime.bypass import _float_shapes, _fusable
 
+    measured = "H100" in gpu
     fp8 = Fp8Linear(8, 8)
-    for env, float_base, fp8_base in (
-        ("", False, True),
-        ("all", True, True),
-        ("base", False, False),
-        ("0", False, False),
+    for env, shapes, float_base, fp8_base in (
+        ("", measured, measured, True),
+        ("shapes", True, True, True),
+        ("fp8", False, False, True),
+        ("all", False, True, True),
+        ("base", False, False, False),
+        ("0", False, False, False),
     ):
         monkeypatch.setenv("LORAPLUG_KERNELS", env)
-        assert (_fusable(nn.Linear(8, 8)), _fusable(fp8)) == (float_base, fp8_base), env
+        linear = nn.Linear(8, 8)
+        assert _float_shapes(linear) == shapes, env
+        got = (_fusable(linear, _float_shapes(linear)), _fusable(fp8, _float_shapes(fp8)))
+        assert got == (float_base, fp8_base), env
+    monkeypatch.delenv("LORAPLUG_KERNELS")
+    assert kernels.on_float_shapes(torch.device("cuda", 0)) == measured
+    assert not kernels.on_float_shapes(torch.device("cpu"))
 
 
 def test_compiled_graphs_fuse_adapters_on_hopper_and_later(monkeypatch):
@@ -657,3 +671,5 @@ def test_float_shape_rule_picks_the_measured_shapes(monkeypatch):
     assert not fuses(512, 3072, 9216) and not fuses(512, 3072, 12288)
     monkeypatch.setenv("LORAPLUG_KERNELS", "shapes")
     assert kernels.on_float_shapes() and not kernels.on_float_bases()
+    monkeypatch.setenv("LORAPLUG_KERNELS", "fp8")
+    assert not kernels.on_float_shapes() and not kernels.on_float_bases()

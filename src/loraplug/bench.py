@@ -276,7 +276,7 @@ def linear_stack() -> dict:
                 tk.lora_linear(x, m.weight, m.bias, None, (None, m.weight_scale), x.dtype)
 
         res["fp8_tiles"] = _sweep(res, "triton_fp8_base", FP8_TILES, triton_fp8)
-    for mode in [m for m in _modes() if m != "hooked"]:  # hooked = portable on an fp8 base
+    for mode in [m for m in _modes() if m not in ("hooked", "shapes")]:  # = portable / hybrid on fp8
         _mode(mode)
         handle = lp.apply(root, loras["r16"])
         if mode == "fused":
@@ -362,17 +362,26 @@ def _modes() -> tuple[str, ...]:
     """hooked (adapters added after the base GEMM, no Triton: LORAPLUG_ACCUMULATE=0,
     LORAPLUG_KERNELS=0), portable (no Triton; a plain Linear's base GEMM accumulates into the
     adapters' output), and where Triton runs: hybrid (=base: Triton fp8 base GEMM, adapters on the
-    portable path) and fused (=all: adapters inside the base GEMM on every base). The default is
-    fused on fp8 bases, portable on float ones. ``MODES`` (space-separated) picks a subset."""
+    portable path), shapes (=shapes: float bases fused on ``kernels.float_shape_fuses``'s shapes)
+    and fused (=all: adapters inside the base GEMM on every base). The default is fused on fp8
+    bases; on float ones shapes where that was measured faster (``kernels.FLOAT_SHAPES_GPUS``),
+    portable elsewhere. ``MODES`` (space-separated) picks a subset."""
     from .runtime import kernels
 
-    modes = ("hooked", "portable", "hybrid", "fused") if kernels.available() else ("hooked", "portable")
+    triton = ("hooked", "portable", "hybrid", "shapes", "fused")
+    modes = triton if kernels.available() else ("hooked", "portable")
     chosen = os.environ.get("MODES", "").split()
     return tuple(m for m in modes if not chosen or m in chosen)
 
 
 def _mode(name: str) -> None:
-    os.environ["LORAPLUG_KERNELS"] = {"hooked": "0", "portable": "0", "hybrid": "base", "fused": "all"}[name]
+    os.environ["LORAPLUG_KERNELS"] = {
+        "hooked": "0",
+        "portable": "0",
+        "hybrid": "base",
+        "shapes": "shapes",
+        "fused": "all",
+    }[name]
     os.environ["LORAPLUG_ACCUMULATE"] = "0" if name == "hooked" else "1"
 
 
@@ -460,7 +469,7 @@ def main() -> None:
     if os.environ.get("FP8") == "1":  # fp8 base: the blocks' linear layers, per row / per token
         quantize_fp8(model, targets=r"blocks\.")
         b.time(model, "fp8_base")
-        for mode in [m for m in _modes() if m != "hooked"]:  # hooked = portable on an fp8 base
+        for mode in [m for m in _modes() if m not in ("hooked", "shapes")]:  # = portable / hybrid on fp8
             _mode(mode)
             handle = lp.apply(model, loras[16])
             b.time(model, f"fp8_loraplug_{mode}_r16")

@@ -282,11 +282,32 @@ def test_fp8_base_passes_gradients_on_the_gpu():
     assert _rel(x.grad, grad.float() @ model[0].dequantized()) < 1e-2
 
 
-def test_float_bases_take_the_kernel_only_when_opted_in(monkeypatch):
-    monkeypatch.delenv("LORAPLUG_KERNELS")
-    layer = _layer(256, 512, torch.bfloat16)
-    handle = _apply(layer, [_lora(256, [(0, 512)], 8, 7)], [1.0], torch.bfloat16)
-    assert not runners(layer).fused and runners(layer).accumulating
+@pytest.mark.parametrize("setting", [None, "fp8", "shapes"])
+def test_float_bases_take_the_kernel_where_measured_or_opted_in(setting, monkeypatch):
+    """By default a bf16 Linear takes the fused kernel on the GPUs where that was measured faster
+    (kernels.FLOAT_SHAPES_GPUS), on the shapes float_shape_fuses picks, else the portable path;
+    the output is the portable path's either way."""
+    if setting is None:
+        monkeypatch.delenv("LORAPLUG_KERNELS")
+    else:
+        monkeypatch.setenv("LORAPLUG_KERNELS", setting)
+    measured = any(gpu in torch.cuda.get_device_name() for gpu in kernels.FLOAT_SHAPES_GPUS)
+    on = setting == "shapes" or (setting is None and measured)
+    layer = _layer(3072, 9216, torch.bfloat16)
+    parts = [_lora(3072, [(0, 3072), (3072, 3072), (6144, 3072)], 16, 7)]
+    handle = _apply(layer, parts, [1.0], torch.bfloat16)
+    runner = runners(layer)
+    assert runner.fused == on and runner.accumulating
+    x = torch.randn(4096, 3072, device="cuda", dtype=torch.bfloat16)
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    with torch.no_grad():
+        assert (runner._fused_group(layer, x) is not None) == (on and hopper)  # K 3072, many tiles
+        assert runner._fused_group(layer, x[:512]) is None  # the text stream: few tiles
+        got = layer(x)
+        portable = runner._run(layer, (x,), {}, type(layer).forward(layer, x))
+    assert _rel(got, _reference(layer, x, parts, [1.0])) <= max(
+        1.5 * _rel(portable, _reference(layer, x, parts, [1.0])), 2e-3
+    )
     handle.remove()
 
 

@@ -10,9 +10,11 @@ itself it sets the module's ``forward`` (an instance attribute, deleted on remov
   base GEMM accumulating into it (``_LowRank.under_base``; adding after the base would be out of
   place there, a copy of y), ``LORAPLUG_ACCUMULATE=0`` keeps the hooked order (compiled graphs take
   it too: there the out-of-place add fuses into the next kernel, see ``kernels.accumulates``);
-- an fp8 base (``Fp8Linear``, or any float Linear with ``LORAPLUG_KERNELS=all``) on CUDA with
-  Triton: one fused GEMM that adds every low-rank adapter inside the base product
-  (runtime.kernels), in eager mode and inside compiled graphs (as a registered operator).
+- an fp8 base (``Fp8Linear``; a plain bf16/fp16 Linear on the shapes ``kernels.float_shape_fuses``
+  picks, by default on the GPUs where that was measured faster, ``kernels.on_float_shapes``; any
+  float Linear with ``LORAPLUG_KERNELS=all``) on CUDA with Triton: one fused GEMM that adds every
+  low-rank adapter inside the base product (runtime.kernels), in eager mode and inside compiled
+  graphs (as a registered operator).
 Calls these cannot serve (masks, adapters that read the base output, other dtypes, CPU for the
 kernels, training for the kernels) take the hooked order.
 """
@@ -324,7 +326,10 @@ class ModuleBypass:
         # accumulating into the adapters' output), it takes the module's forward (an instance
         # attribute, removed again by close()); elsewhere it is a forward hook after the module's
         # own forward.
-        self.fused = self.grouping and _fusable(module)
+        # float bases fused on the measured shapes only (decided here, once: a plain attribute
+        # inside compiled graphs, not a device query per call)
+        self.float_shapes = _float_shapes(module)
+        self.fused = self.grouping and _fusable(module, self.float_shapes)
         self.accumulating = self.grouping and _accumulable(module)
         if self.fused or self.accumulating:
             module.forward = self.forward  # a bound method: no reference cycle through the module
@@ -464,7 +469,7 @@ class ModuleBypass:
             return None
         if (
             not isinstance(module, Fp8Linear)
-            and kernels.on_float_shapes()
+            and self.float_shapes
             and not (
                 kernels.has_tma(cuda_capability(x.device))  # measured on Hopper's TMA kernel only
                 and kernels.float_shape_fuses(
@@ -614,10 +619,18 @@ def _block_n(module: nn.Module) -> int:
     return kernels.config(isinstance(module, Fp8Linear))[1]
 
 
-def _fusable(module: nn.Module) -> bool:
-    """A layer whose forward the fused kernels stand in for: an Fp8Linear (or, when opted in, a plain
-    Linear), with no other wrapper already on its forward, where Triton and CUDA are present."""
-    kinds = (Fp8Linear, nn.Linear) if kernels.on_float_bases() or kernels.on_float_shapes() else (Fp8Linear,)
+def _float_shapes(module: nn.Module) -> bool:
+    """``kernels.on_float_shapes`` for the module's GPU (the current one while it is elsewhere)."""
+    w = getattr(module, "weight", None)
+    device = w.device if isinstance(w, Tensor) and w.device.type == "cuda" else None
+    return kernels.available() and kernels.on_float_shapes(device)
+
+
+def _fusable(module: nn.Module, float_shapes: bool) -> bool:
+    """A layer whose forward the fused kernels stand in for: an Fp8Linear (or a plain Linear where
+    float bases take the kernel: ``float_shapes``, or opted in), with no other wrapper already on
+    its forward, where Triton and CUDA are present."""
+    kinds = (Fp8Linear, nn.Linear) if kernels.on_float_bases() or float_shapes else (Fp8Linear,)
     return (
         kernels.available()
         and kernels.fuses_adapters()

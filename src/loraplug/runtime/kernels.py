@@ -55,11 +55,27 @@ def on_float_bases() -> bool:
     return os.environ.get("LORAPLUG_KERNELS") == "all"
 
 
-def on_float_shapes() -> bool:
-    """``LORAPLUG_KERNELS=shapes``: float bases take the fused kernel on the shapes where it was
-    measured faster than the portable path (``float_shape_fuses``), plain Linears only, on Hopper
-    and later (the TMA kernel that was measured)."""
-    return os.environ.get("LORAPLUG_KERNELS") == "shapes"
+# GPUs on which bf16 bases ran faster with the fused kernel on ``float_shape_fuses``'s shapes than
+# on the portable path — full Flux-dev, eager and compiled, each against the portable path in the
+# same process (benchmarks/README.md, sessions 9–11, four processes on H100s: device time 1.065
+# against 1.10 eager, wall 1.10 against 1.13–1.16 compiled, added memory 1.005× the adapters).
+# Not measured on other GPUs (the H200 included), where it stays opt-in (``LORAPLUG_KERNELS=shapes``).
+FLOAT_SHAPES_GPUS = ("H100",)
+
+
+def on_float_shapes(device: torch.device | None = None) -> bool:
+    """Whether float bases take the fused kernel on the shapes where it was measured faster than
+    the portable path (``float_shape_fuses``), plain Linears only, on Hopper and later: by default
+    on the GPUs named in ``FLOAT_SHAPES_GPUS`` (``device``, or the current CUDA device);
+    ``LORAPLUG_KERNELS=shapes`` on any GPU; with any other setting (``fp8``: the fused kernel on
+    fp8 bases only, float bases on the portable path) never."""
+    value = os.environ.get("LORAPLUG_KERNELS")
+    if value:
+        return value == "shapes"
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+        return False
+    name = torch.cuda.get_device_name(device if device is not None else torch.cuda.current_device())
+    return any(gpu in name for gpu in FLOAT_SHAPES_GPUS)
 
 
 def float_shape_fuses(m: int, k: int, n: int, sms: int) -> bool:
