@@ -467,6 +467,10 @@ class ModuleBypass:
             return None
         if self._masked():
             return None
+        if torch.is_grad_enabled() and (
+            x.requires_grad or w.requires_grad or any(g.trained for g in self._lowrank.values())
+        ):
+            return None  # the kernels have no backward: training takes the portable path
         if (
             not isinstance(module, Fp8Linear)
             and self.float_shapes
@@ -479,10 +483,6 @@ class ModuleBypass:
             )
         ):  # fmt: skip
             return None
-        if torch.is_grad_enabled() and (
-            x.requires_grad or w.requires_grad or any(g.trained for g in self._lowrank.values())
-        ):
-            return None  # the kernels have no backward: training takes the portable path
         if not (w.dtype == x.dtype or (isinstance(module, Fp8Linear) and fp8_matmul_on(x.device))):
             return None
         lowrank = self._lowrank_for(x)
@@ -586,10 +586,12 @@ class ModuleBypass:
         ):
             dtype = w.dtype if float_dtype(w.dtype) else torch.bfloat16  # fp8: bf16 activations
             group = self._lowrank_for(torch.empty(0, device=w.device, dtype=dtype))
-            if group is not None and self.fused and w.is_cuda and tma_aligned(w):
+            if group is None or group.trained:
+                return  # trained adapters never take the kernels, and are read afresh each call
+            if self.fused and w.is_cuda and tma_aligned(w):
                 kernels.ops()  # imported now, not inside a compiled region
                 group.packed(_block_n(self.module_ref()))
-            elif group is not None and not group.trained:
+            else:
                 group.run_ups()  # built now: a compiled graph would guard on the cache being empty
 
     def close(self) -> None:
