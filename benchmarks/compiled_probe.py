@@ -141,6 +141,11 @@ def kconcat_lora(model: nn.Module, rank: int = 16) -> None:
             )
 
 
+def save() -> None:
+    """Write what was measured so far ($OUT/compiled_probe.json, ``NAME`` renames it)."""
+    (OUT / os.environ.get("NAME", "compiled_probe.json")).write_text(json.dumps(RES, indent=1))
+
+
 def variant_key(name: str, mode: str | None) -> str:
     """``name`` with the mode's suffix: ``_eager``, ``_compiled``, ``_graphs``, ``_autotune``."""
     return f"{name}_{ {None: 'compiled', 'eager': 'eager', 'max-autotune': 'autotune'}.get(mode, 'graphs') }"
@@ -172,7 +177,7 @@ def measure(model, name: str, mode: str | None) -> None:
     base = RES.get(f"bf16_base_{key.rpartition('_')[2]}_ms")
     if base and key + "_ms" in RES:
         RES[key + "_ratio"] = round(RES[key + "_ms"] / base, 4)
-    (OUT / os.environ.get("NAME", "compiled_probe.json")).write_text(json.dumps(RES, indent=1))
+    save()
 
 
 @contextlib.contextmanager
@@ -217,7 +222,7 @@ def measure_applied(model, adapters, name: str, mode: str | None, **apply_kwargs
             for t in a.tensors.values()
         )
         RES[key + "_added_memory_vs_adapters"] = round((torch.cuda.memory_allocated() - before) / own, 4)
-        (OUT / os.environ.get("NAME", "compiled_probe.json")).write_text(json.dumps(RES, indent=1))
+        save()
     handle.remove()
 
 

@@ -242,7 +242,7 @@ def linear_stack() -> dict:
     loras = {"r16": lp.load(stack_lora(layers, 16, 1)), "r64": lp.load(stack_lora(layers, 64, 2))}
     second = lp.load(stack_lora(layers, 16, 3))
     res["adapter_GB_r16"] = loras["r16"].parameters * 2 / 1e9
-    for mode in [m for m in _modes() if m != "hybrid"]:  # hybrid = portable on a float base
+    for mode in _modes("float"):
         _mode(mode)
         if mode == "fused":  # flattened tile loop or not: timed with one LoRA, the best kept
             handle = lp.apply(root, loras["r16"])
@@ -276,7 +276,7 @@ def linear_stack() -> dict:
                 tk.lora_linear(x, m.weight, m.bias, None, (None, m.weight_scale), x.dtype)
 
         res["fp8_tiles"] = _sweep(res, "triton_fp8_base", FP8_TILES, triton_fp8)
-    for mode in [m for m in _modes() if m not in ("hooked", "shapes")]:  # = portable / hybrid on fp8
+    for mode in _modes("fp8"):
         _mode(mode)
         handle = lp.apply(root, loras["r16"])
         if mode == "fused":
@@ -358,20 +358,23 @@ def table(results: dict) -> Table:
     return t
 
 
-def _modes() -> tuple[str, ...]:
+def _modes(base: str | None = None) -> tuple[str, ...]:
     """hooked (adapters added after the base GEMM, no Triton: LORAPLUG_ACCUMULATE=0,
     LORAPLUG_KERNELS=0), portable (no Triton; a plain Linear's base GEMM accumulates into the
     adapters' output), and where Triton runs: hybrid (=base: Triton fp8 base GEMM, adapters on the
     portable path), shapes (=shapes: float bases fused on ``kernels.float_shape_fuses``'s shapes)
     and fused (=all: adapters inside the base GEMM on every base). The default is fused on fp8
     bases; on float ones shapes where that was measured faster (``kernels.FLOAT_SHAPES_GPUS``),
-    portable elsewhere. ``MODES`` (space-separated) picks a subset."""
+    portable elsewhere. ``MODES`` (space-separated) picks a subset. ``base`` ("float" or "fp8")
+    leaves out the modes that run the same as another on that base (hybrid = portable on a float
+    base; hooked = portable, shapes = the default on an fp8 base)."""
     from .runtime import kernels
 
     triton = ("hooked", "portable", "hybrid", "shapes", "fused")
     modes = triton if kernels.available() else ("hooked", "portable")
     chosen = os.environ.get("MODES", "").split()
-    return tuple(m for m in modes if not chosen or m in chosen)
+    same = {"float": ("hybrid",), "fp8": ("hooked", "shapes")}.get(base, ())
+    return tuple(m for m in modes if (not chosen or m in chosen) and m not in same)
 
 
 def _mode(name: str) -> None:
@@ -430,7 +433,7 @@ def main() -> None:
             model.fuse_qkv_projections()
             b.time(model, "base_fused")
         b.memory(f"{layout}_base")
-        for mode in [m for m in _modes() if m != "hybrid"]:  # hybrid = portable on a float base
+        for mode in _modes("float"):
             _mode(mode)
             for key, adapters in (("r16", loras[16]), ("r64", loras[64]), ("2x_r16", [loras[16], second])):
                 handle = lp.apply(model, adapters, strength=[1.0, 0.8] if key == "2x_r16" else 1.0)
@@ -451,7 +454,7 @@ def main() -> None:
         b.time(_compile(model), "compiled_base_fused")
         b.res["compiled_base_fused_dynamo"] = _graphs()
         b.res["compile_base_s"] = time.time() - t0
-        for mode in [m for m in _modes() if m != "hybrid" and os.environ.get("COMPILE_LORA", "1") == "1"]:
+        for mode in _modes("float") if os.environ.get("COMPILE_LORA", "1") == "1" else ():
             _mode(mode)
             handle = lp.apply(model, loras[16])
             torch._dynamo.reset()
@@ -469,7 +472,7 @@ def main() -> None:
     if os.environ.get("FP8") == "1":  # fp8 base: the blocks' linear layers, per row / per token
         quantize_fp8(model, targets=r"blocks\.")
         b.time(model, "fp8_base")
-        for mode in [m for m in _modes() if m not in ("hooked", "shapes")]:  # = portable / hybrid on fp8
+        for mode in _modes("fp8"):
             _mode(mode)
             handle = lp.apply(model, loras[16])
             b.time(model, f"fp8_loraplug_{mode}_r16")

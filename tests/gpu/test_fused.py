@@ -305,9 +305,8 @@ def test_float_bases_take_the_kernel_where_measured_or_opted_in(setting, monkeyp
         assert runner._fused_group(layer, x[:512]) is None  # the text stream: few tiles
         got = layer(x)
         portable = runner._run(layer, (x,), {}, type(layer).forward(layer, x))
-    assert _rel(got, _reference(layer, x, parts, [1.0])) <= max(
-        1.5 * _rel(portable, _reference(layer, x, parts, [1.0])), 2e-3
-    )
+    ref = _reference(layer, x, parts, [1.0])
+    assert _rel(got, ref) <= max(1.5 * _rel(portable, ref), 2e-3)
     handle.remove()
 
 

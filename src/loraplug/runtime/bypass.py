@@ -87,24 +87,26 @@ class _LowRank:
         made for this group (cast to another dtype or device: their ``ups_t`` become views into
         it), so an untrained group keeps one copy of its ups, not two."""
         if self._run_ups is None:
-            ups, members_of = [], []
+            ups = []
             for start, ranks, _, _ in self.runs:
                 members = [i for i, (s, _, _, _) in enumerate(self.spans) if start <= s < start + ranks]
                 run = _adjacent_rows([self.ups_t[i] for i in members])
                 if run is None:
                     run = torch.cat([self.ups_t[i] for i in members])
                     if not self.trained:  # trained ups are parameters' views: autograd must reach them
-                        members_of.append((members, run))
+                        self._rest_on(run, members)
                 ups.append(run)
-            for members, run in members_of:
-                row = 0
-                for i in members:
-                    rank = self.spans[i][1]
-                    if not _shares_storage(self.ups_t[i], self.entries[i].patch.all_tensors().values()):
-                        self.ups_t[i] = run[row : row + rank]
-                    row += rank
             self._run_ups = ups
         return self._run_ups
+
+    def _rest_on(self, run: Tensor, members: list[int]) -> None:
+        """Members' ups that were copies made for this group become views into their run's stack."""
+        row = 0
+        for i in members:
+            rank = self.spans[i][1]
+            if not _shares_storage(self.ups_t[i], self.entries[i].patch.all_tensors().values()):
+                self.ups_t[i] = run[row : row + rank]
+            row += rank
 
     @classmethod
     def build(cls, found: list[tuple[Entry, tuple[Tensor, Tensor, float]]], out_features: int) -> _LowRank:

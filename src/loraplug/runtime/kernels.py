@@ -79,7 +79,8 @@ def on_float_shapes(device: torch.device | None = None) -> bool:
 
 
 def float_shape_fuses(m: int, k: int, n: int, sms: int) -> bool:
-    """Whether a bf16/fp16 m × k → n call takes the fused kernel under ``LORAPLUG_KERNELS=shapes``:
+    """Whether a bf16/fp16 m × k → n call takes the fused kernel where float bases fuse on the
+    measured shapes (``on_float_shapes``):
     a short reduction (k ≤ 4096: the portable path's second pass over y weighs most against a
     short GEMM) and at least two full tiles per multiprocessor (the Triton GEMM trails cuBLAS most
     on few tiles). Measured per Flux-dev layer shape on an H100 (benchmarks/tile_sweep.py, session
