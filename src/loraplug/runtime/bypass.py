@@ -33,6 +33,7 @@ from ..algorithms.op import LayerOp, float_dtype
 from ..arch import Target
 from ..fp8 import Fp8Linear, cuda_capability, fp8_matmul_on
 from ..specs.base import BaseView, Patch, channel_view
+from ..specs.lora import LoraPatch
 from . import kernels
 from .masks import Mask
 from .quant import float_bias, float_weight, is_float_weight
@@ -78,6 +79,7 @@ class _LowRank:
     runs: list[tuple[int, int, int, int]]  # (rank start, ranks, output offset, output size) per slice
     covers_output: bool  # the runs tile the whole output side by side (one run, or q/k/v slices)
     packs: dict[int, _FusedOperands] = field(default_factory=dict)
+    column_ranks: Tensor | None = None  # trained groups: the rank start of each output column's run
     _run_ups: list[Tensor] | None = None
 
     def run_ups(self) -> list[Tensor]:
@@ -135,6 +137,8 @@ class _LowRank:
             runs=(runs := _runs(spans)),
             covers_output=_covers(runs, out_features),
         )
+        if group.trained:
+            group.column_ranks = _column_ranks(group.runs, out_features, down_t.device)
         group.refresh()
         return group
 
@@ -239,6 +243,14 @@ def _runs(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, i
     return runs
 
 
+def _column_ranks(runs: list[tuple[int, int, int, int]], width: int, device: torch.device) -> Tensor:
+    """(width,) int32: for each output column the first stacked rank of the run covering it."""
+    starts = torch.zeros(width, dtype=torch.int32)
+    for start, _, offset, size in runs:
+        starts[offset : offset + size] = start
+    return starts.to(device)
+
+
 def _covers(runs: list[tuple[int, int, int, int]], width: int) -> bool:
     """The runs' slices lie side by side from column 0 to ``width``."""
     end = 0
@@ -333,7 +345,8 @@ class ModuleBypass:
         self.float_shapes = _float_shapes(module)
         self.fused = self.grouping and _fusable(module, self.float_shapes)
         self.accumulating = self.grouping and _accumulable(module)
-        if self.fused or self.accumulating:
+        self.trains = self.grouping and _trains(module)
+        if self.fused or self.accumulating or self.trains:
             module.forward = self.forward  # a bound method: no reference cycle through the module
             self._hook = None
         else:
@@ -418,6 +431,8 @@ class ModuleBypass:
         y = None
         if not (args or kwargs):
             y = self._fused_output(module, x) if self.fused else None
+            if y is None and self.trains:
+                y = self._trained_output(module, x)
             if y is None and self.accumulating:
                 y = self._accumulated_output(module, x)
         if y is None:
@@ -456,6 +471,65 @@ class ModuleBypass:
         bias = module.bias
         y = lowrank.under_base(x.reshape(-1, x.shape[-1]), w, None if bias is None else bias.to(x.dtype))
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def _trained_output(self, module: nn.Module, x: Tensor) -> Tensor | None:
+        """y = base + every trained LoRA through the training kernels (``kernels.lora_train_linear``),
+        where they compute exactly what the portable path would: gradients on, a frozen bf16/fp16
+        weight of x's dtype and device, no autocast to another dtype, no masks, and LoRAs of one
+        rank covering the output one per slice (``_trained_operands``); else None."""
+        if not (torch.is_grad_enabled() and (x.is_cuda or kernels.interpreting())):
+            return None
+        w, bias = module.weight, module.bias
+        if not (
+            type(w) in (nn.Parameter, Tensor)
+            and not w.requires_grad
+            and (bias is None or not bias.requires_grad)
+            and w.dtype == x.dtype
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and w.device == x.device
+            and kernels.supports_training(x.shape[-1], w.shape[0])
+        ):
+            return None
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
+            return None
+        if self._masked():
+            return None
+        operands = self._trained_operands(x)
+        if operands is None:
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        y = kernels.lora_train_linear(x2, w, None if bias is None else bias.to(x.dtype), *operands)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def _trained_operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """(down (R, K), up (N, r), column ranks, rank scales) for the training kernels: the
+        adapters' own parameters (stacked when a module carries one per slice), or None where
+        the module's adapters are not trained LoRAs of one rank and dtype, one per slice."""
+        group = self._lowrank.get((x.device, x.dtype)) or self._lowrank_for(x)
+        if (
+            group is None
+            or not group.trained
+            or len(group.entries) != len(self.entries)
+            or len(group.runs) != len(group.entries)
+            or not group.covers_output
+        ):
+            return None
+        tensors = [e.patch.all_tensors() for e in group.entries]
+        if not all(type(e.patch) is LoraPatch and set(t) == {"down", "up"} for e, t in zip(group.entries, tensors, strict=True)):  # fmt: skip
+            return None
+        downs, ups = [t["down"] for t in tensors], [t["up"] for t in tensors]
+        first = downs[0]
+        if not all(
+            t.shape[i] == first.shape[0] and t.dtype == first.dtype and t.device == x.device and t.is_contiguous()
+            for pair in zip(downs, ups, strict=True)
+            for i, t in enumerate(pair)
+        ):  # fmt: skip
+            return None
+        down = first if len(downs) == 1 else torch.cat(downs)
+        up = ups[0] if len(ups) == 1 else torch.cat(ups)
+        return down, up, group.column_ranks, group.rank_scale
 
     def _fused_group(self, module: nn.Module, x: Tensor) -> _LowRank | None:
         """The low-rank group when the fused kernel computes this call exactly as the portable path
@@ -641,6 +715,12 @@ def _fusable(module: nn.Module, float_shapes: bool) -> bool:
         and type(module) in kinds
         and "forward" not in module.__dict__
     )
+
+
+def _trains(module: nn.Module) -> bool:
+    """A plain ``nn.Linear`` (no other wrapper on its forward) where the training kernels run
+    (``kernels.trains``): trained LoRAs on it may take them."""
+    return kernels.trains() and type(module) is nn.Linear and "forward" not in module.__dict__
 
 
 def _accumulable(module: nn.Module) -> bool:

@@ -44,7 +44,7 @@ def available() -> bool:
     the portable path)."""
     if os.environ.get("LORAPLUG_KERNELS") == "0" or not TRITON_INSTALLED:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.is_available() or interpreting()
 
 
 def on_float_bases() -> bool:
@@ -128,6 +128,32 @@ def fuses_in_graphs(capability: tuple[int, int]) -> bool:
     (41 % slower than TMA on the H200) and was never measured against cuBLAS, so graphs keep
     ``_scaled_mm`` with the portable LoRA there, unless ``LORAPLUG_KERNELS=all``."""
     return has_tma(capability) or on_float_bases()
+
+
+def trains() -> bool:
+    """Whether trained LoRAs on a plain bf16/fp16 ``nn.Linear`` run through the training kernels
+    (``train_kernels``: three Triton kernels and the two base GEMMs per layer and step, adapters
+    read in their own dtype) where Triton and CUDA are present; ``LORAPLUG_TRAIN_KERNELS=0`` keeps
+    the portable path (cuBLAS GEMMs, autograd through casts and scalings)."""
+    return available() and os.environ.get("LORAPLUG_TRAIN_KERNELS") != "0"
+
+
+def supports_training(k: int, n: int) -> bool:
+    """Layers the training kernels take: rows of whole 16-byte units (K and N multiples of 8)."""
+    return k % 8 == 0 and n % 8 == 0
+
+
+def interpreting() -> bool:
+    """Whether Triton runs interpreted on the CPU (tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def lora_train_linear(x, weight, bias, down, up, col_rank, rank_scale):
+    """x·Wᵀ + bias + the module's trained LoRAs (stacked: see ``train_kernels``), differentiable in
+    x and the adapters."""
+    from .train_kernels import LoraTrainLinear
+
+    return LoraTrainLinear.apply(x, weight, bias, down, up, col_rank, rank_scale)
 
 
 def has_tma(capability: tuple[int, int]) -> bool:
