@@ -3,7 +3,7 @@
 measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on the split layout
 (split_hooked: adapters added after the base GEMM, the previous default; split_bf16: bf16
 adapters, as diffusers' add_adapter gives PEFT; split_combo: compiled with Inductor's combo kernels), the fused layout (one
-adapter per q/k/v slice) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
+adapter per q/k/v slice; ``*_portable``: the training kernels off) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
 picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step; ``REGIONAL=1`` compiles each transformer block
 (lp.train's ``regional=True``: one compile per block kind, minutes less at full depth)
 instead of the whole model; ``PROFILE=1`` adds each step's device
@@ -99,8 +99,10 @@ def main():
     layouts = os.environ.get("LAYOUTS", "split split_bf16 split_hooked fused fp8").split()
     for layout in layouts:  # fused: diffusers keeps the split weights too (+ memory)
         model = build()
-        if layout == "fused":
+        if layout.startswith("fused"):
             model.fuse_qkv_projections()
+        if layout.endswith("_portable"):  # the training kernels off: cuBLAS GEMMs, casts and scalings
+            os.environ["LORAPLUG_TRAIN_KERNELS"] = "0"
         if layout == "fp8":  # the blocks' linear layers in fp8 (per-row weights, per-token activations)
             lp.quantize_fp8(model, targets=r"blocks\.")
             torch.cuda.empty_cache()
@@ -131,6 +133,7 @@ def main():
             for module in compiled:  # back to the eager modules
                 module._compiled_call_impl = None
         os.environ.pop("LORAPLUG_ACCUMULATE", None)
+        os.environ.pop("LORAPLUG_TRAIN_KERNELS", None)
         del model, params, handle
         torch._dynamo.reset()
         torch.cuda.empty_cache()

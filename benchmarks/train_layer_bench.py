@@ -1,0 +1,97 @@
+"""One adapted layer's training step (forward + backward, r16, float32 masters, bf16 activations) on
+the Flux-dev layer shapes at 512² (1536 tokens in the single blocks, 1024 / 512 in the two streams):
+device time per step by kernel (torch.profiler; what CUDA graphs leave), for the frozen layer
+(dx only), the portable path and the training kernels. Writes $OUT/train_layer_bench.json."""
+
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import loraplug as lp  # noqa: E402
+from loraplug import arch  # noqa: E402
+
+ITERS = 20
+# (name, tokens, in, out, slices): Flux-dev layers as diffusers runs them (fused q/k/v)
+SHAPES = [
+    ("single_qkv", 1536, 3072, 9216, 3),
+    ("single_proj_mlp", 1536, 3072, 12288, 1),
+    ("single_proj_out", 1536, 15360, 3072, 1),
+    ("img_qkv", 1024, 3072, 9216, 3),
+    ("img_out", 1024, 3072, 3072, 1),
+    ("img_mlp0", 1024, 3072, 12288, 1),
+    ("img_mlp2", 1024, 12288, 3072, 1),
+    ("txt_qkv", 512, 3072, 9216, 3),
+]
+SLICES: dict[int, list[str]] = {}
+arch.PROVIDERS.append(
+    lambda model, ops: (
+        {f"s{i}": [arch.Target("layer", i * model.layer.out_features // SLICES[id(model)][0], model.layer.out_features // SLICES[id(model)][0])]
+         for i in range(SLICES[id(model)][0])}
+        if id(model) in SLICES else {},
+        set(),
+    )
+)  # fmt: skip
+
+
+def device_ms(fn) -> tuple[float, dict[str, float]]:
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(ITERS):
+            fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name[:60]] += e.device_time_total / 1e3 / ITERS
+    return sum(kernels.values()), dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:8])
+
+
+def main():
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "iters": ITERS}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    total = defaultdict(float)
+    for name, m, k, n, slices in SHAPES:
+        holder = nn.Module()
+        holder.layer = nn.Linear(k, n).cuda().bfloat16().requires_grad_(False)
+        SLICES[id(holder)] = [slices]
+        x = torch.randn(m, k, device="cuda", generator=g).bfloat16().requires_grad_()
+        dy = torch.randn(m, n, device="cuda", generator=g).bfloat16()
+
+        def step():
+            x.grad = None
+            holder.layer(x).backward(dy)
+
+        row = {"frozen": device_ms(step)}
+        targets = [f"^s{i}$" for i in range(slices)]
+        for variant, env in (("portable", "0"), ("kernels", "1")):
+            os.environ["LORAPLUG_TRAIN_KERNELS"] = env
+            handle = lp.create(holder, "lora", rank=16, targets=targets, init="random")
+            params = handle.parameters()
+
+            def lora_step():
+                for p in params:
+                    p.grad = None
+                step()
+
+            row[variant] = device_ms(lora_step)
+            handle.remove()
+        os.environ.pop("LORAPLUG_TRAIN_KERNELS")
+        res[name] = {v: {"ms": round(t, 4), "top": top} for v, (t, top) in row.items()}
+        for v, (t, _) in row.items():
+            total[v] += t
+        print(name, {v: round(t * 1e3, 1) for v, (t, _) in row.items()}, "µs", flush=True)
+    res["sum_ms"] = {v: round(t, 4) for v, t in total.items()}
+    out = Path(os.environ.get("OUT", ".")) / "train_layer_bench.json"
+    out.write_text(json.dumps(res, indent=1))
+    print(json.dumps(res["sum_ms"]))
+
+
+if __name__ == "__main__":
+    main()
