@@ -53,36 +53,39 @@ def device_ms(fn) -> tuple[float, dict[str, float]]:
     return sum(kernels.values()), dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:8])
 
 
+def measure(m: int, k: int, n: int, slices: int, g: torch.Generator) -> dict:
+    """Device time of one step of the frozen layer, the portable path and the training kernels."""
+    holder = nn.Module()
+    holder.layer = nn.Linear(k, n).cuda().bfloat16().requires_grad_(False)
+    SLICES[id(holder)] = [slices]
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16().requires_grad_()
+    dy = torch.randn(m, n, device="cuda", generator=g).bfloat16()
+    params: list[torch.Tensor] = []
+
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        holder.layer(x).backward(dy)
+
+    row = {"frozen": device_ms(step)}
+    for variant, env in (("portable", "0"), ("kernels", "1")):
+        os.environ["LORAPLUG_TRAIN_KERNELS"] = env
+        handle = lp.create(holder, "lora", rank=16, targets=[f"^s{i}$" for i in range(slices)], init="random")
+        params[:] = handle.parameters()
+        row[variant] = device_ms(step)
+        handle.remove()
+        params.clear()
+    os.environ.pop("LORAPLUG_TRAIN_KERNELS")
+    return row
+
+
 def main():
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "iters": ITERS}
     g = torch.Generator(device="cuda").manual_seed(0)
-    total = defaultdict(float)
+    total: dict[str, float] = defaultdict(float)
     for name, m, k, n, slices in SHAPES:
-        holder = nn.Module()
-        holder.layer = nn.Linear(k, n).cuda().bfloat16().requires_grad_(False)
-        SLICES[id(holder)] = [slices]
-        x = torch.randn(m, k, device="cuda", generator=g).bfloat16().requires_grad_()
-        dy = torch.randn(m, n, device="cuda", generator=g).bfloat16()
-
-        def step():
-            x.grad = None
-            holder.layer(x).backward(dy)
-
-        row = {"frozen": device_ms(step)}
-        targets = [f"^s{i}$" for i in range(slices)]
-        for variant, env in (("portable", "0"), ("kernels", "1")):
-            os.environ["LORAPLUG_TRAIN_KERNELS"] = env
-            handle = lp.create(holder, "lora", rank=16, targets=targets, init="random")
-            params = handle.parameters()
-
-            def lora_step():
-                for p in params:
-                    p.grad = None
-                step()
-
-            row[variant] = device_ms(lora_step)
-            handle.remove()
-        os.environ.pop("LORAPLUG_TRAIN_KERNELS")
+        row = measure(m, k, n, slices, g)
         res[name] = {v: {"ms": round(t, 4), "top": top} for v, (t, top) in row.items()}
         for v, (t, _) in row.items():
             total[v] += t

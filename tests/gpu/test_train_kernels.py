@@ -10,17 +10,21 @@ import loraplug as lp
 from loraplug.runtime import kernels
 from loraplug.runtime.bypass import runners
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.trains()), reason="needs CUDA + Triton")
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and kernels.trains()), reason="needs CUDA + Triton"
+)
 
 
 def _rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("tokens, masters", [(1536, torch.float32), (300, torch.bfloat16), (4608, torch.float32)])
+@pytest.mark.parametrize(
+    "tokens, masters", [(1536, torch.float32), (300, torch.bfloat16), (4608, torch.float32)]
+)
 def test_fused_qkv_slices_match_float32_autograd(tokens, masters):
     """to_qkv of Flux-dev width (3072 → 3 × 3072), rank 16 per slice, bias: y, dx, d down, d up."""
-    from loraplug.runtime.train_kernels import LoraTrainLinear, _FORWARD
+    from loraplug.runtime.train_kernels import _FORWARD, LoraTrainLinear
 
     g = torch.Generator(device="cuda").manual_seed(0)
     k, n, r = 3072, 3 * 3072, 16
@@ -45,7 +49,9 @@ def test_fused_qkv_slices_match_float32_autograd(tokens, masters):
     x32 = x.float().requires_grad_()
     ref = x32 @ w.float().T + b.float()
     h = (x32 @ down32.T) * scale
-    ref = ref + torch.cat([h[:, i * r : (i + 1) * r] @ up32[i * n // 3 : (i + 1) * n // 3].T for i in range(3)], 1)
+    ref = ref + torch.cat(
+        [h[:, i * r : (i + 1) * r] @ up32[i * n // 3 : (i + 1) * n // 3].T for i in range(3)], 1
+    )
     ref.backward(dy.float())
     assert _rel(y, ref) < 1e-2
     assert _rel(xk.grad, x32.grad) < 1e-2
