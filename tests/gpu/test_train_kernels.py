@@ -74,7 +74,10 @@ def _tiny_flux(fused: bool):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_tiny_flux_trains_alike_with_and_without_the_kernels(fused):
+def test_tiny_flux_gradients_as_accurate_as_the_portable_path(fused):
+    """Every adapter's gradient in a bf16 tiny Flux, with and without the kernels, against the same
+    model in float32 (the portable path): the kernels' error at most the portable path's (+ a
+    little; the text stream's gradients here are tiny, bf16 rounds them coarsely either way)."""
     model = _tiny_flux(fused)
     handle = lp.create(model, "lora", rank=8, targets="attn+mlp", init="random")
     params = handle.parameters()
@@ -82,25 +85,31 @@ def test_tiny_flux_trains_alike_with_and_without_the_kernels(fused):
     assert plain and all(runners(m).trains for m in plain)
     g = torch.Generator(device="cuda").manual_seed(1)
     inputs = dict(
-        hidden_states=torch.randn(1, 64, 16, device="cuda", generator=g).bfloat16(),
-        encoder_hidden_states=torch.randn(1, 24, 64, device="cuda", generator=g).bfloat16(),
-        pooled_projections=torch.randn(1, 32, device="cuda", generator=g).bfloat16(),
-        timestep=torch.tensor([0.5], device="cuda").bfloat16(),
+        hidden_states=torch.randn(1, 64, 16, device="cuda", generator=g),
+        encoder_hidden_states=torch.randn(1, 24, 64, device="cuda", generator=g),
+        pooled_projections=torch.randn(1, 32, device="cuda", generator=g),
+        timestep=torch.tensor([0.5], device="cuda"),
         img_ids=torch.zeros(64, 3, device="cuda"), txt_ids=torch.zeros(24, 3, device="cuda"), return_dict=False,
     )  # fmt: skip
 
-    def step(kernels_on: bool):
+    def step(kernels_on: bool, dtype: torch.dtype):
         for m in plain:
             runners(m).trains = kernels_on
         for p in params:
             p.grad = None
-        out = model(**inputs)[0]
+        cast = {
+            k: v.to(dtype) if torch.is_tensor(v) and k not in ("img_ids", "txt_ids") else v
+            for k, v in inputs.items()
+        }
+        out = model(**cast)[0]
         out.float().pow(2).mean().backward()
         return out.detach(), [p.grad.clone() for p in params]
 
-    out, grads = step(True)
-    ref, ref_grads = step(False)
-    assert _rel(out, ref) < 1e-2
-    for got, want in zip(grads, ref_grads, strict=True):
-        assert _rel(got, want) < 3e-2
+    out, grads = step(True, torch.bfloat16)
+    portable, portable_grads = step(False, torch.bfloat16)
+    model.float()
+    ref, ref_grads = step(False, torch.float32)
+    assert _rel(out, ref) <= 1.25 * _rel(portable, ref) + 1e-3
+    for got, theirs, want in zip(grads, portable_grads, ref_grads, strict=True):
+        assert _rel(got, want) <= 1.25 * _rel(theirs, want) + 2e-2
     handle.remove()

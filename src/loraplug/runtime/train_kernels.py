@@ -1,19 +1,21 @@
 """Triton kernels for training low-rank adapters beside a frozen float ``nn.Linear`` (imported only
 when one runs). One module's adapters — one per output slice, all of rank r, stacked: ``down``
 (R = slices·r, K), ``up`` (N, r), row n of ``up`` the up row of output column n, whose ranks start
-at column ``col_rank[n]`` of h — take three kernels and the two base GEMMs per step:
+at column ``col_rank[n]`` of h — run per step as
 
-    forward    h = (x·downᵀ)·s  and  y₀ = h ⊛ up + bias       one kernel (rows of x per program)
-               y = y₀ + x·Wᵀ                                   cuBLAS, accumulating into y₀
-    backward   g = (dy ⊛ upᵀ)·s  and  dx₀ = g·down            one kernel (rows of dy per program)
-               dx = dx₀ + dy·W                                 cuBLAS, accumulating into dx₀
-               d up = dyᵀ ⊛ h  and  d down = gᵀ·x              one kernel (columns per program)
+    forward    h = (x·downᵀ)·s              chunks of the reduction over K, then added in order
+               y = h ⊛ up + bias + x·Wᵀ      one tiled kernel, then cuBLAS accumulating into it
+    backward   g = (dy ⊛ upᵀ)·s             chunks over N, then added in order
+               dx = g·down + dy·W            one tiled kernel, then cuBLAS accumulating into it
+               d up = dyᵀ ⊛ h, d down = gᵀ·x one kernel: a program per block of columns
 
 where ``a ⊛ up`` multiplies each output column by its own slice's ranks. Every operand is read in
-its own dtype (float32 masters included: no cast kernels) and the gradients are written in the
-parameters' dtype, each reduction summed by one program in a fixed order (deterministic). The
-portable path runs the same adapters as six cuBLAS GEMMs plus casts and scalings per layer
-(benchmarks/README.md, session 10: small GEMMs at 6–8 µs each where their bytes take 3).
+its own dtype (float32 masters included: no cast kernels), the gradients are written in the
+parameters' dtype, and every sum is taken in a fixed order (deterministic). The portable path runs
+the same adapters as six cuBLAS GEMMs plus casts and scalings per layer, the skinny ones at 6–8 µs
+each where their bytes take 3 (benchmarks/README.md, session 10). A first version with one program
+per block of rows for h/y₀ and g/dx₀ ran 2× slower than the portable path (a long serial loop per
+program: 96 programs for 1536 rows): every kernel here spreads over the whole GPU.
 """
 
 from __future__ import annotations
@@ -57,51 +59,90 @@ def _scaled(acc, rs_ptr, rk, R):
 
 
 @triton.jit
-def _forward_kernel(
-    x_ptr, down_ptr, rs_ptr, up_ptr, crs_ptr, bias_ptr, h_ptr, y_ptr,
-    M, K, N, R, r, stride_x,
-    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
-):  # fmt: skip
-    """h = (x·downᵀ)·s for BM rows, then y₀ = h ⊛ up + bias over the whole output width."""
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rk = tl.arange(0, RP)
-    acc = tl.zeros((BM, RP), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        x = _row_block(x_ptr, rm, kk, M, K, stride_x)
-        a = tl.load(down_ptr + rk[None, :].to(tl.int64) * K + kk[:, None], mask=(rk < R)[None, :] & (kk < K)[:, None], other=0.0)  # fmt: skip
-        acc = tl.dot(x, a.to(x.dtype), acc)
-    h = _scaled(acc, rs_ptr, rk, R).to(h_ptr.dtype.element_ty)
-    _store_rows(h_ptr, h, rm, rk, M, R, R)
-    for n0 in range(0, N, BN):
-        rn = n0 + tl.arange(0, BN)
-        out = tl.dot(h, _up_tile(up_ptr, crs_ptr, rk, rn, N, r).to(h.dtype))
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        _store_rows(y_ptr, out, rm, rn, M, N, N)
+def _operand_block(b_ptr, crs_ptr, rk, cols, C, R, r, UP: tl.constexpr):
+    """The (RP, len(cols)) block of the right-hand operand: the block-structured up projection
+    (``UP``: columns are output columns) or the stacked down projection (columns are inputs)."""
+    if UP:
+        block = _up_tile(b_ptr, crs_ptr, rk, cols, C, r)
+    else:
+        block = _row_block(b_ptr, rk, cols, R, C, C)
+    return block
 
 
 @triton.jit
-def _grad_hidden_kernel(
-    dy_ptr, up_ptr, crs_ptr, rs_ptr, down_ptr, g_ptr, dx_ptr,
-    M, N, K, R, r, stride_dy,
-    DX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+def _partial_kernel(
+    a_ptr, b_ptr, crs_ptr, p_ptr, M, C, R, r, stride_a, CHUNK,
+    UP: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, RP: tl.constexpr,
 ):  # fmt: skip
-    """g = (dy ⊛ upᵀ)·s for BM rows, then (``DX``) dx₀ = g·down over the whole input width."""
+    """P[s] = a[:, chunk s] · B[chunk s]ᵀ for BM rows: x·downᵀ (h) or dy ⊛ upᵀ (g) summed over
+    one chunk of the reduction; the chunks are added in order by ``_reduce_kernel``."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    chunk = tl.program_id(1)
+    rk = tl.arange(0, RP)
+    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    for c0 in range(chunk * CHUNK, min(chunk * CHUNK + CHUNK, C), BC):
+        cols = c0 + tl.arange(0, BC)
+        a = _row_block(a_ptr, rm, cols, M, C, stride_a)
+        acc = tl.dot(a, tl.trans(_operand_block(b_ptr, crs_ptr, rk, cols, C, R, r, UP).to(a.dtype)), acc)
+    _store_rows(p_ptr + chunk * M * RP, acc, rm, rk, M, RP, RP)
+
+
+@triton.jit
+def _reduce_kernel(p_ptr, rs_ptr, out_ptr, M, R, CHUNKS, BM: tl.constexpr, RP: tl.constexpr):
+    """out = (Σ chunks P) · s, in out's dtype."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rk = tl.arange(0, RP)
     acc = tl.zeros((BM, RP), dtype=tl.float32)
-    for n0 in range(0, N, BN):
-        rn = n0 + tl.arange(0, BN)
+    for chunk in range(0, CHUNKS):
+        acc += _row_block(p_ptr + chunk * M * RP, rm, rk, M, RP, RP)
+    _store_rows(out_ptr, _scaled(acc, rs_ptr, rk, R), rm, rk, M, R, R)
+
+
+@triton.jit
+def _expand_kernel(
+    h_ptr, b_ptr, crs_ptr, bias_ptr, out_ptr, M, C, R, r,
+    UP: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr,
+):  # fmt: skip
+    """out = h · B (+ bias) for one (BM, BN) tile: h ⊛ up (y₀) or g·down (dx₀)."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, RP)
+    h = _row_block(h_ptr, rm, rk, M, R, R)
+    out = tl.dot(h, _operand_block(b_ptr, crs_ptr, rk, cols, C, R, r, UP).to(h.dtype))
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+    _store_rows(out_ptr, out, rm, cols, M, C, C)
+
+
+@triton.jit
+def _grad_up_block(dy_ptr, h_ptr, crs_ptr, dup_ptr, pid, M, N, R, r, stride_dy,
+                   BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):  # fmt: skip
+    """d up = dyᵀ ⊛ h for the BN output columns of block ``pid``, summed over every row."""
+    rk = tl.arange(0, RP)
+    rn = pid * BN + tl.arange(0, BN)
+    acc = tl.zeros((BN, RP), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        rm = m0 + tl.arange(0, BM)
         dy = _row_block(dy_ptr, rm, rn, M, N, stride_dy)
-        acc = tl.dot(dy, tl.trans(_up_tile(up_ptr, crs_ptr, rk, rn, N, r).to(dy.dtype)), acc)
-    g = _scaled(acc, rs_ptr, rk, R).to(g_ptr.dtype.element_ty)
-    _store_rows(g_ptr, g, rm, rk, M, R, R)
-    if DX:
-        for k0 in range(0, K, BK):
-            kk = k0 + tl.arange(0, BK)
-            a = _row_block(down_ptr, rk, kk, R, K, K)
-            _store_rows(dx_ptr, tl.dot(g, a.to(g.dtype)), rm, kk, M, K, K)
+        acc = tl.dot(tl.trans(dy), _row_block(h_ptr, rm, rk, M, R, R), acc)
+    c = tl.load(crs_ptr + rn, mask=rn < N, other=0)
+    j = rk[None, :] - c[:, None]  # column k of this block is rank k − col_rank[n] of row n
+    inside = (j >= 0) & (j < r) & (rn < N)[:, None]
+    tl.store(dup_ptr + rn[:, None].to(tl.int64) * r + j, acc.to(dup_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _grad_down_block(g_ptr, x_ptr, ddown_ptr, pid, M, K, R, stride_x,
+                     BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr):  # fmt: skip
+    """d down = gᵀ·x for the BK input columns of block ``pid``, summed over every row."""
+    rk = tl.arange(0, RP)
+    kk = pid * BK + tl.arange(0, BK)
+    acc = tl.zeros((RP, BK), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        rm = m0 + tl.arange(0, BM)
+        g = _row_block(g_ptr, rm, rk, M, R, R)
+        acc = tl.dot(tl.trans(g), _row_block(x_ptr, rm, kk, M, K, stride_x), acc)
+    _store_rows(ddown_ptr, acc, rk, kk, R, K, K)
 
 
 @triton.jit
@@ -110,33 +151,17 @@ def _grad_weights_kernel(
     M, N, K, R, r, stride_dy, stride_x, UP_BLOCKS,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
 ):  # fmt: skip
-    """The first UP_BLOCKS programs: d up = dyᵀ ⊛ h for BN output columns; the rest: d down =
-    gᵀ·x for BK input columns; each sums over every row itself."""
+    """The first UP_BLOCKS programs: blocks of d up; the rest: blocks of d down."""
     pid = tl.program_id(0)
-    rk = tl.arange(0, RP)
     if pid < UP_BLOCKS:
-        rn = pid * BN + tl.arange(0, BN)
-        acc = tl.zeros((BN, RP), dtype=tl.float32)
-        for m0 in range(0, M, BM):
-            rm = m0 + tl.arange(0, BM)
-            dy = _row_block(dy_ptr, rm, rn, M, N, stride_dy)
-            acc = tl.dot(tl.trans(dy), _row_block(h_ptr, rm, rk, M, R, R), acc)
-        c = tl.load(crs_ptr + rn, mask=rn < N, other=0)
-        j = rk[None, :] - c[:, None]  # column k of this block is rank k − col_rank[n] of row n
-        inside = (j >= 0) & (j < r) & (rn < N)[:, None]
-        tl.store(dup_ptr + rn[:, None].to(tl.int64) * r + j, acc.to(dup_ptr.dtype.element_ty), mask=inside)
+        _grad_up_block(dy_ptr, h_ptr, crs_ptr, dup_ptr, pid, M, N, R, r, stride_dy, BM, BN, RP)
     else:
-        kk = (pid - UP_BLOCKS) * BK + tl.arange(0, BK)
-        acc = tl.zeros((RP, BK), dtype=tl.float32)
-        for m0 in range(0, M, BM):
-            rm = m0 + tl.arange(0, BM)
-            g = _row_block(g_ptr, rm, rk, M, R, R)
-            acc = tl.dot(tl.trans(g), _row_block(x_ptr, rm, kk, M, K, stride_x), acc)
-        _store_rows(ddown_ptr, acc, rk, kk, R, K, K)
+        _grad_down_block(g_ptr, x_ptr, ddown_ptr, pid - UP_BLOCKS, M, K, R, stride_x, BM, BK, RP)
 
 
-_FORWARD = _Binaries(_forward_kernel)
-_GRAD_HIDDEN = _Binaries(_grad_hidden_kernel)
+_PARTIAL = _Binaries(_partial_kernel)
+_REDUCE = _Binaries(_reduce_kernel)
+_EXPAND = _Binaries(_expand_kernel)
 _GRAD_WEIGHTS = _Binaries(_grad_weights_kernel)
 _WIDTH = 64  # columns per step of every loop (and per program of the weights' gradients)
 
@@ -146,29 +171,45 @@ def rank_block(ranks: int) -> int:
     return max(16, 1 << (ranks - 1).bit_length())
 
 
-def _rows_per_program(m: int, rp: int, device: torch.device) -> int:
-    """Rows of x (dy) per program: the most that still give every multiprocessor about half a
-    program (the row kernels are bandwidth-bound; fewer rows re-read the adapters more often), at
-    most 8192 accumulator entries."""
-    for bm in (64, 32, 16):
-        if bm * rp <= 8192 and _cdiv(m, bm) * 2 >= _sm_count(device):
-            return bm
-    return 16
+def _reduced(
+    a: Tensor, b: Tensor, col_rank: Tensor, rank_scale: Tensor, ranks: int, r: int, up: bool
+) -> Tensor:
+    """(a·Bᵀ)·s, (M, ranks) in a's dtype: the reduction split into chunks over enough programs to
+    fill the GPU twice (each chunk's rows one program), then the chunks added in order."""
+    m, c = a.shape
+    rp = rank_block(ranks)
+    bm = 64 if rp <= 128 else 32
+    steps = _cdiv(c, _WIDTH)
+    chunks = max(1, min(steps, _cdiv(2 * _sm_count(a.device), _cdiv(m, bm))))
+    per_chunk = _cdiv(steps, chunks) * _WIDTH
+    chunks = _cdiv(c, per_chunk)
+    partial = a.new_empty(chunks, m, rp, dtype=torch.float32)
+    args = (a, b, col_rank, partial, m, c, ranks, r, a.stride(0), per_chunk)
+    _PARTIAL.launch((_cdiv(m, bm), chunks), args, dict(UP=up, BM=bm, BC=_WIDTH, RP=rp), 4, 3)
+    out = a.new_empty(m, ranks)
+    _REDUCE.launch(_cdiv(m, bm), (partial, rank_scale, out, m, ranks, chunks), dict(BM=bm, RP=rp), 4, 1)
+    return out
+
+
+def _expanded(
+    h: Tensor, b: Tensor, col_rank: Tensor, bias: Tensor | None, width: int, r: int, up: bool
+) -> Tensor:
+    """h·B (+ bias), (M, width): h ⊛ up or g·down."""
+    m, ranks = h.shape
+    rp = rank_block(ranks)
+    out = h.new_empty(m, width)
+    args = (h, b, col_rank, h if bias is None else bias, out, m, width, ranks, r)
+    blocks = dict(UP=up, HAS_BIAS=bias is not None, BM=64, BN=128, RP=rp)
+    _EXPAND.launch((_cdiv(m, 64), _cdiv(width, 128)), args, blocks, 4, 1)
+    return out
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor, col_rank: Tensor,
             rank_scale: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(y, h): y = x·Wᵀ + bias + h ⊛ up with h = (x·downᵀ)·s, for x (M, K) with unit column stride."""
-    m, k = x.shape
-    n, r = up.shape
-    ranks = down.shape[0]
-    rp = rank_block(ranks)
-    bm = _rows_per_program(m, rp, x.device)
-    h = x.new_empty(m, ranks)
-    y = x.new_empty(m, n)
-    args = (x, down, rank_scale, up, col_rank, x if bias is None else bias, h, y, m, k, n, ranks, r, x.stride(0))  # fmt: skip
-    blocks = dict(HAS_BIAS=bias is not None, BM=bm, BK=_WIDTH, BN=_WIDTH, RP=rp)
-    _FORWARD.launch(_cdiv(m, bm), args, blocks, 4, 3)
+    ranks, r = down.shape[0], up.shape[1]
+    h = _reduced(x, down, col_rank, rank_scale, ranks, r, up=False)
+    y = _expanded(h, up, col_rank, bias, up.shape[0], r, up=True)
     return y.addmm_(x, weight.t()), h
 
 
@@ -178,18 +219,14 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, down: Tensor, up:
     m, n = dy.shape
     k = x.shape[1]
     ranks, r = down.shape[0], up.shape[1]
-    rp = rank_block(ranks)
-    bm = _rows_per_program(m, rp, dy.device)
-    g = dy.new_empty(m, ranks)
-    dx = dy.new_empty(m, k) if need_dx else g
-    args = (dy, up, col_rank, rank_scale, down, g, dx, m, n, k, ranks, r, dy.stride(0))
-    _GRAD_HIDDEN.launch(_cdiv(m, bm), args, dict(DX=need_dx, BM=bm, BN=_WIDTH, BK=_WIDTH, RP=rp), 4, 3)
+    g = _reduced(dy, up, col_rank, rank_scale, ranks, r, up=True)
+    dx = _expanded(g, down, col_rank, None, k, r, up=False).addmm_(dy, weight) if need_dx else None
     d_up, d_down = torch.empty_like(up), torch.empty_like(down)
     up_blocks = _cdiv(n, _WIDTH)
     args = (dy, h, col_rank, g, x, d_up, d_down, m, n, k, ranks, r, dy.stride(0), x.stride(0), up_blocks)
-    blocks = dict(BM=_WIDTH, BN=_WIDTH, BK=_WIDTH, RP=rp)
+    blocks = dict(BM=_WIDTH, BN=_WIDTH, BK=_WIDTH, RP=rank_block(ranks))
     _GRAD_WEIGHTS.launch(up_blocks + _cdiv(k, _WIDTH), args, blocks, 4, 3)
-    return (dx.addmm_(dy, weight) if need_dx else None), d_down, d_up
+    return dx, d_down, d_up
 
 
 # The same two calls as operators for compiled graphs (opaque to Inductor: the kernels run as they

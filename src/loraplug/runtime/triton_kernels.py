@@ -187,7 +187,10 @@ class _Binaries:
         self.names = kernel.arg_names
         self.kept: dict[tuple, object] = {}
 
-    def launch(self, grid: int, args: tuple, constexprs: dict, warps: int, stages: int) -> None:
+    def launch(
+        self, grid: int | tuple[int, ...], args: tuple, constexprs: dict, warps: int, stages: int
+    ) -> None:
+        dims = (grid, 1, 1) if isinstance(grid, int) else (*grid, *(1,) * (3 - len(grid)))
         first = args[0]
         spec = _specialization(args) if isinstance(first, Tensor) and first.is_cuda else None
         key = None if spec is None else (first.device.index, spec, *constexprs.values(), warps, stages)
@@ -196,12 +199,12 @@ class _Binaries:
             stream = driver.active.get_current_stream(key[0])
             values = [constexprs[name] for name in self.names[len(args) :]]
             binary.run(
-                grid, 1, 1, stream, binary.function, binary.packed_metadata, None, None, None, *args, *values
+                *dims, stream, binary.function, binary.packed_metadata, None, None, None, *args, *values
             )
             return
         for depth in range(stages, 0, -1):
             try:
-                binary = self.kernel[(grid,)](*args, **constexprs, num_warps=warps, num_stages=depth)
+                binary = self.kernel[dims](*args, **constexprs, num_warps=warps, num_stages=depth)
                 break
             except OutOfResources:
                 if depth == 1:
