@@ -3,7 +3,7 @@
 measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on the split layout
 (split_hooked: adapters added after the base GEMM, the previous default; split_bf16: bf16
 adapters, as diffusers' add_adapter gives PEFT; split_combo: compiled with Inductor's combo kernels), the fused layout (one
-adapter per q/k/v slice; ``*_portable``: the training kernels off) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
+adapter per q/k/v slice; ``*_kernels``: with the training kernels) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
 picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step; ``REGIONAL=1`` compiles each transformer block
 (lp.train's ``regional=True``: one compile per block kind, minutes less at full depth)
 instead of the whole model; ``PROFILE=1`` adds each step's device
@@ -101,8 +101,8 @@ def main():
         model = build()
         if layout.startswith("fused"):
             model.fuse_qkv_projections()
-        if layout.endswith("_portable"):  # the training kernels off: cuBLAS GEMMs, casts and scalings
-            os.environ["LORAPLUG_TRAIN_KERNELS"] = "0"
+        if layout.endswith("_kernels"):  # the training kernels (runtime.train_kernels), opt-in
+            os.environ["LORAPLUG_TRAIN_KERNELS"] = "1"
         if layout == "fp8":  # the blocks' linear layers in fp8 (per-row weights, per-token activations)
             lp.quantize_fp8(model, targets=r"blocks\.")
             torch.cuda.empty_cache()

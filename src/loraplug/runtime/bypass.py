@@ -487,7 +487,6 @@ class ModuleBypass:
             and w.dtype == x.dtype
             and x.dtype in (torch.bfloat16, torch.float16)
             and w.device == x.device
-            and kernels.supports_training(x.shape[-1], w.shape[0])
         ):
             return None
         device = x.device.type
@@ -514,6 +513,7 @@ class ModuleBypass:
             or len(group.entries) != len(self.entries)
             or len(group.runs) != len(group.entries)
             or not group.covers_output
+            or not kernels.supports_training(x.shape[-1], group.width, [o for _, _, o, _ in group.runs])
         ):
             return None
         tensors = [e.patch.all_tensors() for e in group.entries]

@@ -132,15 +132,23 @@ def fuses_in_graphs(capability: tuple[int, int]) -> bool:
 
 def trains() -> bool:
     """Whether trained LoRAs on a plain bf16/fp16 ``nn.Linear`` run through the training kernels
-    (``train_kernels``: three Triton kernels and the two base GEMMs per layer and step, adapters
-    read in their own dtype) where Triton and CUDA are present; ``LORAPLUG_TRAIN_KERNELS=0`` keeps
-    the portable path (cuBLAS GEMMs, autograd through casts and scalings)."""
-    return available() and os.environ.get("LORAPLUG_TRAIN_KERNELS") != "0"
+    (``train_kernels``: five small Triton kernels and the two base GEMMs per layer and step, the
+    adapters read in their own dtype) where Triton and CUDA are present: opt-in,
+    ``LORAPLUG_TRAIN_KERNELS=1``, until a full training step has been measured faster with them
+    (benchmarks/README.md, session 12: per layer on an H100 they beat the portable path on the
+    single-slice layers and lost on fused q/k/v); otherwise the portable path (cuBLAS GEMMs, autograd
+    through casts and scalings)."""
+    return available() and os.environ.get("LORAPLUG_TRAIN_KERNELS") == "1"
 
 
-def supports_training(k: int, n: int) -> bool:
-    """Layers the training kernels take: rows of whole 16-byte units (K and N multiples of 8)."""
-    return k % 8 == 0 and n % 8 == 0
+TRAIN_SLICE_ALIGN = 128  # the training kernels' widest block of output columns
+
+
+def supports_training(k: int, n: int, offsets: list[int]) -> bool:
+    """Layers the training kernels take: rows of whole 16-byte units (K and N multiples of 8), each
+    output slice starting on a multiple of ``TRAIN_SLICE_ALIGN`` (every block of columns lies in
+    one slice: Flux's q/k/v of 3072 do)."""
+    return k % 8 == 0 and n % 8 == 0 and all(o % TRAIN_SLICE_ALIGN == 0 for o in offsets)
 
 
 def interpreting() -> bool:

@@ -30,12 +30,12 @@ from .triton_kernels import _LIB, _Binaries, _cdiv, _sm_count
 
 @triton.jit
 def _up_tile(up_ptr, crs_ptr, rk, rn, N, r):
-    """The (RP, BN) block of the module's block-structured up projection: entry (k, n) is
-    up[n, k − col_rank[n]] where that lies in [0, r), else 0."""
-    c = tl.load(crs_ptr + rn, mask=rn < N, other=0)
-    j = rk[:, None] - c[None, :]
-    inside = (j >= 0) & (j < r) & (rn < N)[None, :]
-    return tl.load(up_ptr + rn[None, :].to(tl.int64) * r + j, mask=inside, other=0.0)
+    """The (RP, BN) block of the module's block-structured up projection for output columns ``rn``
+    (one slice: slices start on multiples of the widest block): entry (k, n) is up[n, k − c] where
+    that lies in [0, r), c the slice's first rank; else 0."""
+    j = rk - tl.load(crs_ptr + tl.min(rn, 0))
+    inside = ((j >= 0) & (j < r))[:, None] & (rn < N)[None, :]
+    return tl.load(up_ptr + rn[None, :].to(tl.int64) * r + j[:, None], mask=inside, other=0.0)
 
 
 @triton.jit
@@ -125,10 +125,11 @@ def _grad_up_block(dy_ptr, h_ptr, crs_ptr, dup_ptr, pid, M, N, R, r, stride_dy,
         rm = m0 + tl.arange(0, BM)
         dy = _row_block(dy_ptr, rm, rn, M, N, stride_dy)
         acc = tl.dot(tl.trans(dy), _row_block(h_ptr, rm, rk, M, R, R), acc)
-    c = tl.load(crs_ptr + rn, mask=rn < N, other=0)
-    j = rk[None, :] - c[:, None]  # column k of this block is rank k − col_rank[n] of row n
-    inside = (j >= 0) & (j < r) & (rn < N)[:, None]
-    tl.store(dup_ptr + rn[:, None].to(tl.int64) * r + j, acc.to(dup_ptr.dtype.element_ty), mask=inside)
+    j = rk - tl.load(crs_ptr + pid * BN)  # column k of this block is rank k − c of its slice
+    inside = (rn < N)[:, None] & ((j >= 0) & (j < r))[None, :]
+    tl.store(
+        dup_ptr + rn[:, None].to(tl.int64) * r + j[None, :], acc.to(dup_ptr.dtype.element_ty), mask=inside
+    )
 
 
 @triton.jit
