@@ -3,7 +3,8 @@
 measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on the split layout
 (split_hooked: adapters added after the base GEMM, the previous default; split_bf16: bf16
 adapters, as diffusers' add_adapter gives PEFT; split_combo: compiled with Inductor's combo kernels), the fused layout (one
-adapter per q/k/v slice; ``*_kernels``: with the training kernels) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
+adapter per q/k/v slice; ``*_kernels``: with the training kernels; ``*_autograd``: autograd through
+the separate GEMMs, ``LORAPLUG_TRAIN_GEMM=0``) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
 picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step; ``REGIONAL=1`` compiles each transformer block
 (lp.train's ``regional=True``: one compile per block kind, minutes less at full depth)
 instead of the whole model; ``PROFILE=1`` adds each step's device
@@ -103,6 +104,8 @@ def main():
             model.fuse_qkv_projections()
         if layout.endswith("_kernels"):  # the training kernels (runtime.train_kernels), opt-in
             os.environ["LORAPLUG_TRAIN_KERNELS"] = "1"
+        if layout.endswith("_autograd"):  # autograd through the separate GEMMs (before session 13)
+            os.environ["LORAPLUG_TRAIN_GEMM"] = "0"
         if layout == "fp8":  # the blocks' linear layers in fp8 (per-row weights, per-token activations)
             lp.quantize_fp8(model, targets=r"blocks\.")
             torch.cuda.empty_cache()
@@ -134,6 +137,7 @@ def main():
                 module._compiled_call_impl = None
         os.environ.pop("LORAPLUG_ACCUMULATE", None)
         os.environ.pop("LORAPLUG_TRAIN_KERNELS", None)
+        os.environ.pop("LORAPLUG_TRAIN_GEMM", None)
         del model, params, handle
         torch._dynamo.reset()
         torch.cuda.empty_cache()

@@ -13,6 +13,7 @@
 #   STEPS="train_full" …         # full depth, blocks compiled one by one, CUDA graphs: LoRA step vs frozen
 #   STEPS="train_layer" …        # one layer's training step per Flux-dev shape: frozen / portable / training kernels (device time)
 #   STEPS="train_kernels" …      # full depth, CUDA graphs: the training kernels (fused q/k/v, split) against the portable path
+#   STEPS="train_onecall" …      # full depth, CUDA graphs, fused layout: the one-call training GEMMs (default) against autograd's
 #   STEPS="train_autotune" …     # the same, compiled with mode="max-autotune" (Inductor's GEMM templates, CUDA graphs)
 #   STEPS="autotune" …           # full depth inference: max-autotune vs CUDA graphs, base and LoRA r16
 #   STEPS="wsprobe" …            # warp-specialized narrow tiles against the default, fp8/bf16 × bias × LoRA
@@ -57,6 +58,7 @@ for s in ${STEPS:-tests linear parts profile eager train}; do
     train_full) PROFILE=1 REGIONAL=1 LAYOUTS="${LAYOUTS:-split split_bf16 split_combo}" COMPILED_ONLY="${COMPILED_ONLY:-split_bf16 split_combo}" COMPILE=1 COMPILE_MODE=reduce-overhead COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-split split_bf16 split_combo}" step flux_train_full "${TRAIN_LIMIT:-560}" python3 benchmarks/flux_train_bench.py ;;
     train_layer) step train_layer 120 python3 benchmarks/train_layer_bench.py ;;
     train_kernels) PROFILE=1 REGIONAL=1 LAYOUTS="${LAYOUTS:-fused_kernels fused}" COMPILED_ONLY="${COMPILED_ONLY:-fused}" COMPILE=1 COMPILE_MODE=reduce-overhead COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-fused_kernels fused}" step flux_train_kernels "${TRAIN_LIMIT:-560}" python3 benchmarks/flux_train_bench.py ;;
+    train_onecall) PROFILE=1 REGIONAL=1 LAYOUTS="${LAYOUTS:-fused fused_autograd}" COMPILED_ONLY="${COMPILED_ONLY:-fused fused_autograd}" COMPILE=1 COMPILE_MODE=reduce-overhead COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-fused fused_autograd}" step flux_train_onecall "${TRAIN_LIMIT:-560}" python3 benchmarks/flux_train_bench.py ;;
     train_autotune) PROFILE=1 REGIONAL=1 LAYOUTS="${LAYOUTS:-split_bf16}" COMPILED_ONLY="${COMPILED_ONLY:-split_bf16}" COMPILE=1 COMPILE_MODE=max-autotune COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-split_bf16}" step flux_train_autotune "${TRAIN_LIMIT:-560}" python3 benchmarks/flux_train_bench.py ;;
     autotune) NAME=autotune.json AUTOTUNE=1 ND=19 NS=38 REFERENCE=0 VARIANTS="${VARIANTS:-bf16_base_autotune bf16_lora_r16_autotune bf16_base_graphs bf16_lora_r16_graphs}" step autotune "${PROBE_LIMIT:-560}" python3 benchmarks/compiled_probe.py ;;
     wsprobe) step ws_probe 90 python3 benchmarks/ws_probe.py ;;

@@ -69,14 +69,15 @@ def measure(m: int, k: int, n: int, slices: int, g: torch.Generator) -> dict:
         holder.layer(x).backward(dy)
 
     row = {"frozen": device_ms(step)}
-    for variant, env in (("portable", "0"), ("kernels", "1")):
-        os.environ["LORAPLUG_TRAIN_KERNELS"] = env
+    for variant, gemm, kernels in (("autograd", "0", "0"), ("one_call", "1", "0"), ("kernels", "1", "1")):
+        os.environ["LORAPLUG_TRAIN_GEMM"], os.environ["LORAPLUG_TRAIN_KERNELS"] = gemm, kernels
         handle = lp.create(holder, "lora", rank=16, targets=[f"^s{i}$" for i in range(slices)], init="random")
         params[:] = handle.parameters()
         row[variant] = device_ms(step)
         handle.remove()
         params.clear()
     os.environ.pop("LORAPLUG_TRAIN_KERNELS")
+    os.environ.pop("LORAPLUG_TRAIN_GEMM")
     return row
 
 

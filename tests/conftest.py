@@ -57,6 +57,18 @@ def compiled_graphs(model, run):
     return result, graphs
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Every test ends with the environment it started with: PEFT's BOFT layer (an oracle here)
+    leaves CC=gcc and CXX=gcc behind after trying to build its CUDA extension, and Inductor in a
+    later subprocess then linked its C++ with gcc (undefined libstdc++ symbols)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def clone():
     return copy.deepcopy

@@ -37,6 +37,7 @@ from ..specs.lora import LoraPatch
 from . import kernels
 from .masks import Mask
 from .quant import float_bias, float_weight, is_float_weight
+from .train_gemm import LoraUnderBase
 
 
 @dataclass(eq=False)
@@ -195,10 +196,24 @@ class _LowRank:
         written first and the base GEMM accumulates into it (cuBLAS reads it in its epilogue), so y
         is not copied and rewritten after the base (training adds out of place);
         several runs take one block-diagonal up projection."""
-        hidden = self.hidden(x2)
         up = self.run_ups()[0] if len(self.runs) == 1 else self._block_up(self.width)
+        if self.trains_frozen(weight, bias):
+            return LoraUnderBase.apply(x2, weight, bias, self.down_t * self.rank_scale, up)
+        hidden = self.hidden(x2)
         y = torch.mm(hidden, up) if bias is None else torch.addmm(bias, hidden, up)
         return y.addmm_(x2, weight.t())
+
+    def trains_frozen(self, weight: Tensor, bias: Tensor | None) -> bool:
+        """Trained adapters on a frozen base with gradients on: ``under_base`` runs as one
+        differentiable call (``train_gemm``: dx accumulated by the base GEMM, not added after it)
+        unless ``LORAPLUG_TRAIN_GEMM=0``."""
+        return (
+            self.trained
+            and torch.is_grad_enabled()
+            and kernels.trains_in_one_call()
+            and not weight.requires_grad
+            and (bias is None or not bias.requires_grad)
+        )
 
     def add_into(self, x: Tensor, y: Tensor, masks: list[Tensor | None] | None = None) -> Tensor:
         """y + Σ mᵢ·sᵢ·scaleᵢ·(x Aᵢᵀ) Bᵢᵀ, each into its slice; a token mask mᵢ scales the rows of
@@ -441,13 +456,14 @@ class ModuleBypass:
 
     def _accumulated_output(self, module: nn.Module, x: Tensor) -> Tensor | None:
         """y = adapters, then the base GEMM accumulating into it (_LowRank.under_base), in eager
-        training (and compiled graphs with ``LORAPLUG_ACCUMULATE=all``), where adding after the
-        base would copy y (out of place); None where
+        training (and in compiled graphs for trained adapters on a frozen base, as an operator, or
+        always with ``LORAPLUG_ACCUMULATE=all``), where adding after the base would copy y (out of
+        place); None where
         that is not exactly the hook path's result (weights of another dtype or kind, masks,
         adapters that read the base output, runs that leave part of the output bare) and in eager
         inference (in place after the base, measured equal: benchmarks/README.md)."""
         compiling = torch.compiler.is_compiling()
-        if not (torch.is_grad_enabled() or compiling) or not kernels.accumulates(compiling):
+        if not (torch.is_grad_enabled() or compiling) or not kernels.accumulates():
             return None  # inference without autograd: the in-place order (first, it is the common call)
         w = module.weight
         device = x.device.type
@@ -465,10 +481,12 @@ class ModuleBypass:
         lowrank = self._lowrank_for(x)
         if lowrank is None or len(lowrank.entries) != len(self.entries) or not lowrank.covers_output:
             return None
+        bias = module.bias
+        if compiling and not (kernels.accumulates(compiling) or lowrank.trains_frozen(w, bias)):
+            return None
         tracked = torch.is_grad_enabled() and (lowrank.trained or x.requires_grad)
         if not (tracked or compiling):
             return None  # eager inference adds in place after the base: no copy either way (measured equal)
-        bias = module.bias
         y = lowrank.under_base(x.reshape(-1, x.shape[-1]), w, None if bias is None else bias.to(x.dtype))
         return y.view(*x.shape[:-1], y.shape[-1])
 

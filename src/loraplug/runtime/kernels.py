@@ -108,6 +108,14 @@ def accumulates(compiling: bool = False) -> bool:
     return value != "0" and (not compiling or value == "all")
 
 
+def trains_in_one_call() -> bool:
+    """Whether trained adapters on a frozen plain ``nn.Linear`` run with its base GEMM as one
+    differentiable call (``train_gemm``: both parts of dx from GEMMs accumulating into one output,
+    the call opaque to Inductor under torch.compile): the default; ``LORAPLUG_TRAIN_GEMM=0``:
+    autograd through the separate GEMMs."""
+    return os.environ.get("LORAPLUG_TRAIN_GEMM") != "0"
+
+
 def here() -> bool:
     """Whether an fp8 base *without* adapters launches the Triton kernels: always in eager mode;
     inside a torch.compile graph only with ``LORAPLUG_KERNELS=all``, since there

@@ -1,0 +1,73 @@
+"""A frozen ``nn.Linear`` plus its trained low-rank adapters as one differentiable call of plain
+GEMMs (any device and float dtype): y = x·Wᵀ + bias + (x·D)·U, with D (K, R) the stacked downs (their
+scales folded in) and U (R, N) the ups (block-diagonal over q/k/v slices).
+
+What autograd alone would do differently: the two parts of dx (dy·W and g·Dᵀ) came out of two GEMMs
+and one more pass over dx added them; here the base GEMM accumulates into the adapters' part (cuBLAS
+reads it in its epilogue), forward and backward. Under torch.compile both halves are operators, opaque
+to Inductor: its functionalization would copy an accumulated output before the GEMM writes it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_LIB = torch.library.Library("loraplug", "FRAGMENT")
+
+
+def forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(y, h): h = x·D, y = h·U + bias, then x·Wᵀ accumulated into y."""
+    h = torch.mm(x, down)
+    y = torch.mm(h, up) if bias is None else torch.addmm(bias, h, up)
+    return y.addmm_(x, weight.t()), h
+
+
+def backward(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, down: Tensor, up: Tensor,
+             need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor]:  # fmt: skip
+    """(dx or None, dD, dU) for ``forward``'s output gradient dy: g = dy·Uᵀ, dD = xᵀ·g, dU = hᵀ·dy,
+    dx = g·Dᵀ with dy·W accumulated into it."""
+    g = torch.mm(dy, up.t())
+    dx = torch.mm(g, down.t()).addmm_(dy, weight) if need_dx else None
+    return dx, torch.mm(x.t(), g), torch.mm(h.t(), dy)
+
+
+_LIB.define(
+    "lora_under_base(Tensor x, Tensor weight, Tensor? bias, Tensor down, Tensor up) -> (Tensor, Tensor)"
+)
+_LIB.define(
+    "lora_under_base_backward(Tensor dy, Tensor x, Tensor weight, Tensor h, Tensor down, Tensor up, "
+    "bool need_dx) -> (Tensor?, Tensor, Tensor)"
+)
+_LIB.impl("lora_under_base", forward, "CompositeExplicitAutograd")
+_LIB.impl("lora_under_base_backward", backward, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("loraplug::lora_under_base", lib=_LIB)
+def _(x, weight, bias, down, up):
+    return x.new_empty(x.shape[0], up.shape[1]), x.new_empty(x.shape[0], down.shape[1])
+
+
+@torch.library.register_fake("loraplug::lora_under_base_backward", lib=_LIB)
+def _(dy, x, weight, h, down, up, need_dx):
+    dx = dy.new_empty(dy.shape[0], x.shape[1]) if need_dx else None
+    return dx, x.new_empty(down.shape), x.new_empty(up.shape)
+
+
+class LoraUnderBase(torch.autograd.Function):
+    """``forward`` differentiable in x, D and U (the base weight and bias are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up):
+        compiling = torch.compiler.is_compiling()
+        y, h = (torch.ops.loraplug.lora_under_base if compiling else forward)(x, weight, bias, down, up)
+        ctx.save_for_backward(x, weight, h, down, up)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, h, down, up = ctx.saved_tensors
+        call = torch.ops.loraplug.lora_under_base_backward if torch.compiler.is_compiling() else backward
+        dx, d_down, d_up = call(dy, x, weight, h, down, up, ctx.needs_input_grad[0])
+        return dx, None, None, d_down, d_up
