@@ -33,26 +33,37 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, down: Tensor, up:
     return dx, torch.mm(x.t(), g), torch.mm(h.t(), dy)
 
 
-_LIB.define(
-    "lora_under_base(Tensor x, Tensor weight, Tensor? bias, Tensor down, Tensor up) -> (Tensor, Tensor)"
-)
-_LIB.define(
-    "lora_under_base_backward(Tensor dy, Tensor x, Tensor weight, Tensor h, Tensor down, Tensor up, "
-    "bool need_dx) -> (Tensor?, Tensor, Tensor)"
-)
-_LIB.impl("lora_under_base", forward, "CompositeExplicitAutograd")
-_LIB.impl("lora_under_base_backward", backward, "CompositeExplicitAutograd")
+def define_pair(
+    lib: torch.library.Library, name: str, schemas: tuple[str, str], impls: tuple, fakes: tuple
+) -> None:
+    """Operators ``name`` and ``name_backward`` (schemas without the name; eager implementations;
+    shapes for tracing), opaque to Inductor: what they compute runs as written."""
+    for op, schema, impl, fake in zip((name, f"{name}_backward"), schemas, impls, fakes, strict=True):
+        lib.define(op + schema)
+        lib.impl(op, impl, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"loraplug::{op}", fake, lib=lib)
 
 
-@torch.library.register_fake("loraplug::lora_under_base", lib=_LIB)
-def _(x, weight, bias, down, up):
+def _forward_shapes(x, weight, bias, down, up):
     return x.new_empty(x.shape[0], up.shape[1]), x.new_empty(x.shape[0], down.shape[1])
 
 
-@torch.library.register_fake("loraplug::lora_under_base_backward", lib=_LIB)
-def _(dy, x, weight, h, down, up, need_dx):
+def _backward_shapes(dy, x, weight, h, down, up, need_dx):
     dx = dy.new_empty(dy.shape[0], x.shape[1]) if need_dx else None
     return dx, x.new_empty(down.shape), x.new_empty(up.shape)
+
+
+define_pair(
+    _LIB,
+    "lora_under_base",
+    (
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor down, Tensor up) -> (Tensor, Tensor)",
+        "(Tensor dy, Tensor x, Tensor weight, Tensor h, Tensor down, Tensor up, bool need_dx) "
+        "-> (Tensor?, Tensor, Tensor)",
+    ),
+    (forward, backward),
+    (_forward_shapes, _backward_shapes),
+)
 
 
 class LoraUnderBase(torch.autograd.Function):

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .train_gemm import define_pair
 from .triton_kernels import _LIB, _Binaries, _cdiv, _sm_count
 
 
@@ -230,29 +231,29 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, down: Tensor, up:
     return dx, d_down, d_up
 
 
-# The same two calls as operators for compiled graphs (opaque to Inductor: the kernels run as they
-# are); the autograd Function below calls them there and the launchers directly in eager mode.
-_LIB.define(
-    "lora_train_forward(Tensor x, Tensor weight, Tensor? bias, Tensor down, Tensor up, Tensor col_rank, "
-    "Tensor rank_scale) -> (Tensor, Tensor)"
-)
-_LIB.define(
-    "lora_train_backward(Tensor dy, Tensor x, Tensor weight, Tensor h, Tensor down, Tensor up, Tensor col_rank, "
-    "Tensor rank_scale, bool need_dx) -> (Tensor?, Tensor, Tensor)"
-)
-_LIB.impl("lora_train_forward", forward, "CompositeExplicitAutograd")
-_LIB.impl("lora_train_backward", backward, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("loraplug::lora_train_forward", lib=_LIB)
-def _(x, weight, bias, down, up, col_rank, rank_scale):
+def _forward_shapes(x, weight, bias, down, up, col_rank, rank_scale):
     return x.new_empty(x.shape[0], up.shape[0]), x.new_empty(x.shape[0], down.shape[0])
 
 
-@torch.library.register_fake("loraplug::lora_train_backward", lib=_LIB)
-def _(dy, x, weight, h, down, up, col_rank, rank_scale, need_dx):
+def _backward_shapes(dy, x, weight, h, down, up, col_rank, rank_scale, need_dx):
     dx = dy.new_empty(dy.shape[0], x.shape[1]) if need_dx else None
     return dx, torch.empty_like(down), torch.empty_like(up)
+
+
+# The same two calls as operators for compiled graphs; the autograd Function below calls them there
+# and the launchers directly in eager mode.
+define_pair(
+    _LIB,
+    "lora_train",
+    (
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor down, Tensor up, Tensor col_rank, Tensor rank_scale) "
+        "-> (Tensor, Tensor)",
+        "(Tensor dy, Tensor x, Tensor weight, Tensor h, Tensor down, Tensor up, Tensor col_rank, "
+        "Tensor rank_scale, bool need_dx) -> (Tensor?, Tensor, Tensor)",
+    ),
+    (forward, backward),
+    (_forward_shapes, _backward_shapes),
+)
 
 
 class LoraTrainLinear(torch.autograd.Function):
@@ -262,7 +263,7 @@ class LoraTrainLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, col_rank, rank_scale):
         if torch.compiler.is_compiling():
-            y, h = torch.ops.loraplug.lora_train_forward(x, weight, bias, down, up, col_rank, rank_scale)
+            y, h = torch.ops.loraplug.lora_train(x, weight, bias, down, up, col_rank, rank_scale)
         else:
             y, h = forward(x, weight, bias, down, up, col_rank, rank_scale)
         ctx.save_for_backward(x, weight, h, down, up, col_rank, rank_scale)
