@@ -198,3 +198,26 @@ def test_a_flux_control_lora_is_named_as_such(width, hinted):
         lp.apply(model, sd)
     assert ("Flux Control LoRA" in str(err.value)) == hinted
     _untouched(model, snap)
+
+
+@pytest.mark.parametrize("name", ["LORAPLUG_KERNELS", "LORAPLUG_ACCUMULATE", "LORAPLUG_TRAIN_GEMM"])
+def test_an_unknown_switch_value_is_named(name, monkeypatch):
+    """A mistyped environment switch is an error naming it and its values, not silently the
+    default: at apply, before the model is touched, and where a forward reads it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    before = snapshot(model)
+    monkeypatch.setenv(name, "yes")
+    needle = f"{name}='yes' is not a setting; use one of"
+    with pytest.raises(lp.LoraplugError, match=needle):
+        lp.create(model, "lora", rank=2, targets=["^0$"], init="random")
+    assert_identical(model, before)
+    monkeypatch.delenv(name)
+    handle = lp.create(model, "lora", rank=2, targets=["^0$"], init="random")
+    if name != "LORAPLUG_KERNELS":  # read on CUDA only
+        monkeypatch.setenv(name, "yes")
+        with pytest.raises(lp.LoraplugError, match=needle):
+            model(torch.randn(3, 8)).sum().backward()
+        monkeypatch.delenv(name)
+    model(torch.randn(3, 8)).sum().backward()
+    handle.remove()

@@ -25,7 +25,7 @@ from .errors import (
 from .formats import load as _load
 from .formats import write
 from .report import Report
-from .runtime import bypass
+from .runtime import bypass, kernels
 from .runtime import merge as merge_rt
 from .runtime.masks import Mask, token_stream
 from .runtime.quant import is_float_weight
@@ -182,6 +182,7 @@ def apply(
     """
     if mode not in MODES:
         raise LoraplugError(f"mode={mode!r}; use one of {', '.join(MODES)}.")
+    kernels.check_settings()
     items = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
     sets = [load(a) for a in items]
     strengths = _strengths(strength, len(sets))

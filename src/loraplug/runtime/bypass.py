@@ -572,7 +572,7 @@ class ModuleBypass:
                 kernels.has_tma(cuda_capability(x.device))  # measured on Hopper's TMA kernel only
                 and kernels.float_shape_fuses(
                     x.numel() // x.shape[-1], x.shape[-1], w.shape[0],
-                    torch.cuda.get_device_properties(x.device).multi_processor_count,
+                    kernels.sm_count(x.device),
                 )
             )
         ):  # fmt: skip

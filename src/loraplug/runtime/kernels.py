@@ -31,6 +31,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..errors import LoraplugError
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 # looked up once: inside a compiled graph ``importlib.util.find_spec`` is a function Dynamo skips
@@ -38,11 +40,37 @@ E4M3_MAX = 448.0
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
+# the environment switches and the values each takes (unset: the default)
+SETTINGS = {
+    "LORAPLUG_KERNELS": ("0", "base", "fp8", "shapes", "all"),
+    "LORAPLUG_ACCUMULATE": ("0", "1", "all"),
+    "LORAPLUG_TRAIN_GEMM": ("0", "1"),
+    "LORAPLUG_TRAIN_KERNELS": ("0", "1"),
+}
+
+
+def setting(name: str) -> str | None:
+    """The value of an environment switch (None when unset or empty); a value it does not take is
+    a ``LoraplugError`` rather than silently the default."""
+    value = os.environ.get(name) or None
+    if value is not None and value not in SETTINGS[name]:
+        raise LoraplugError(
+            f"{name}={value!r} is not a setting; use one of {', '.join(SETTINGS[name])} or unset it"
+        )
+    return value
+
+
+def check_settings() -> None:
+    """Every environment switch read (at apply, before the model is touched)."""
+    for name in SETTINGS:
+        setting(name)
+
+
 def available() -> bool:
     """Triton installed and a CUDA device present (or the Triton interpreter asked for);
     ``LORAPLUG_KERNELS=0`` turns the kernels off (fp8 layers then use ``torch._scaled_mm``, bypass
     the portable path)."""
-    if os.environ.get("LORAPLUG_KERNELS") == "0" or not TRITON_INSTALLED:
+    if setting("LORAPLUG_KERNELS") == "0" or not TRITON_INSTALLED:
         return False
     return torch.cuda.is_available() or interpreting()
 
@@ -52,7 +80,7 @@ def on_float_bases() -> bool:
     Triton GEMM trails cuBLAS by more than the fusion saves (benchmarks/README.md); fp8 bases
     do. ``LORAPLUG_KERNELS=all`` opts float bases in (benchmarks, other GPUs), and with them
     every path into the kernels (``here``, ``fuses_in_graphs``)."""
-    return os.environ.get("LORAPLUG_KERNELS") == "all"
+    return setting("LORAPLUG_KERNELS") == "all"
 
 
 # GPUs on which bf16 bases ran faster with the fused kernel on ``float_shape_fuses``'s shapes than
@@ -69,7 +97,7 @@ def on_float_shapes(device: torch.device | None = None) -> bool:
     on the GPUs named in ``FLOAT_SHAPES_GPUS`` (``device``, or the current CUDA device);
     ``LORAPLUG_KERNELS=shapes`` on any GPU; with any other setting (``fp8``: the fused kernel on
     fp8 bases only, float bases on the portable path) never."""
-    value = os.environ.get("LORAPLUG_KERNELS")
+    value = setting("LORAPLUG_KERNELS")
     if value:
         return value == "shapes"
     if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
@@ -93,7 +121,7 @@ def float_shape_fuses(m: int, k: int, n: int, sms: int) -> bool:
 def fuses_adapters() -> bool:
     """Whether adapters join the base GEMM at all; ``LORAPLUG_KERNELS=base`` keeps the Triton fp8
     base GEMM but runs adapters on the portable path (for comparisons)."""
-    return os.environ.get("LORAPLUG_KERNELS") != "base"
+    return setting("LORAPLUG_KERNELS") != "base"
 
 
 def accumulates(compiling: bool = False) -> bool:
@@ -104,7 +132,7 @@ def accumulates(compiling: bool = False) -> bool:
     too (``compiling``), where by default the adapters' product is added after the base out of
     place, an add Inductor fuses into the next kernel, while its in-place GEMM copies y first
     (measured: benchmarks/README.md)."""
-    value = os.environ.get("LORAPLUG_ACCUMULATE")
+    value = setting("LORAPLUG_ACCUMULATE")
     return value != "0" and (not compiling or value == "all")
 
 
@@ -113,7 +141,7 @@ def trains_in_one_call() -> bool:
     differentiable call (``train_gemm``: both parts of dx from GEMMs accumulating into one output,
     the call opaque to Inductor under torch.compile): the default; ``LORAPLUG_TRAIN_GEMM=0``:
     autograd through the separate GEMMs."""
-    return os.environ.get("LORAPLUG_TRAIN_GEMM") != "0"
+    return setting("LORAPLUG_TRAIN_GEMM") != "0"
 
 
 def here() -> bool:
@@ -146,7 +174,7 @@ def trains() -> bool:
     (benchmarks/README.md, session 12: per layer on an H100 they beat the portable path on the
     single-slice layers and lost on fused q/k/v); otherwise the portable path (cuBLAS GEMMs, autograd
     through casts and scalings)."""
-    return available() and os.environ.get("LORAPLUG_TRAIN_KERNELS") == "1"
+    return available() and setting("LORAPLUG_TRAIN_KERNELS") == "1"
 
 
 TRAIN_SLICE_ALIGN = 128  # the training kernels' widest block of output columns
@@ -157,6 +185,19 @@ def supports_training(k: int, n: int, offsets: list[int]) -> bool:
     output slice starting on a multiple of ``TRAIN_SLICE_ALIGN`` (every block of columns lies in
     one slice: Flux's q/k/v of 3072 do)."""
     return k % 8 == 0 and n % 8 == 0 and all(o % TRAIN_SLICE_ALIGN == 0 for o in offsets)
+
+
+_SM_COUNTS: dict[torch.device, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (a few under the interpreter), looked up once per device
+    (a plain dict: Dynamo traces it without the warning a ``functools.cache`` wrapper gives)."""
+    if device not in _SM_COUNTS:
+        _SM_COUNTS[device] = (
+            torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        )
+    return _SM_COUNTS[device]
 
 
 def interpreting() -> bool:

@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .kernels import sm_count
 from .train_gemm import define_pair
-from .triton_kernels import _LIB, _Binaries, _cdiv, _sm_count
+from .triton_kernels import _LIB, _Binaries, _cdiv
 
 
 @triton.jit
@@ -182,7 +183,7 @@ def _reduced(
     rp = rank_block(ranks)
     bm = 64 if rp <= 128 else 32
     steps = _cdiv(c, _WIDTH)
-    chunks = max(1, min(steps, _cdiv(2 * _sm_count(a.device), _cdiv(m, bm))))
+    chunks = max(1, min(steps, _cdiv(2 * sm_count(a.device), _cdiv(m, bm))))
     per_chunk = _cdiv(steps, chunks) * _WIDTH
     chunks = _cdiv(c, per_chunk)
     partial = a.new_empty(chunks, m, rp, dtype=torch.float32)

@@ -17,7 +17,7 @@ from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..fp8 import cuda_capability
-from .kernels import E4M3, E4M3_MAX, config, config_for, has_tma
+from .kernels import E4M3, E4M3_MAX, config, config_for, has_tma, sm_count
 
 
 @triton.jit
@@ -233,12 +233,6 @@ def _specialization(args: tuple) -> tuple | None:
     return tuple(spec)
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    """Programs of the persistent kernel: one per multiprocessor (a few under the interpreter)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _has_tma(device: torch.device) -> bool:
     """The tensor memory accelerator on ``device`` (assumed under the interpreter)."""
     return device.type != "cuda" or has_tma(cuda_capability(device))
@@ -287,7 +281,7 @@ def lora_linear(
     M, K = a.shape
     N = weight.shape[0]
     pack_bn = config(fp8).bn
-    tiles = config_for(fp8, M, N, _sm_count(a.device))
+    tiles = config_for(fp8, M, N, sm_count(a.device))
     if tiles.tma and not _has_tma(a.device):  # before Hopper: the pointer-load kernel
         tiles = tiles._replace(tma=False)
     out = torch.empty(M, N, device=a.device, dtype=out_dtype or a.dtype)
@@ -355,7 +349,7 @@ def _launch_tma(a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc,
         descs = [t for t, _ in operands]
     else:
         descs = [TensorDescriptor.from_tensor(t, block) for t, block in operands]
-    sms = _sm_count(a.device)
+    sms = sm_count(a.device)
     args = (*descs, bias, sa, sw, hstart, rank_scale, M, N, K, h.shape[-1] if rc else 0, rc,
             a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0))  # fmt: skip
     constexprs = dict(**flags, NUM_SMS=sms, FLATTEN=tiles_cfg.flatten, ONE_STEP=rc <= BR, DEVICE_DESC=tiles_cfg.device_desc, WARP_SPEC=tiles_cfg.ws)  # fmt: skip
