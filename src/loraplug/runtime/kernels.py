@@ -87,8 +87,9 @@ def on_float_bases() -> bool:
 # on the portable path — full Flux-dev, eager and compiled, each against the portable path in the
 # same process (benchmarks/README.md, sessions 9–11, four processes on H100s: device time 1.065
 # against 1.10 eager, wall 1.10 against 1.13–1.16 compiled, added memory 1.005× the adapters).
-# Not measured on other GPUs (the H200 included), where it stays opt-in (``LORAPLUG_KERNELS=shapes``).
-FLOAT_SHAPES_GPUS = ("H100",)
+# Not measured on other GPUs (the H200, the H100 PCIe and NVL included: fewer multiprocessors or other
+# memory), where it stays opt-in (``LORAPLUG_KERNELS=shapes``). Matched against the device's name.
+FLOAT_SHAPES_GPUS = ("H100 80GB HBM3",)
 
 
 def on_float_shapes(device: torch.device | None = None) -> bool:
@@ -171,8 +172,9 @@ def trains() -> bool:
     (``train_kernels``: five small Triton kernels and the two base GEMMs per layer and step, the
     adapters read in their own dtype) where Triton and CUDA are present: opt-in,
     ``LORAPLUG_TRAIN_KERNELS=1``, until a full training step has been measured faster with them
-    (benchmarks/README.md, session 12: per layer on an H100 they beat the portable path on the
-    single-slice layers and lost on fused q/k/v); otherwise the portable path (cuBLAS GEMMs, autograd
+    (benchmarks/README.md, sessions 12–13: per layer on an H100 they beat the portable path on the
+    single-slice layers and lose on fused q/k/v, 2472 against 2412 µs over the eight Flux-dev
+    shapes); otherwise the portable path (cuBLAS GEMMs, autograd
     through casts and scalings)."""
     return available() and setting("LORAPLUG_TRAIN_KERNELS") == "1"
 
