@@ -117,16 +117,24 @@ def _expand_kernel(
 
 
 @triton.jit
+def _summed_over_rows(a_ptr, a_cols, A_WIDTH, stride_a, b_ptr, b_cols, B_WIDTH, stride_b, M,
+                      BM: tl.constexpr, SA: tl.constexpr, SB: tl.constexpr):  # fmt: skip
+    """aᵀ·b over every row, for a's columns ``a_cols`` (SA of them) and b's ``b_cols`` (SB)."""
+    acc = tl.zeros((SA, SB), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        rm = m0 + tl.arange(0, BM)
+        a = _row_block(a_ptr, rm, a_cols, M, A_WIDTH, stride_a)
+        acc = tl.dot(tl.trans(a), _row_block(b_ptr, rm, b_cols, M, B_WIDTH, stride_b), acc)
+    return acc
+
+
+@triton.jit
 def _grad_up_block(dy_ptr, h_ptr, crs_ptr, dup_ptr, pid, M, N, R, r, stride_dy,
                    BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):  # fmt: skip
     """d up = dyᵀ ⊛ h for the BN output columns of block ``pid``, summed over every row."""
     rk = tl.arange(0, RP)
     rn = pid * BN + tl.arange(0, BN)
-    acc = tl.zeros((BN, RP), dtype=tl.float32)
-    for m0 in range(0, M, BM):
-        rm = m0 + tl.arange(0, BM)
-        dy = _row_block(dy_ptr, rm, rn, M, N, stride_dy)
-        acc = tl.dot(tl.trans(dy), _row_block(h_ptr, rm, rk, M, R, R), acc)
+    acc = _summed_over_rows(dy_ptr, rn, N, stride_dy, h_ptr, rk, R, R, M, BM, BN, RP)
     j = rk - tl.load(crs_ptr + pid * BN)  # column k of this block is rank k − c of its slice
     inside = (rn < N)[:, None] & ((j >= 0) & (j < r))[None, :]
     tl.store(
@@ -140,11 +148,7 @@ def _grad_down_block(g_ptr, x_ptr, ddown_ptr, pid, M, K, R, stride_x,
     """d down = gᵀ·x for the BK input columns of block ``pid``, summed over every row."""
     rk = tl.arange(0, RP)
     kk = pid * BK + tl.arange(0, BK)
-    acc = tl.zeros((RP, BK), dtype=tl.float32)
-    for m0 in range(0, M, BM):
-        rm = m0 + tl.arange(0, BM)
-        g = _row_block(g_ptr, rm, rk, M, R, R)
-        acc = tl.dot(tl.trans(g), _row_block(x_ptr, rm, kk, M, K, stride_x), acc)
+    acc = _summed_over_rows(g_ptr, rk, R, R, x_ptr, kk, K, stride_x, M, BM, RP, BK)
     _store_rows(ddown_ptr, acc, rk, kk, R, K, K)
 
 
