@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -673,3 +674,23 @@ def test_float_shape_rule_picks_the_measured_shapes(monkeypatch):
     assert kernels.on_float_shapes() and not kernels.on_float_bases()
     monkeypatch.setenv("LORAPLUG_KERNELS", "fp8")
     assert not kernels.on_float_shapes() and not kernels.on_float_bases()
+
+
+def test_the_sm_count_is_read_once_and_traced_whole(monkeypatch):
+    """``kernels.sm_count`` asks the device once (the fused path reads it per call) and traces into
+    one graph whether or not it was read before (a plain dict, not a functools.cache wrapper)."""
+    asked = []
+    monkeypatch.setattr(kernels, "_SM_COUNTS", {})
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda device: asked.append(device) or SimpleNamespace(multi_processor_count=132),
+    )
+    cuda = torch.device("cuda", 0)
+    assert [kernels.sm_count(cuda), kernels.sm_count(cuda)] == [132, 132] and asked == [cuda]
+    torch._dynamo.reset()
+    for device, count in ((torch.device("cpu"), 4), (cuda, 132)):  # first read while tracing; read before
+        traced = torch.compile(lambda x, d=device: x * kernels.sm_count(d), backend="eager", fullgraph=True)
+        assert traced(torch.ones(2)).tolist() == [count] * 2
+    assert asked == [cuda] and kernels._SM_COUNTS == {cuda: 132, torch.device("cpu"): 4}
+    torch._dynamo.reset()
