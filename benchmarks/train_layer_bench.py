@@ -1,7 +1,8 @@
 """One adapted layer's training step (forward + backward, r16, float32 masters, bf16 activations) on
 the Flux-dev layer shapes at 512² (1536 tokens in the single blocks, 1024 / 512 in the two streams):
 device time per step by kernel (torch.profiler; what CUDA graphs leave), for the frozen layer
-(dx only), the portable path and the training kernels. Writes $OUT/train_layer_bench.json."""
+(dx only), the portable path (autograd), the one-call GEMMs (float32 masters and bf16 adapters)
+and the training kernels. Writes $OUT/train_layer_bench.json."""
 
 import json
 import os
@@ -27,6 +28,14 @@ SHAPES = [
     ("img_mlp0", 1024, 3072, 12288, 1),
     ("img_mlp2", 1024, 12288, 3072, 1),
     ("txt_qkv", 512, 3072, 9216, 3),
+]
+# (name, LORAPLUG_TRAIN_GEMM, LORAPLUG_TRAIN_KERNELS, adapter dtype): one_call_bf16 is the one call
+# with bf16 adapters (no casts of float32 masters: what master weights kept outside the layers would cost)
+VARIANTS = [
+    ("autograd", "0", "0", torch.float32),
+    ("one_call", "1", "0", torch.float32),
+    ("one_call_bf16", "1", "0", torch.bfloat16),
+    ("kernels", "1", "1", torch.float32),
 ]
 SLICES: dict[int, list[str]] = {}
 arch.PROVIDERS.append(
@@ -69,9 +78,10 @@ def measure(m: int, k: int, n: int, slices: int, g: torch.Generator) -> dict:
         holder.layer(x).backward(dy)
 
     row = {"frozen": device_ms(step)}
-    for variant, gemm, kernels in (("autograd", "0", "0"), ("one_call", "1", "0"), ("kernels", "1", "1")):
+    for variant, gemm, kernels, masters in VARIANTS:
         os.environ["LORAPLUG_TRAIN_GEMM"], os.environ["LORAPLUG_TRAIN_KERNELS"] = gemm, kernels
-        handle = lp.create(holder, "lora", rank=16, targets=[f"^s{i}$" for i in range(slices)], init="random")
+        targets = [f"^s{i}$" for i in range(slices)]
+        handle = lp.create(holder, "lora", rank=16, targets=targets, init="random", dtype=masters)
         params[:] = handle.parameters()
         row[variant] = device_ms(step)
         handle.remove()
