@@ -200,7 +200,9 @@ def test_a_flux_control_lora_is_named_as_such(width, hinted):
     _untouched(model, snap)
 
 
-@pytest.mark.parametrize("name", ["LORAPLUG_KERNELS", "LORAPLUG_ACCUMULATE", "LORAPLUG_TRAIN_GEMM"])
+@pytest.mark.parametrize(
+    "name", ["LORAPLUG_KERNELS", "LORAPLUG_ACCUMULATE", "LORAPLUG_TRAIN_GEMM", "LORAPLUG_TRAIN_KERNELS"]
+)
 def test_an_unknown_switch_value_is_named(name, monkeypatch):
     """A mistyped environment switch is an error naming it and its values, not silently the
     default: at apply, before the model is touched, and where a forward reads it."""
@@ -214,7 +216,7 @@ def test_an_unknown_switch_value_is_named(name, monkeypatch):
     assert_identical(model, before)
     monkeypatch.delenv(name)
     handle = lp.create(model, "lora", rank=2, targets=["^0$"], init="random")
-    if name != "LORAPLUG_KERNELS":  # read on CUDA only
+    if name in ("LORAPLUG_ACCUMULATE", "LORAPLUG_TRAIN_GEMM"):  # the others are read on CUDA only
         monkeypatch.setenv(name, "yes")
         with pytest.raises(lp.LoraplugError, match=needle):
             model(torch.randn(3, 8)).sum().backward()

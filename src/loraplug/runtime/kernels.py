@@ -175,7 +175,7 @@ def trains() -> bool:
     adapters read in their own dtype) where Triton and CUDA are present: opt-in,
     ``LORAPLUG_TRAIN_KERNELS=1``, until a full training step has been measured faster with them
     (benchmarks/README.md, sessions 12–13: per layer on an H100 they beat the portable path on the
-    single-slice layers and lose on fused q/k/v, 2472 against 2412 µs over the eight Flux-dev
+    single-slice layers and lose on fused q/k/v, 2468 against 2410 µs over the eight Flux-dev
     shapes); otherwise the portable path (cuBLAS GEMMs, autograd
     through casts and scalings)."""
     return available() and setting("LORAPLUG_TRAIN_KERNELS") == "1"
