@@ -1,7 +1,7 @@
 """GPU training benchmark: one step on the full Flux-dev-size transformer (random weights, bf16,
 512x512 = 1024 image + 512 text tokens, batch 1, fused AdamW as lp.train uses on CUDA, for every variant), ratios to the frozen forward+backward
 measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on the split layout
-(split_hooked: adapters added after the base GEMM, the previous default; split_bf16: bf16
+(split_hooked: adapters added after the base GEMM, the previous default; *_bf16: bf16
 adapters, as diffusers' add_adapter gives PEFT; split_combo: compiled with Inductor's combo kernels), the fused layout (one
 adapter per q/k/v slice; ``*_kernels``: with the training kernels; ``*_autograd``: autograd through
 the separate GEMMs, ``LORAPLUG_TRAIN_GEMM=0``) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
@@ -111,7 +111,7 @@ def main():
             torch.cuda.empty_cache()
         if layout == "split_hooked":  # adapters added after the base GEMM (the previous default)
             os.environ["LORAPLUG_ACCUMULATE"] = "0"
-        dtype = torch.bfloat16 if layout == "split_bf16" else torch.float32  # PEFT's, via diffusers
+        dtype = torch.bfloat16 if layout.endswith("_bf16") else torch.float32  # PEFT's, via diffusers
         handle = lp.create(model, "lora", rank=16, alpha=16, targets="attn+mlp", init="random", dtype=dtype)
         params = handle.parameters()
         res["loraplug_trainable_M"] = sum(p.numel() for p in params) / 1e6

@@ -79,7 +79,10 @@ def device_profile(fn) -> dict:
         "by_kind": {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
         "device_total": round(sum(totals.values()), 3),
         "launches": sum(count for _, count, _ in kernels),
-        "top": [f"{ms:.3f} ms x{count} {name}" for ms, count, name in kernels[:10]],
+        "top": [
+            f"{ms:.3f} ms x{count} {name}"
+            for ms, count, name in kernels[: int(os.environ.get("PROFILE_TOP", 10))]
+        ],
     }
 
 
