@@ -78,10 +78,10 @@ def measure(m: int, k: int, n: int, slices: int, g: torch.Generator) -> dict:
         holder.layer(x).backward(dy)
 
     row = {"frozen": device_ms(step)}
-    for variant, gemm, kernels, masters in VARIANTS:
+    for variant, gemm, kernels, adapter_dtype in VARIANTS:
         os.environ["LORAPLUG_TRAIN_GEMM"], os.environ["LORAPLUG_TRAIN_KERNELS"] = gemm, kernels
         targets = [f"^s{i}$" for i in range(slices)]
-        handle = lp.create(holder, "lora", rank=16, targets=targets, init="random", dtype=masters)
+        handle = lp.create(holder, "lora", rank=16, targets=targets, init="random", dtype=adapter_dtype)
         params[:] = handle.parameters()
         row[variant] = device_ms(step)
         handle.remove()
