@@ -32,7 +32,7 @@ def test_packed_ups_reproduce_every_slice(bn):
     for (start, r, off, size), up in zip(spans, ups, strict=True):
         want[:, off : off + size] += h[:, start : start + r] @ up
     packing = kernels.pack_ups(spans, ups, n, bn)
-    packed, rc = packing.packed, packing.packed.shape[0]
+    packed, rc = packing.packed.T, packing.packed.shape[1]  # stored K-major: (N, RC)
     columns = packing.columns if packing.columns is not None else list(range(20))
     assert len(columns) % 8 == 0  # 16-byte rows of h for the tensor memory accelerator
     h_laid = torch.cat([h, torch.zeros(9, 1)], 1)[:, columns]  # -1: a zero column
@@ -44,8 +44,15 @@ def test_packed_ups_reproduce_every_slice(bn):
         got[:, cols] = h_laid[:, start : start + rc] @ packed[:, cols]  # one contiguous run per tile
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert rc == max(
-        sum(-(-r // 8) * 8 for _, r, off, size in spans if off < min((t + 1) * bn, n) and off + size > t * bn)
-        for t in range(packing.hstart.shape[0])
+        8,
+        *(
+            sum(
+                -(-r // 8) * 8
+                for _, r, off, size in spans
+                if off < min((t + 1) * bn, n) and off + size > t * bn
+            )
+            for t in range(packing.hstart.shape[0])
+        ),
     )
 
 
@@ -79,7 +86,8 @@ def test_packing_runs_are_contiguous_aligned_and_exact(layout, seed):
     assert len(columns) % 8 == 0 and set(columns) - {-1} == set(range(total))
     assert packing.columns is not None or all(r % 8 == 0 for _, r, _, _ in spans)
     laid = torch.cat([h, torch.zeros(5, 1, dtype=h.dtype)], 1)[:, columns]
-    rc = packing.packed.shape[0]
+    rc = packing.packed.shape[1]
+    assert packing.packed.shape[0] == n and rc % 8 == 0  # K-major, 16-byte rows
     laid = torch.cat([laid, torch.full((5, rc), float("nan"), dtype=h.dtype)], 1)  # never multiplied
     for t in range(-(-n // bn)):
         start, cols = int(packing.hstart[t]), slice(t * bn, min((t + 1) * bn, n))
@@ -89,7 +97,7 @@ def test_packing_runs_are_contiguous_aligned_and_exact(layout, seed):
             lo, hi = max(off, cols.start), min(off + size, cols.stop)
             if lo < hi:
                 want[:, lo - cols.start : hi - cols.start] += h[:, s0 : s0 + r] @ up[:, lo - off : hi - off]
-        block = packing.packed[:, cols]
+        block = packing.packed[cols].T
         used = block.abs().sum(1) > 0
         run = laid[:, start : start + rc][:, used]
         assert not run.isnan().any()  # the rows P uses never reach past h

@@ -8,8 +8,9 @@ optional).
 
 where h = x·Aᵀ is the down projection of every low-rank adapter of the module (M × Σr), laid out
 so that the ranks covering each output tile of width BN are one run of columns starting at
-``hstart[tile]``, s the per-rank scale·strength, and P the packed up projections: ``P[:, tile]``
-holds those ranks' up rows (zero where a rank's slice does not cover a column). The tile's h and P
+``hstart[tile]``, s the per-rank scale·strength, and P the packed up projections, stored K-major
+(N × RC, the rank innermost, like an up weight itself): ``P[tile].T`` holds those ranks' up rows
+(zero where a rank's slice does not cover a column). The tile's h and P
 blocks are moved like the GEMM's own operands (the tensor memory accelerator on Hopper) and the
 up projection joins the base GEMM's accumulator in the same MMA: y is written once, never read back.
 
@@ -250,14 +251,15 @@ class Tiles(NamedTuple):
 
 # the fastest measured on an H200 (benchmarks/linear_stack.py, kernel_parts.py, tile_sweep.py);
 # "*_narrow": for outputs with fewer full tiles than two per multiprocessor (Flux's 512 text
-# tokens), half-width tiles over the same packing (None: never). Warp-specialized narrow tiles
-# (session 9's fp8 default) wrote NaN into the first column of every tile whenever the LoRA tail
-# ran (H100 and H200, Triton 3.6: benchmarks/ws_probe.py): not used.
+# tokens), half-width tiles over the same packing (None: never). The fp8 narrow tiles are
+# warp-specialized (0.790–0.807 of the compiled bf16 base at Flux-dev depth, against 0.854
+# flattened); they wrote NaN into the first column of every tile whenever the LoRA tail ran while
+# P was stored N-major (sessions 9–10, Triton 3.6: benchmarks/ws_probe.py); P is K-major now.
 CONFIGS = {
     "bf16": Tiles(128, 256, 64, 8, 3, True, False),
     "fp8": Tiles(128, 256, 128, 8, 3, True, True),
     "bf16_narrow": Tiles(128, 128, 64, 4, 4, True, True),
-    "fp8_narrow": Tiles(128, 128, 128, 4, 4, True, True),
+    "fp8_narrow": Tiles(128, 128, 128, 4, 4, True, False, True, True),
 }
 
 
@@ -295,9 +297,10 @@ class Packing:
     ranks of every output tile are one contiguous run of h's columns, starting at ``hstart[tile]``,
     each entry's ranks padded to a multiple of 8 (the tensor memory accelerator moves 16-byte
     aligned blocks); None when that is the stacked order itself (the common case: ranks multiples
-    of 8, no copy of the down projections). ``packed`` (RC, N): row j of tile t multiplies h's
-    column hstart[t] + j (zero rows for padding, zero outside each slice). ``rows``: the row
-    of ``packed`` at which each entry sits in every tile it covers, or None where it moves."""
+    of 8, no copy of the down projections). ``packed`` (N, RC), K-major like every other operand of
+    the kernel (RC at least 8: 16-byte rows): column j of tile t's rows multiplies h's column
+    hstart[t] + j (zero for padding, zero outside each slice). ``rows``: the column of ``packed``
+    at which each entry sits in every tile it covers, or None where it moves."""
 
     columns: list[int] | None
     hstart: Tensor
@@ -339,9 +342,9 @@ def pack_ups(
         col_of.append(col_of[-1] + width[e])
     columns = [c for e in layout for c in [*range(spans[e][0], spans[e][0] + spans[e][1]), *[-1] * (width[e] - spans[e][1])]]  # fmt: skip
     total = sum(rank for _, rank, _, _ in spans)
-    rc = max(1, max(sum(width[i] for i in cover) for cover in covers))
+    rc = max(8, max(sum(width[i] for i in cover) for cover in covers))
     ups = [u.detach().cpu() for u in ups_t]
-    packed = torch.zeros(rc, out_features, dtype=ups[0].dtype)
+    packed = torch.zeros(out_features, rc, dtype=ups[0].dtype)
     hstart = torch.zeros(tiles, dtype=torch.int32)
     rows: list[set[int]] = [set() for _ in spans]
     for t, (cover, place) in enumerate(zip(covers, places, strict=True)):
@@ -350,7 +353,7 @@ def pack_ups(
         for i in layout[place : place + len(cover)]:
             _, rank, off, size = spans[i]
             c0, c1 = max(lo, off), min(hi, off + size)
-            packed[row : row + rank, c0:c1] = ups[i][:, c0 - off : c1 - off]
+            packed[c0:c1, row : row + rank] = ups[i][:, c0 - off : c1 - off].T
             rows[i].add(row)
             row += width[i]
     device = ups_t[0].device
@@ -377,8 +380,9 @@ def lora_linear(a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale,
 
 
 def up_views(spans: list[tuple[int, int, int, int]], packing: Packing) -> list[Tensor] | None:
-    """Each entry's up projection as a view into ``packing.packed`` (so the portable path needs no
-    copy of its own), or None where an entry does not sit on the same rows in every tile it covers."""
+    """Each entry's up projection (rank, size) as a transposed view into ``packing.packed`` (so the
+    portable path needs no copy of its own), or None where an entry does not sit on the same
+    columns in every tile it covers."""
     if packing.rows is None:
         return None
-    return [packing.packed[row : row + rank, off : off + size] for row, (_, rank, off, size) in zip(packing.rows, spans, strict=True)]  # fmt: skip
+    return [packing.packed[off : off + size, row : row + rank].T for row, (_, rank, off, size) in zip(packing.rows, spans, strict=True)]  # fmt: skip

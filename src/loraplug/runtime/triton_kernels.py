@@ -63,7 +63,7 @@ def _add_bias(acc, rn, N, bias_ptr, HAS_BIAS: tl.constexpr):
 def _lora_linear_kernel(
     a_ptr, w_ptr, out_ptr, bias_ptr, sa_ptr, sw_ptr, h_ptr, hstart_ptr, rs_ptr, p_ptr,
     M, N, K, RH, RC,
-    stride_am, stride_wn, stride_om, stride_hm, stride_pr,
+    stride_am, stride_wn, stride_om, stride_hm, stride_pn,
     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
     PACK_BN: tl.constexpr,
@@ -91,7 +91,7 @@ def _lora_linear_kernel(
             mask=(rm < M)[:, None] & (hs + rr < RH)[None, :],
             other=0.0,
         )
-        p = tl.load(p_ptr + rr[:, None] * stride_pr + rn[None, :], mask=(rr < RC)[:, None] & (rn < N)[None, :], other=0.0)  # fmt: skip
+        p = tl.load(p_ptr + rn[None, :].to(tl.int64) * stride_pn + rr[:, None], mask=(rr < RC)[:, None] & (rn < N)[None, :], other=0.0)  # fmt: skip
         acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, hs + rr, RH), p)
     acc = _add_bias(acc, rn, N, bias_ptr, HAS_BIAS)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
@@ -112,7 +112,7 @@ def _descriptor(t, rows, cols, stride, B0: tl.constexpr, B1: tl.constexpr, ON_DE
 @triton.jit
 def _lora_linear_tma_kernel(
     a_desc, w_desc, o_desc, h_desc, p_desc, bias_ptr, sa_ptr, sw_ptr, hstart_ptr, rs_ptr,
-    M, N, K, RH, RC, stride_am, stride_wn, stride_om, stride_hm, stride_pr,
+    M, N, K, RH, RC, stride_am, stride_wn, stride_om, stride_hm, stride_pn,
     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
     PACK_BN: tl.constexpr,
@@ -120,8 +120,9 @@ def _lora_linear_tma_kernel(
     WARP_SPEC: tl.constexpr,
 ):  # fmt: skip
     """Persistent (one program per SM), every tile moved by the tensor memory accelerator (Hopper).
-    After the K loop, the tile's LoRA tail: h's run of columns from ``hstart[tile]`` and P's rows
-    (contiguous by construction: ``kernels.pack_ups``), BR ranks per step, pipelined when there are
+    After the K loop, the tile's LoRA tail: h's run of columns from ``hstart[tile]`` and P's
+    columns (contiguous by construction: ``kernels.pack_ups``; P is K-major like the weight, loaded
+    (BN, BR) and transposed in shared memory), BR ranks per step, pipelined when there are
     several (ONE_STEP: a single step). FLATTEN makes the tile loop and the K loop one software
     pipeline (the next tile's loads start during this epilogue; Triton flattens only a tile loop
     with one inner loop, so with ONE_STEP). DEVICE_DESC: the descriptors are made here from plain
@@ -133,7 +134,7 @@ def _lora_linear_tma_kernel(
     o_desc = _descriptor(o_desc, M, N, stride_om, BM, BN, DEVICE_DESC)
     if HAS_LORA:
         h_desc = _descriptor(h_desc, M, RH, stride_hm, BM, BR, DEVICE_DESC)
-        p_desc = _descriptor(p_desc, RC, N, stride_pr, BR, BN, DEVICE_DESC)
+        p_desc = _descriptor(p_desc, N, RC, stride_pn, BN, BR, DEVICE_DESC)
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tile(tile, M, N, BM, BN, GROUP_M)
@@ -149,12 +150,12 @@ def _lora_linear_tma_kernel(
             hs = tl.load(hstart_ptr + pid_n * BN // PACK_BN)
             if ONE_STEP:  # one inner loop: the tile loop can still be flattened
                 h = h_desc.load([pid_m * BM, hs])
-                p = p_desc.load([0, pid_n * BN])
+                p = p_desc.load([pid_n * BN, 0]).T
                 acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, hs + tl.arange(0, BR), RH), p)
             else:
                 for r in range(0, RC, BR):
                     h = h_desc.load([pid_m * BM, hs + r])
-                    p = p_desc.load([r, pid_n * BN])
+                    p = p_desc.load([pid_n * BN, r]).T
                     acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, hs + r + tl.arange(0, BR), RH), p)
         acc = _add_bias(acc, rn, N, bias_ptr, HAS_BIAS)
         o_desc.store([pid_m * BM, pid_n * BN], acc.to(o_desc.dtype))
@@ -295,7 +296,7 @@ def lora_linear(
     # CUDA graph's memory pool would see outlive its capture), never the output (the Triton
     # interpreter copies every tensor argument back after a launch)
     sa, sw = scales if fp8 else (a, a)
-    rc = packed.shape[0] if lora is not None else 0
+    rc = packed.shape[1] if lora is not None else 0
     flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, BM=tiles.bm, BN=tiles.bn,
                  BK=tiles.bk, BR=_rank_block(rc, tiles.tma), GROUP_M=8, PACK_BN=pack_bn)  # fmt: skip
     args = (a, weight, out, bias if bias is not None else a, sa, sw, h, hstart, rank_scale, packed)
@@ -343,7 +344,7 @@ def _launch_tma(a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc,
     M, K = a.shape
     N = weight.shape[0]
     operands = [(a, [BM, BK]), (weight, [BN, BK]), (out, [BM, BN])]
-    operands += [(h, [BM, BR]), (packed, [BR, BN])] if flags["HAS_LORA"] else operands[:2]  # else never read
+    operands += [(h, [BM, BR]), (packed, [BN, BR])] if flags["HAS_LORA"] else operands[:2]  # else never read
     if tiles_cfg.device_desc:
         _ensure_allocator()
         descs = [t for t, _ in operands]
