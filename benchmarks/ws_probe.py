@@ -1,7 +1,8 @@
 """The warp-specialized tiles against a float32 reference (sessions 9–10 saw NaN in column 0 of
 every tile whenever the LoRA tail ran, with P stored N-major): the fused GEMM on Flux's fused q/k/v
 shape (3072 → 9216) over fp8/bf16 × bias × LoRA × tokens (512 and 300: narrow tiles; 4608: full
-tiles), with ws on and off for the tiles that shape takes. Per case: NaN count and the columns they
+tiles), with ws on and off for the tiles that shape takes; LoRA rank 16 (the tail moved by TMA),
+and rank 4 with a bias (no padding: the tail loaded by pointers). Per case: NaN count and the columns they
 sit in, the relative error against float32 (x and the weight as the kernel sees them, fp8
 quantization included), and the layer's time under a CUDA graph (triton's do_bench_cudagraph)."""
 
@@ -20,11 +21,13 @@ from loraplug.fp8 import quantize_per_row  # noqa: E402
 from loraplug.runtime import kernels  # noqa: E402
 
 os.environ["LORAPLUG_KERNELS"] = "all"
-K, N, RANK = 3072, 9216, 16
+K, N = 3072, 9216
 res = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__}
 
 
-def case(fp8: bool, bias: bool, lora: bool, tokens: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def case(
+    fp8: bool, bias: bool, lora: bool, tokens: int, rank: int
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The layer (LoRA applied), an input, and the float32 reference output."""
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(K, N, bias=bias).requires_grad_(False)
@@ -43,8 +46,8 @@ def case(fp8: bool, bias: bool, lora: bool, tokens: int) -> tuple[nn.Module, tor
     if bias:
         ref += model[0].bias.float()
     if lora:
-        down = torch.randn(RANK, K, generator=g) * 0.02
-        ups = torch.randn(N, RANK, generator=g) * 0.1
+        down = torch.randn(rank, K, generator=g) * 0.02
+        ups = torch.randn(N, rank, generator=g) * 0.1
         lp.apply(model, {"0.lora_A.weight": down, "0.lora_B.weight": ups})
         ref += (
             x.float() @ down.to("cuda", torch.bfloat16).float().T @ ups.to("cuda", torch.bfloat16).float().T
@@ -68,25 +71,30 @@ def measure(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> dict:
     }
 
 
-for tokens in (512, 300, 4608):
-    for fp8 in (True, False):
-        for bias in (True, False):
-            for lora in (True, False):
-                if not lora and not fp8:
-                    continue  # a bf16 layer without adapters never takes the kernel
-                model, x, ref = case(fp8, bias, lora, tokens)
-                sms = torch.cuda.get_device_properties(0).multi_processor_count
-                tiles = kernels.config_for(fp8, tokens, N, sms)
-                key = ("fp8" if fp8 else "bf16") + ("_narrow" if tiles.bn < kernels.config(fp8).bn else "")
-                name = f"t{tokens}_{key}_{'bias' if bias else 'nobias'}_{'lora' if lora else 'base'}"
-                saved = kernels.CONFIGS[key]
-                for ws in (False, True):
-                    kernels.CONFIGS[key] = kernels.Tiles(*saved)._replace(flatten=not ws, ws=ws)
-                    try:
-                        res[f"{name}_{'ws' if ws else 'flat'}"] = measure(model, x, ref)
-                    except Exception as e:  # noqa: BLE001 - a probe: record and go on
-                        res[f"{name}_{'ws' if ws else 'flat'}"] = repr(e)[:300]
-                    finally:
-                        kernels.CONFIGS[key] = saved
-                    print(name, "ws" if ws else "flat", res[f"{name}_{'ws' if ws else 'flat'}"], flush=True)
+sms = torch.cuda.get_device_properties(0).multi_processor_count
+cases = [
+    (tokens, fp8, bias, lora, rank)
+    for tokens in (512, 300, 4608)
+    for fp8 in (True, False)
+    for bias in (True, False)
+    for lora in (True, False)
+    for rank in ((16, 4) if lora and bias else (16,))
+    if lora or fp8  # a bf16 layer without adapters never takes the kernel
+]
+for tokens, fp8, bias, lora, rank in cases:
+    model, x, ref = case(fp8, bias, lora, tokens, rank)
+    tiles = kernels.config_for(fp8, tokens, N, sms)
+    key = ("fp8" if fp8 else "bf16") + ("_narrow" if tiles.bn < kernels.config(fp8).bn else "")
+    name = f"t{tokens}_{key}_{'bias' if bias else 'nobias'}_{f'r{rank}' if lora else 'base'}"
+    saved = kernels.CONFIGS[key]
+    for ws in (False, True):
+        label = f"{name}_{'ws' if ws else 'flat'}"
+        kernels.CONFIGS[key] = kernels.Tiles(*saved)._replace(flatten=not ws, ws=ws)
+        try:
+            res[label] = measure(model, x, ref)
+        except Exception as e:  # noqa: BLE001 - a probe: record and go on
+            res[label] = repr(e)[:300]
+        finally:
+            kernels.CONFIGS[key] = saved
+        print(label, res[label], flush=True)
 (Path(os.environ.get("OUT", ".")) / "ws_probe.json").write_text(json.dumps(res, indent=1))

@@ -34,8 +34,7 @@ def test_packed_ups_reproduce_every_slice(bn):
     packing = kernels.pack_ups(spans, ups, n, bn)
     packed, rc = packing.packed.T, packing.packed.shape[1]  # stored K-major: (N, RC)
     columns = packing.columns if packing.columns is not None else list(range(20))
-    assert len(columns) % 8 == 0  # 16-byte rows of h for the tensor memory accelerator
-    h_laid = torch.cat([h, torch.zeros(9, 1)], 1)[:, columns]  # -1: a zero column
+    h_laid = h[:, columns]
     h_laid = torch.cat([h_laid, torch.randn(9, rc, generator=g)], 1)  # past the end: any value
     got = torch.zeros(9, n)
     for t in range(packing.hstart.shape[0]):
@@ -43,17 +42,11 @@ def test_packed_ups_reproduce_every_slice(bn):
         start = int(packing.hstart[t])
         got[:, cols] = h_laid[:, start : start + rc] @ packed[:, cols]  # one contiguous run per tile
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert rc == max(
-        8,
-        *(
-            sum(
-                -(-r // 8) * 8
-                for _, r, off, size in spans
-                if off < min((t + 1) * bn, n) and off + size > t * bn
-            )
-            for t in range(packing.hstart.shape[0])
-        ),
-    )
+    most = max(
+        sum(r for _, r, off, size in spans if off < min((t + 1) * bn, n) and off + size > t * bn)
+        for t in range(packing.hstart.shape[0])
+    )  # no padding: the most ranks any tile reads (one more where TMA must not take the tail)
+    assert rc == most + (most % 8 == 0 and bool((packing.hstart % 8).any()))
 
 
 @st.composite
@@ -73,9 +66,10 @@ def _layouts(draw):
 
 @given(_layouts(), st.integers(0, 2**31 - 1))
 def test_packing_runs_are_contiguous_aligned_and_exact(layout, seed):
-    """For any slices, ranks and tile width: each tile reads one 8-aligned run of h's columns,
-    P's rows beyond a tile's ranks are zero, every column lists a real rank or padding, and
-    tile by tile the run times P is the sum of the adapters covering it."""
+    """For any slices, ranks and tile width: each tile reads one run of h's columns, P's rows
+    beyond a tile's ranks are zero, every column lists a real rank, the stacked order is kept
+    unless some column must repeat, and tile by tile the run times P is the sum of the adapters
+    covering it."""
     spans, n, bn = layout
     g = torch.Generator().manual_seed(seed)
     ups = [torch.randn(r, size, generator=g, dtype=torch.float64) for _, r, _, size in spans]
@@ -83,15 +77,15 @@ def test_packing_runs_are_contiguous_aligned_and_exact(layout, seed):
     h = torch.randn(5, total, generator=g, dtype=torch.float64)
     packing = kernels.pack_ups(spans, ups, n, bn)
     columns = packing.columns if packing.columns is not None else list(range(total))
-    assert len(columns) % 8 == 0 and set(columns) - {-1} == set(range(total))
-    assert packing.columns is not None or all(r % 8 == 0 for _, r, _, _ in spans)
-    laid = torch.cat([h, torch.zeros(5, 1, dtype=h.dtype)], 1)[:, columns]
+    assert set(columns) == set(range(total))
+    assert packing.columns is None or len(packing.columns) > total  # copied only to repeat
+    laid = h[:, columns]
     rc = packing.packed.shape[1]
-    assert packing.packed.shape[0] == n and rc % 8 == 0  # K-major, 16-byte rows
+    assert packing.packed.shape[0] == n  # K-major
+    assert rc % 8 or not (packing.hstart % 8).any()  # rows TMA can move: every run starts on the grid
     laid = torch.cat([laid, torch.full((5, rc), float("nan"), dtype=h.dtype)], 1)  # never multiplied
     for t in range(-(-n // bn)):
         start, cols = int(packing.hstart[t]), slice(t * bn, min((t + 1) * bn, n))
-        assert start % 8 == 0
         want = torch.zeros(5, cols.stop - cols.start, dtype=h.dtype)
         for (s0, r, off, size), up in zip(spans, ups, strict=True):
             lo, hi = max(off, cols.start), min(off + size, cols.stop)
@@ -110,7 +104,8 @@ def test_packing_runs_are_contiguous_aligned_and_exact(layout, seed):
         ([(0, 8, 0, 64), (8, 8, 64, 64), (16, 8, 128, 64)], None),  # q, k, v on tile boundaries
         ([(0, 8, 0, 64), (8, 8, 0, 64), (16, 8, 64, 64), (24, 8, 64, 64)], None),  # two LoRAs, sorted
         ([(0, 8, 0, 40), (8, 8, 40, 88)], None),  # a tile straddles both slices: still one run each
-        ([(0, 4, 0, 64)], [0, 1, 2, 3, -1, -1, -1, -1]),  # rank 4: padded to 16-byte rows
+        ([(0, 4, 0, 64)], None),  # rank 4: no padding (the kernel loads such tails by pointers)
+        ([(0, 4, 0, 64), (4, 12, 0, 64), (16, 3, 64, 64)], None),
         (
             [(0, 8, 0, 128), (8, 8, 0, 64), (16, 8, 64, 64)],
             list(range(16)) + list(range(8)) + list(range(16, 24)),
@@ -251,7 +246,7 @@ rs = torch.rand(16, dtype=torch.float16)
 packing = kernels.pack_ups(spans, ups, N, 32)
 assert packing.columns is not None  # the whole-output adapter repeats next to each slice
 cols = torch.tensor(packing.columns)
-laid = lambda t: torch.cat([t, t.new_zeros(t.shape[0], 1)], 1)[:, cols].contiguous()
+laid = lambda t: t[:, cols].contiguous()
 hstart, packed = packing.hstart, packing.packed
 h = x @ down
 ref = x.float() @ w.float().T + b.float()
@@ -284,6 +279,21 @@ assert rel(y8d, y8) < 2e-3, "fp8 kernel, h computed in the call"
 ops = kernels.ops()
 assert torch.equal(ops.lora_linear(x, w, b, lora[0], None, *lora[1:], None, None, torch.float16), y)
 assert torch.equal(ops.lora_linear(x, wq, b, None, laid_down, *lora[1:], None, ws, torch.float16), y8d)
+# ranks that are not multiples of 8, no padding: two rank-4 LoRAs on the whole output make rows
+# of whole 16-byte units (the tail moves by TMA); one rank 4, or ranks 4, 8, 4 on three slices
+# (runs from columns 4 and 12), do not (pointer loads)
+cases = [([(0, 4, 0, 96), (4, 4, 0, 96)], True), ([(0, 4, 0, 96)], False),
+         ([(0, 4, 0, 32), (4, 8, 32, 32), (12, 4, 64, 32)], False)]
+for spans2, whole in cases:
+    ups2 = [torch.randn(r, sz, dtype=torch.float16) for _, r, _, sz in spans2]
+    rh = sum(r for _, r, _, _ in spans2)
+    p2 = kernels.pack_ups(spans2, ups2, N, 32)
+    h2 = x @ down[:, :rh]
+    assert p2.columns is None and (tk._whole_units(h2) and tk._whole_units(p2.packed)) == whole
+    ref2 = x.float() @ w.float().T + b.float()
+    for (st, r, off, sz), u in zip(spans2, ups2):
+        ref2[:, off:off + sz] += (h2.float()[:, st:st + r] * rs.float()[st:st + r]) @ u.float()
+    assert rel(tk.lora_linear(x, w, b, (h2, p2.hstart, rs[:rh].contiguous(), p2.packed)), ref2) < 1e-3, spans2
 # few output tiles (fewer than two per program slot): half-width tiles over the same packing
 kernels.CONFIGS.update(bf16_narrow=(32, 16, 32, 4, 1, TMA, FLAT, True, WS), fp8_narrow=(32, 16, 32, 4, 1, TMA, FLAT, True, WS))
 assert kernels.config_for(False, 40, N, 4).bn == 16 and kernels.config_for(False, M, N, 4).bn == 32
@@ -378,7 +388,7 @@ def lora(rank):
     sd = {"q.lora_A.weight": torch.randn(rank, 64, generator=g), "q.lora_B.weight": torch.randn(32, rank, generator=g),
           "kv.lora_A.weight": torch.randn(rank, 64, generator=g), "kv.lora_B.weight": torch.randn(64, rank, generator=g)}
     return {k: v.half() * 0.1 for k, v in sd.items()}
-sds = [lora(8), lora(4)]  # rank 4: padded columns, so the runner gathers its own down and rank scales
+sds = [lora(8), lora(4)]  # 12 ranks a slice: the tail loads by pointers, no padded copy of anything
 handle = lp.apply(holder, sds, strength=[0.7, 1.3])
 assert handle.report.ok, handle.report.unmatched
 layer, runner = holder.layer, runners(holder.layer)
@@ -395,7 +405,8 @@ for strengths in ([0.7, 1.3], [0.0, 2.0]):
     ref = reference(strengths)
     assert ((fused - ref).norm() / ref.norm()) < 2e-3, ((fused - ref).norm() / ref.norm()).item()
 group = next(iter(runner._lowrank.values()))
-assert group.packs[32].columns is not None
+assert group.packs[32].columns is None and group.packs[32].packed.shape[1] == 12
+assert group.packs[32].down_t is group.down_t
 assert all(u.untyped_storage().data_ptr() == group.packs[32].packed.untyped_storage().data_ptr() for u in group.ups_t)
 portable = runner._run(layer, (x,), {}, type(layer).forward(layer, x)).float()  # reads those views
 assert ((portable - ref).norm() / ref.norm()) < 2e-3

@@ -156,6 +156,32 @@ def test_fp8_base_with_lora_matches_reference(flatten, device_desc, tokens, ws, 
     assert _rel(fp8(x), base) < 2e-3
 
 
+_QKV = [(0, 3072), (3072, 3072), (6144, 3072)]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("tokens", [512, 1000])
+@pytest.mark.parametrize(
+    "layout",
+    [[(_QKV, 4)], [(_QKV, 4), ([(0, 9216)], 12)], [([(0, 9216)], 4), ([(0, 9216)], 4)]],
+    ids=["qkv4", "qkv4+whole12", "whole4+whole4"],
+)
+def test_ranks_off_the_multiple_of_eight(fp8, tokens, layout):
+    """The packing pads nothing: the tail of rows that are not whole 16-byte units (rank 4 on
+    q/k/v; 4 + 12) loads by pointers inside the TMA kernel, two whole-output rank-4 LoRAs (8
+    ranks from column 0) by TMA; 512 tokens: the narrow tiles (fp8: warp-specialized)."""
+    layer = _fp8(3072, 9216)[0] if fp8 else _layer(3072, 9216, torch.bfloat16)
+    parts = [_lora(3072, slices, rank, 10 + k) for k, (slices, rank) in enumerate(layout)]
+    strengths = [1.0] * len(parts)
+    x = torch.randn(tokens, 3072, device="cuda", dtype=torch.bfloat16)
+    base = fp8_linear_reference(x, layer.weight, layer.weight_scale, layer.bias) if fp8 else None
+    handle = _apply(layer, parts, strengths, torch.bfloat16)
+    fused = runners(layer)._fused_output(layer, x)
+    assert fused is not None and torch.isfinite(fused).all()
+    assert _rel(fused, _reference(layer, x, parts, strengths, base=base)) < (2e-2 if fp8 else 5e-3)
+    handle.remove()
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_compiled_fused_path_is_one_graph_and_does_not_recompile_on_strength(fp8, monkeypatch):
     """The fused kernel as an operator inside one graph (a host-side check of the weight's address

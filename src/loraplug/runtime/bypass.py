@@ -327,8 +327,8 @@ def _shares_storage(t: Tensor, others) -> bool:
 
 
 def _gather_columns(t: Tensor, columns: Tensor) -> Tensor:
-    """t[:, columns] with column -1 reading zeros."""
-    return torch.cat([t, t.new_zeros(t.shape[0], 1)], 1)[:, columns].contiguous()
+    """t[:, columns], contiguous."""
+    return t[:, columns].contiguous()
 
 
 def _operands(found: list[tuple[Entry, tuple[Tensor, Tensor, float]]]) -> tuple[Tensor, list[Tensor]]:

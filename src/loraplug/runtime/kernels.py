@@ -285,7 +285,7 @@ def config_for(fp8: bool, m: int, n: int, sms: int) -> Tiles:
 
 def supports(k: int, n: int) -> bool:
     """Shapes the kernel covers: the reduction length a multiple of every BK used, and output rows
-    of whole 16-byte units (the tensor memory accelerator moves the output and P by rows)."""
+    of whole 16-byte units (the tensor memory accelerator moves the output by rows)."""
     return k % 128 == 0 and n % 8 == 0
 
 
@@ -293,13 +293,16 @@ def supports(k: int, n: int) -> bool:
 class Packing:
     """A module's low-rank adapters laid out for the fused kernel at one tile width.
 
-    ``columns``: for each column of h the stacked rank it computes (-1: a zero column), so that the
-    ranks of every output tile are one contiguous run of h's columns, starting at ``hstart[tile]``,
-    each entry's ranks padded to a multiple of 8 (the tensor memory accelerator moves 16-byte
-    aligned blocks); None when that is the stacked order itself (the common case: ranks multiples
-    of 8, no copy of the down projections). ``packed`` (N, RC), K-major like every other operand of
-    the kernel (RC at least 8: 16-byte rows): column j of tile t's rows multiplies h's column
-    hstart[t] + j (zero for padding, zero outside each slice). ``rows``: the column of ``packed``
+    ``columns``: for each column of h the stacked rank it computes, so that the ranks of every
+    output tile are one contiguous run of h's columns, starting at ``hstart[tile]``; None when
+    that is the stacked order itself (the common case; a whole-output adapter beside slice
+    adapters repeats columns). ``packed`` (N, RC), K-major like every other operand of the kernel:
+    column j of tile t's rows multiplies h's column hstart[t] + j (zero past the tile's run and
+    outside each slice). No padding: RC is the most ranks any tile reads. The kernel moves the
+    tail by the tensor memory accelerator where h's and P's rows are whole 16-byte units, which
+    also needs every run to start on one; where ranks that are not multiples of 8 leave a run
+    starting elsewhere with RC a multiple of 8 all the same, RC is one more (a zero column), so
+    that P's rows tell the kernel to load the tail by pointers. ``rows``: the column of ``packed``
     at which each entry sits in every tile it covers, or None where it moves."""
 
     columns: list[int] | None
@@ -336,13 +339,14 @@ def pack_ups(
     ]  # fmt: skip
     layout: list[int] = []
     places = [_place(layout, cover) if cover else 0 for cover in covers]
-    width = [-(-rank // 8) * 8 for _, rank, _, _ in spans]  # every run starts 16-byte aligned
     col_of = [0]
     for e in layout:
-        col_of.append(col_of[-1] + width[e])
-    columns = [c for e in layout for c in [*range(spans[e][0], spans[e][0] + spans[e][1]), *[-1] * (width[e] - spans[e][1])]]  # fmt: skip
+        col_of.append(col_of[-1] + spans[e][1])
+    columns = [c for e in layout for c in range(spans[e][0], spans[e][0] + spans[e][1])]
     total = sum(rank for _, rank, _, _ in spans)
-    rc = max(8, max(sum(width[i] for i in cover) for cover in covers))
+    rc = max(sum(spans[i][1] for i in cover) for cover in covers)
+    if rc % 8 == 0 and any(col_of[place] % 8 for place in places):
+        rc += 1  # a run off the 16-byte grid: P's rows then tell the kernel to use pointer loads
     ups = [u.detach().cpu() for u in ups_t]
     packed = torch.zeros(out_features, rc, dtype=ups[0].dtype)
     hstart = torch.zeros(tiles, dtype=torch.int32)
@@ -355,7 +359,7 @@ def pack_ups(
             c0, c1 = max(lo, off), min(hi, off + size)
             packed[c0:c1, row : row + rank] = ups[i][:, c0 - off : c1 - off].T
             rows[i].add(row)
-            row += width[i]
+            row += rank
     device = ups_t[0].device
     return Packing(
         columns=None if columns == list(range(total)) else columns,

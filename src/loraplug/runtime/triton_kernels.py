@@ -43,6 +43,40 @@ def _scaled_tail(acc, h, rs, p):
 
 
 @triton.jit
+def _tail_pointers(h_ptr, p_ptr, rm, rn, hcol, pcol, M, N, RH, RC, stride_hm, stride_pn, BR: tl.constexpr):
+    """The tail's (BM, BR) block of h from column ``hcol`` and (BR, BN) block of P (stored (N, RC))
+    from column ``pcol``, by pointer loads (zero past either's end: any rank count, any alignment)."""
+    rr = tl.arange(0, BR)
+    h = tl.load(
+        h_ptr + rm[:, None].to(tl.int64) * stride_hm + (hcol + rr)[None, :],
+        mask=(rm < M)[:, None] & (hcol + rr < RH)[None, :],
+        other=0.0,
+    )
+    p = tl.load(
+        p_ptr + rn[None, :].to(tl.int64) * stride_pn + (pcol + rr)[:, None],
+        mask=(pcol + rr < RC)[:, None] & (rn < N)[None, :],
+        other=0.0,
+    )
+    return h, p
+
+
+@triton.jit
+def _tail_block(h_src, p_src, hs, r, pid_m, pid_n, M, N, RH, RC, stride_hm, stride_pn,
+                BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, TAIL_TMA: tl.constexpr):  # fmt: skip
+    """The TMA kernel's tail blocks for ranks r … r + BR: moved by the tensor memory accelerator
+    (P loaded (BN, BR), K-major like the weight, and transposed in shared memory) where h's and P's
+    rows are whole 16-byte units, else by pointer loads (ranks that are not multiples of 8)."""
+    if TAIL_TMA:
+        h = h_src.load([pid_m * BM, hs + r])
+        p = p_src.load([pid_n * BN, r]).T
+    else:
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        h, p = _tail_pointers(h_src, p_src, rm, rn, hs + r, r, M, N, RH, RC, stride_hm, stride_pn, BR)
+    return h, p
+
+
+@triton.jit
 def _rescale(acc, rm, rn, M, N, sa_ptr, sw_ptr, FP8: tl.constexpr):
     """fp8 operands: the row (token) and column (weight row) scales."""
     if FP8:
@@ -85,14 +119,8 @@ def _lora_linear_kernel(
     acc = _rescale(acc, rm, rn, M, N, sa_ptr, sw_ptr, FP8)
     if HAS_LORA:
         hs = tl.load(hstart_ptr + pid_n * BN // PACK_BN)
-        rr = tl.arange(0, BR)
-        h = tl.load(
-            h_ptr + rm[:, None].to(tl.int64) * stride_hm + (hs + rr)[None, :],
-            mask=(rm < M)[:, None] & (hs + rr < RH)[None, :],
-            other=0.0,
-        )
-        p = tl.load(p_ptr + rn[None, :].to(tl.int64) * stride_pn + rr[:, None], mask=(rr < RC)[:, None] & (rn < N)[None, :], other=0.0)  # fmt: skip
-        acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, hs + rr, RH), p)
+        h, p = _tail_pointers(h_ptr, p_ptr, rm, rn, hs, 0, M, N, RH, RC, stride_hm, stride_pn, BR)
+        acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, hs + tl.arange(0, BR), RH), p)
     acc = _add_bias(acc, rn, N, bias_ptr, HAS_BIAS)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
@@ -117,7 +145,7 @@ def _lora_linear_tma_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
     PACK_BN: tl.constexpr,
     NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, ONE_STEP: tl.constexpr, DEVICE_DESC: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
+    WARP_SPEC: tl.constexpr, TAIL_TMA: tl.constexpr,
 ):  # fmt: skip
     """Persistent (one program per SM), every tile moved by the tensor memory accelerator (Hopper).
     After the K loop, the tile's LoRA tail: h's run of columns from ``hstart[tile]`` and P's
@@ -128,11 +156,12 @@ def _lora_linear_tma_kernel(
     with one inner loop, so with ONE_STEP). DEVICE_DESC: the descriptors are made here from plain
     pointers (the host then only passes pointers: measured far cheaper per launch than encoding
     five host descriptors). WARP_SPEC: Triton splits the tile loop into a TMA producer and MMA
-    consumers."""
+    consumers. TAIL_TMA: the tail's blocks moved by the tensor memory accelerator too (h and P
+    are then descriptors, else plain pointers)."""
     a_desc = _descriptor(a_desc, M, K, stride_am, BM, BK, DEVICE_DESC)
     w_desc = _descriptor(w_desc, N, K, stride_wn, BN, BK, DEVICE_DESC)
     o_desc = _descriptor(o_desc, M, N, stride_om, BM, BN, DEVICE_DESC)
-    if HAS_LORA:
+    if TAIL_TMA:
         h_desc = _descriptor(h_desc, M, RH, stride_hm, BM, BR, DEVICE_DESC)
         p_desc = _descriptor(p_desc, N, RC, stride_pn, BN, BR, DEVICE_DESC)
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
@@ -149,13 +178,11 @@ def _lora_linear_tma_kernel(
         if HAS_LORA:
             hs = tl.load(hstart_ptr + pid_n * BN // PACK_BN)
             if ONE_STEP:  # one inner loop: the tile loop can still be flattened
-                h = h_desc.load([pid_m * BM, hs])
-                p = p_desc.load([pid_n * BN, 0]).T
+                h, p = _tail_block(h_desc, p_desc, hs, 0, pid_m, pid_n, M, N, RH, RC, stride_hm, stride_pn, BM, BN, BR, TAIL_TMA)  # fmt: skip
                 acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, hs + tl.arange(0, BR), RH), p)
             else:
                 for r in range(0, RC, BR):
-                    h = h_desc.load([pid_m * BM, hs + r])
-                    p = p_desc.load([pid_n * BN, r]).T
+                    h, p = _tail_block(h_desc, p_desc, hs, r, pid_m, pid_n, M, N, RH, RC, stride_hm, stride_pn, BM, BN, BR, TAIL_TMA)  # fmt: skip
                     acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, hs + r + tl.arange(0, BR), RH), p)
         acc = _add_bias(acc, rn, N, bias_ptr, HAS_BIAS)
         o_desc.store([pid_m * BM, pid_n * BN], acc.to(o_desc.dtype))
@@ -344,19 +371,28 @@ def _launch_tma(a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc,
     M, K = a.shape
     N = weight.shape[0]
     operands = [(a, [BM, BK]), (weight, [BN, BK]), (out, [BM, BN])]
-    operands += [(h, [BM, BR]), (packed, [BN, BR])] if flags["HAS_LORA"] else operands[:2]  # else never read
+    tail = [(h, [BM, BR]), (packed, [BN, BR])] if flags["HAS_LORA"] else operands[:2]  # else never read
+    tail_tma = flags["HAS_LORA"] and _whole_units(h) and _whole_units(packed)
     if tiles_cfg.device_desc:
         _ensure_allocator()
-        descs = [t for t, _ in operands]
+        descs = [t for t, _ in operands + tail]
     else:
         descs = [TensorDescriptor.from_tensor(t, block) for t, block in operands]
+        descs += [TensorDescriptor.from_tensor(t, block) if tail_tma else t for t, block in tail]
     sms = sm_count(a.device)
     args = (*descs, bias, sa, sw, hstart, rank_scale, M, N, K, h.shape[-1] if rc else 0, rc,
             a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0))  # fmt: skip
-    constexprs = dict(**flags, NUM_SMS=sms, FLATTEN=tiles_cfg.flatten, ONE_STEP=rc <= BR, DEVICE_DESC=tiles_cfg.device_desc, WARP_SPEC=tiles_cfg.ws)  # fmt: skip
+    constexprs = dict(**flags, NUM_SMS=sms, FLATTEN=tiles_cfg.flatten, ONE_STEP=rc <= BR, DEVICE_DESC=tiles_cfg.device_desc, WARP_SPEC=tiles_cfg.ws, TAIL_TMA=tail_tma)  # fmt: skip
     _TMA_KERNEL.launch(
         min(sms, _cdiv(M, BM) * _cdiv(N, BN)), args, constexprs, tiles_cfg.warps, tiles_cfg.stages
     )
+
+
+def _whole_units(t: Tensor) -> bool:
+    """Rows the tensor memory accelerator can move: 16-byte aligned and 16-byte strides (h and P of
+    ranks that are not multiples of 8 are not: the tail then loads them by pointers, with no padded
+    copy of either)."""
+    return (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
