@@ -2,7 +2,7 @@
 every tile whenever the LoRA tail ran, with P stored N-major): the fused GEMM on Flux's fused q/k/v
 shape (3072 → 9216) over fp8/bf16 × bias × LoRA × tokens (512 and 300: narrow tiles; 4608: full
 tiles), with ws on and off for the tiles that shape takes; LoRA rank 16 (the tail moved by TMA),
-and rank 4 with a bias (no padding: the tail loaded by pointers). Per case: NaN count and the columns they
+and rank 4 with a bias (no padding: the tail loaded by pointers, and then never warp-specialized). Per case: NaN count and the columns they
 sit in, the relative error against float32 (x and the weight as the kernel sees them, fp8
 quantization included), and the layer's time under a CUDA graph (triton's do_bench_cudagraph)."""
 

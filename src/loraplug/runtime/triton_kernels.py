@@ -373,6 +373,10 @@ def _launch_tma(a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc,
     operands = [(a, [BM, BK]), (weight, [BN, BK]), (out, [BM, BN])]
     tail = [(h, [BM, BR]), (packed, [BN, BR])] if flags["HAS_LORA"] else operands[:2]  # else never read
     tail_tma = flags["HAS_LORA"] and _whole_units(h) and _whole_units(packed)
+    if tiles_cfg.ws and flags["HAS_LORA"] and not tail_tma:
+        # pointer loads inside warp-specialized partitions do not compile (Triton 3.6 asserts in
+        # WSLowerToken.cpp): such tails take the same tiles flattened
+        tiles_cfg = tiles_cfg._replace(ws=False, flatten=True)
     if tiles_cfg.device_desc:
         _ensure_allocator()
         descs = [t for t, _ in operands + tail]
