@@ -236,7 +236,7 @@ class Tiles(NamedTuple):
     flattened into its K loop (one software pipeline across tiles), whether its TMA descriptors
     are made on the device (cheap launches) or encoded by the host at every launch, whether the
     tile loop is warp-specialized (Triton's producer/consumer partitions; not with flatten on
-    Hopper)."""
+    Hopper), whether a one-step LoRA tail is loaded before the K loop (used after it)."""
 
     bm: int
     bn: int
@@ -247,19 +247,21 @@ class Tiles(NamedTuple):
     flatten: bool = True
     device_desc: bool = True
     ws: bool = False
+    tail_first: bool = False
 
 
 # the fastest measured on an H200 (benchmarks/linear_stack.py, kernel_parts.py, tile_sweep.py);
 # "*_narrow": for outputs with fewer full tiles than two per multiprocessor (Flux's 512 text
-# tokens), half-width tiles over the same packing (None: never). The fp8 narrow tiles are
-# warp-specialized (0.790–0.807 of the compiled bf16 base at Flux-dev depth, against 0.854
-# flattened); they wrote NaN into the first column of every tile whenever the LoRA tail ran while
-# P was stored N-major (sessions 9–10, Triton 3.6: benchmarks/ws_probe.py); P is K-major now.
+# tokens), half-width tiles over the same packing (None: never). Warp-specialized narrow tiles
+# (0.74–0.81 of the compiled bf16 base at Flux-dev depth, against 0.815 flattened) write NaN into
+# the first column of some tiles whenever the LoRA tail runs, with P N-major (sessions 9–10) and
+# K-major alike (H100 and H200 in sessions 9–10, the H200 in session 15; Triton 3.6:
+# benchmarks/ws_probe.py): not used.
 CONFIGS = {
     "bf16": Tiles(128, 256, 64, 8, 3, True, False),
     "fp8": Tiles(128, 256, 128, 8, 3, True, True),
     "bf16_narrow": Tiles(128, 128, 64, 4, 4, True, True),
-    "fp8_narrow": Tiles(128, 128, 128, 4, 4, True, False, True, True),
+    "fp8_narrow": Tiles(128, 128, 128, 4, 4, True, True),
 }
 
 
