@@ -1,11 +1,12 @@
 """The warp-specialized tiles against a float32 reference (sessions 9–10 saw NaN in column 0 of
-every tile whenever the LoRA tail ran, with P stored N-major): the fused GEMM on Flux's fused q/k/v
-shape (3072 → 9216) over fp8/bf16 × LoRA × tokens (with a bias) (512: narrow tiles; 4608: full
-tiles), with ws on and off and the tail loaded before or after the K loop, for the tiles that
-shape takes; LoRA rank 16 (the tail moved by TMA), and rank 4 (no padding: the tail loaded by
-pointers, and then never warp-specialized). Per case: NaN count and the columns they
-sit in, the relative error against float32 (x and the weight as the kernel sees them, fp8
-quantization included), and the layer's time under a CUDA graph (triton's do_bench_cudagraph)."""
+every tile whenever the LoRA tail ran, with P stored N-major; session 15 with P K-major too), and
+the cost of the tail by rank: the fused GEMM on Flux's fused q/k/v shape (3072 → 9216, a bias)
+over fp8/bf16 × tokens (512: narrow tiles; 4608: full tiles) × no LoRA / rank 16 and 8 (the tail
+moved by TMA) / rank 4 (no padding: the tail loaded by pointers, never warp-specialized), with
+ws on and off for the tiles that shape takes (``TILE_VARIANTS="flat ws"``). Per case: NaN count
+and the columns they sit in, the relative error against float32 (x and the weight as the kernel
+sees them, fp8 quantization included), and the layer's time under a CUDA graph (triton's
+do_bench_cudagraph)."""
 
 import json
 import os
@@ -78,19 +79,18 @@ cases = [
     for tokens in (512, 4608)
     for fp8 in (True, False)
     for lora in (True, False)
-    for rank in ((16, 4) if lora else (16,))
+    for rank in ((16, 8, 4) if lora else (16,))
     if lora or fp8  # a bf16 layer without adapters never takes the kernel
 ]
-VARIANTS = {"flat": dict(flatten=True, ws=False), "ws": dict(flatten=False, ws=True),
-            "flat_first": dict(flatten=True, ws=False, tail_first=True),
-            "ws_first": dict(flatten=False, ws=True, tail_first=True)}  # fmt: skip
+VARIANTS = {"flat": dict(flatten=True, ws=False), "ws": dict(flatten=False, ws=True)}
+VARIANTS = {k: VARIANTS[k] for k in os.environ.get("TILE_VARIANTS", "flat ws").split()}
 for tokens, fp8, lora, rank in cases:
     model, x, ref = case(fp8, True, lora, tokens, rank)
     tiles = kernels.config_for(fp8, tokens, N, sms)
     key = ("fp8" if fp8 else "bf16") + ("_narrow" if tiles.bn < kernels.config(fp8).bn else "")
     name = f"t{tokens}_{key}_{f'r{rank}' if lora else 'base'}"
     saved = kernels.CONFIGS[key]
-    for variant, fields in VARIANTS.items() if lora else list(VARIANTS.items())[:2]:
+    for variant, fields in VARIANTS.items():
         label = f"{name}_{variant}"
         kernels.CONFIGS[key] = kernels.Tiles(*saved)._replace(**fields)
         try:

@@ -232,7 +232,7 @@ def test_quantize_fp8_selects_by_pattern_and_refuses_meta():
 INTERPRETED = """
 import torch
 from loraplug.runtime import kernels
-kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, TMA, FLAT, True, WS, FIRST), fp8=(32, 32, 32, 4, 1, TMA, FLAT, True, WS, FIRST))
+kernels.CONFIGS.update(bf16=(32, 32, 32, 4, 1, TMA, FLAT, True, WS), fp8=(32, 32, 32, 4, 1, TMA, FLAT, True, WS))
 from loraplug.runtime import triton_kernels as tk
 torch.manual_seed(0)
 M, K, N = 70, 128, 96
@@ -295,7 +295,7 @@ for spans2, whole in cases:
         ref2[:, off:off + sz] += (h2.float()[:, st:st + r] * rs.float()[st:st + r]) @ u.float()
     assert rel(tk.lora_linear(x, w, b, (h2, p2.hstart, rs[:rh].contiguous(), p2.packed)), ref2) < 1e-3, spans2
 # few output tiles (fewer than two per program slot): half-width tiles over the same packing
-kernels.CONFIGS.update(bf16_narrow=(32, 16, 32, 4, 1, TMA, FLAT, True, WS, FIRST), fp8_narrow=(32, 16, 32, 4, 1, TMA, FLAT, True, WS, FIRST))
+kernels.CONFIGS.update(bf16_narrow=(32, 16, 32, 4, 1, TMA, FLAT, True, WS), fp8_narrow=(32, 16, 32, 4, 1, TMA, FLAT, True, WS))
 assert kernels.config_for(False, 40, N, 4).bn == 16 and kernels.config_for(False, M, N, 4).bn == 32
 assert rel(tk.lora_linear(x[:40], w, b, (laid(h)[:40], *lora[1:])), ref[:40]) < 1e-3, "narrow tiles"
 assert rel(tk.lora_linear(q[:40], wq, b, (laid(h)[:40], *lora[1:]), (s[:40], ws), torch.float16), ref8[:40]) < 2e-3
@@ -305,20 +305,16 @@ print("ok")
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
 @pytest.mark.parametrize(
-    "tma, flat, ws, first",
-    [(False, True, False, False), (True, True, False, False), (True, False, False, False),
-     (True, False, True, False), (True, True, False, True)],
-)  # fmt: skip
-def test_kernels_under_the_triton_interpreter(tma, flat, ws, first):
+    "tma, flat, ws",
+    [(False, True, False), (True, True, False), (True, False, False), (True, False, True)],
+)
+def test_kernels_under_the_triton_interpreter(tma, flat, ws):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [
             sys.executable,
             "-c",
-            INTERPRETED.replace("TMA", str(tma))
-            .replace("FLAT", str(flat))
-            .replace("WS", str(ws))
-            .replace("FIRST", str(first)),
+            INTERPRETED.replace("TMA", str(tma)).replace("FLAT", str(flat)).replace("WS", str(ws)),
         ],
         env=env,
         capture_output=True,

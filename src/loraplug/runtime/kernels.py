@@ -236,7 +236,7 @@ class Tiles(NamedTuple):
     flattened into its K loop (one software pipeline across tiles), whether its TMA descriptors
     are made on the device (cheap launches) or encoded by the host at every launch, whether the
     tile loop is warp-specialized (Triton's producer/consumer partitions; not with flatten on
-    Hopper), whether a one-step LoRA tail is loaded before the K loop (used after it)."""
+    Hopper)."""
 
     bm: int
     bn: int
@@ -247,7 +247,6 @@ class Tiles(NamedTuple):
     flatten: bool = True
     device_desc: bool = True
     ws: bool = False
-    tail_first: bool = False
 
 
 # the fastest measured on an H200 (benchmarks/linear_stack.py, kernel_parts.py, tile_sweep.py);
