@@ -53,11 +53,11 @@ def _tail_pointers(h_ptr, p_ptr, rm, rn, hcol, pcol, M, N, RH, RC, stride_hm, st
         other=0.0,
     )
     p = tl.load(
-        p_ptr + rn[:, None].to(tl.int64) * stride_pn + (pcol + rr)[None, :],
-        mask=(rn < N)[:, None] & (pcol + rr < RC)[None, :],
+        p_ptr + rn[None, :].to(tl.int64) * stride_pn + (pcol + rr)[:, None],
+        mask=(pcol + rr < RC)[:, None] & (rn < N)[None, :],
         other=0.0,
-    )  # (BN, BR) in P's own order (each row's ranks adjacent), then transposed
-    return h, tl.trans(p)
+    )
+    return h, p
 
 
 @triton.jit
