@@ -16,7 +16,7 @@
 #   STEPS="train_onecall" …      # full depth, CUDA graphs, fused layout: the one-call training GEMMs (default) against autograd's
 #   STEPS="train_autotune" …     # the same, compiled with mode="max-autotune" (Inductor's GEMM templates, CUDA graphs)
 #   STEPS="autotune" …           # full depth inference: max-autotune vs CUDA graphs, base and LoRA r16
-#   STEPS="wsprobe" …            # warp-specialized tiles on and off against float32, fp8/bf16 × bias × LoRA × tokens
+#   STEPS="wsprobe" …            # warp-specialized tiles on and off against float32, fp8/bf16 × tokens × rank (16, 8, 4, none)
 #   STEPS="fused_tests" …        # only tests/gpu/test_fused.py (the fused kernel)
 #   STEPS="tiles" …               # the fused GEMM per tile configuration on every Flux-dev layer shape
 #   STEPS="host" …                # host time per call of each path on a tiny layer (launch costs)

@@ -27,12 +27,10 @@ K, N = 3072, 9216
 res = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__}
 
 
-def case(
-    fp8: bool, bias: bool, lora: bool, tokens: int, rank: int
-) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """The layer (LoRA applied), an input, and the float32 reference output."""
+def case(fp8: bool, lora: bool, tokens: int, rank: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The layer (with a bias; LoRA applied), an input, and the float32 reference output."""
     g = torch.Generator().manual_seed(0)
-    lin = nn.Linear(K, N, bias=bias).requires_grad_(False)
+    lin = nn.Linear(K, N).requires_grad_(False)
     nn.init.normal_(lin.weight, std=0.05, generator=g)
     model = nn.Sequential(lin.to("cuda", torch.bfloat16))
     x = torch.randn(tokens, K, generator=g).to("cuda", torch.bfloat16)
@@ -44,9 +42,7 @@ def case(
         w = wq.float() * ws.float()[:, None]
         q, sx = quantize_per_row(x)
         xr = q.float() * sx.float()[:, None]
-    ref = xr @ w.T
-    if bias:
-        ref += model[0].bias.float()
+    ref = xr @ w.T + model[0].bias.float()
     if lora:
         down = torch.randn(rank, K, generator=g) * 0.02
         ups = torch.randn(N, rank, generator=g) * 0.1
@@ -82,10 +78,10 @@ cases = [
     for rank in ((16, 8, 4) if lora else (16,))
     if lora or fp8  # a bf16 layer without adapters never takes the kernel
 ]
-VARIANTS = {"flat": dict(flatten=True, ws=False), "ws": dict(flatten=False, ws=True)}
-VARIANTS = {k: VARIANTS[k] for k in os.environ.get("TILE_VARIANTS", "flat ws").split()}
+TILE_FIELDS = {"flat": dict(flatten=True, ws=False), "ws": dict(flatten=False, ws=True)}
+VARIANTS = {k: TILE_FIELDS[k] for k in os.environ.get("TILE_VARIANTS", "flat ws").split()}
 for tokens, fp8, lora, rank in cases:
-    model, x, ref = case(fp8, True, lora, tokens, rank)
+    model, x, ref = case(fp8, lora, tokens, rank)
     tiles = kernels.config_for(fp8, tokens, N, sms)
     key = ("fp8" if fp8 else "bf16") + ("_narrow" if tiles.bn < kernels.config(fp8).bn else "")
     name = f"t{tokens}_{key}_{f'r{rank}' if lora else 'base'}"

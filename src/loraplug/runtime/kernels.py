@@ -11,8 +11,9 @@ so that the ranks covering each output tile of width BN are one run of columns s
 ``hstart[tile]``, s the per-rank scale·strength, and P the packed up projections, stored K-major
 (N × RC, the rank innermost, like an up weight itself): ``P[tile].T`` holds those ranks' up rows
 (zero where a rank's slice does not cover a column). The tile's h and P
-blocks are moved like the GEMM's own operands (the tensor memory accelerator on Hopper) and the
-up projection joins the base GEMM's accumulator in the same MMA: y is written once, never read back.
+blocks are moved like the GEMM's own operands (the tensor memory accelerator on Hopper; pointer
+loads where ranks that are not multiples of 8 leave rows it cannot move) and the up projection
+joins the base GEMM's accumulator in the same MMA: y is written once, never read back.
 
 The same call computes what the kernel needs: h = x·Aᵀ (a cuBLAS GEMM) and, on an fp8 weight
 given bf16/fp16 activations (no ``a_scale``), their per-row quantization (dynamic per-token
