@@ -2,8 +2,8 @@
 every tile whenever the LoRA tail ran, with P stored N-major; session 15 with P K-major too), and
 the cost of the tail by rank: the fused GEMM on Flux's fused q/k/v shape (3072 → 9216, a bias)
 over fp8/bf16 × tokens (512: narrow tiles; 4608: full tiles) × no LoRA / rank 16 and 8 (the tail
-moved by TMA) / rank 4 (no padding: the tail loaded by pointers, never warp-specialized), with
-ws on and off for the tiles that shape takes (``TILE_VARIANTS="flat ws"``). Per case: NaN count
+moved by TMA) / rank 4 (no padding: the tail loaded by pointers, never warp-specialized; ``RANKS``
+picks), with ws on and off for the tiles that shape takes (``TILE_VARIANTS="flat ws"``). Per case: NaN count
 and the columns they sit in, the relative error against float32 (x and the weight as the kernel
 sees them, fp8 quantization included), and the layer's time under a CUDA graph (triton's
 do_bench_cudagraph)."""
@@ -70,12 +70,13 @@ def measure(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 sms = torch.cuda.get_device_properties(0).multi_processor_count
+RANKS = [int(r) for r in os.environ.get("RANKS", "16 8 4").split()]
 cases = [
     (tokens, fp8, lora, rank)
     for tokens in (512, 4608)
     for fp8 in (True, False)
     for lora in (True, False)
-    for rank in ((16, 8, 4) if lora else (16,))
+    for rank in (RANKS if lora else (16,))
     if lora or fp8  # a bf16 layer without adapters never takes the kernel
 ]
 TILE_FIELDS = {"flat": dict(flatten=True, ws=False), "ws": dict(flatten=False, ws=True)}
