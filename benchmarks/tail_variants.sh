@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The pointer-loaded LoRA tail (ranks that are not multiples of 8, about 3x the cost of a rank-16
+# TMA tail: benchmarks/README.md, session 15) in three variants of the fused kernel, one device call:
+#   current        P loaded (BR, BN), 2-byte strided reads, after the K loop (the shipped kernel)
+#   p_order        tail_variants/p_order.patch: P loaded (BN, BR), each row's ranks adjacent, then transposed
+#   p_order_early  tail_variants/p_order_early.patch: the same, h and P loaded before the K loop
+#                  (their latency behind it; the CPU compile shows more shared memory on fp8 full tiles)
+# Each runs ws_probe.py (RANKS, default "16 4"; flattened tiles) into $OUT/tail/<variant>/; then
+# tests/gpu/test_fused.py on TEST_VARIANT (default p_order_early). Everything comes back as one tar
+# ($OUT/tail_variants.tar), updated after each step. Carry .whl/ as for gpu_session.sh.
+#   bash benchmarks/tail_variants.sh     # about 5 min
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-results}"; W=/tmp/tail_variants; mkdir -p "$OUT" "$W"
+nvidia-smi --query-gpu=name --format=csv,noheader > "$W/gpu.txt" 2>&1
+apply() {  # apply (or with -R undo) one variant's patch; git apply works outside a repository too
+  local patch="benchmarks/tail_variants/$1.patch"; shift
+  git apply "$@" "$patch" 2>/dev/null || patch -s -p1 "$@" < "$patch"
+}
+run_variant() {
+  local variant=$1 steps=$2
+  [ "$variant" != current ] && apply "$variant"
+  OUT="$W/$variant" BUDGET="${STEP_BUDGET:-100}" RANKS="${RANKS:-16 4}" TILE_VARIANTS=flat STEPS="$steps" bash benchmarks/gpu_session.sh
+  [ "$variant" != current ] && apply "$variant" -R
+  tar -cf "$OUT/tail_variants.tar" -C "$W" .
+}
+for variant in current p_order p_order_early; do run_variant "$variant" wsprobe; done
+STEP_BUDGET=240 run_variant "${TEST_VARIANT:-p_order_early}" fused_tests
