@@ -8,7 +8,7 @@
 # Each runs ws_probe.py (RANKS, default "16 4"; flattened tiles) into $OUT/tail/<variant>/; then
 # tests/gpu/test_fused.py on TEST_VARIANT (default p_order_early). Everything comes back as one tar
 # ($OUT/tail_variants.tar), updated after each step. Carry .whl/ as for gpu_session.sh.
-#   bash benchmarks/tail_variants.sh     # about 5 min
+#   bash benchmarks/tail_variants.sh     # at most 9.5 min (STEP_BUDGET per probe, default 110 s; the tests 200 s)
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-results}"; W=/tmp/tail_variants; mkdir -p "$OUT" "$W"
@@ -20,9 +20,9 @@ apply() {  # apply (or with -R undo) one variant's patch; git apply works outsid
 run_variant() {
   local variant=$1 steps=$2
   [ "$variant" != current ] && apply "$variant"
-  OUT="$W/$variant" BUDGET="${STEP_BUDGET:-100}" RANKS="${RANKS:-16 4}" TILE_VARIANTS=flat STEPS="$steps" bash benchmarks/gpu_session.sh
+  OUT="$W/$variant" BUDGET="${STEP_BUDGET:-110}" RANKS="${RANKS:-16 4}" TILE_VARIANTS=flat STEPS="$steps" bash benchmarks/gpu_session.sh
   [ "$variant" != current ] && apply "$variant" -R
   tar -cf "$OUT/tail_variants.tar" -C "$W" .
 }
 for variant in current p_order p_order_early; do run_variant "$variant" wsprobe; done
-STEP_BUDGET=240 run_variant "${TEST_VARIANT:-p_order_early}" fused_tests
+STEP_BUDGET=200 run_variant "${TEST_VARIANT:-p_order_early}" fused_tests
