@@ -15,11 +15,15 @@ OUT="${OUT:-results}"; W=/tmp/tail_variants; mkdir -p "$OUT" "$W"
 nvidia-smi --query-gpu=name --format=csv,noheader > "$W/gpu.txt" 2>&1
 apply() {  # apply (or with -R undo) one variant's patch; git apply works outside a repository too
   local patch="benchmarks/tail_variants/$1.patch"; shift
-  git apply "$@" "$patch" 2>/dev/null || patch -s -p1 "$@" < "$patch"
+  if git apply --check "$@" "$patch" 2>/dev/null; then git apply "$@" "$patch"
+  elif patch --dry-run -s -p1 "$@" < "$patch" >/dev/null 2>&1; then patch -s -p1 "$@" < "$patch"
+  else return 1; fi
 }
 run_variant() {
   local variant=$1 steps=$2
-  [ "$variant" != current ] && apply "$variant"
+  if [ "$variant" != current ] && ! apply "$variant"; then  # a stale patch: say so, measure nothing under its name
+    echo "$variant.patch does not apply to this kernel" | tee "$W/$variant.failed"; return
+  fi
   OUT="$W/$variant" BUDGET="${STEP_BUDGET:-110}" RANKS="${RANKS:-16 4}" TILE_VARIANTS=flat STEPS="$steps" bash benchmarks/gpu_session.sh
   [ "$variant" != current ] && apply "$variant" -R
   tar -cf "$OUT/tail_variants.tar" -C "$W" .
