@@ -5,9 +5,9 @@
 #   p_order        tail_variants/p_order.patch: P loaded (BN, BR), each row's ranks adjacent, then transposed
 #   p_order_early  tail_variants/p_order_early.patch: the same, h and P loaded before the K loop
 #                  (their latency behind it; the CPU compile shows more shared memory on fp8 full tiles)
-# Each runs ws_probe.py (RANKS, default "16 4"; flattened tiles) into $OUT/tail/<variant>/; then
-# tests/gpu/test_fused.py on TEST_VARIANT (default p_order_early). Everything comes back as one tar
-# ($OUT/tail_variants.tar), updated after each step. Carry .whl/ as for gpu_session.sh.
+# Each runs ws_probe.py (RANKS, default "16 4"; flattened tiles) into <variant>/; then
+# tests/gpu/test_fused.py on TEST_VARIANT (default p_order_early). Everything comes back as one tar,
+# $OUT/tail_variants.tar, rewritten after each step (a device call returns at most 8 files). Carry .whl/ as for gpu_session.sh.
 #   bash benchmarks/tail_variants.sh     # at most 9.5 min (STEP_BUDGET per probe, default 110 s; the tests 200 s)
 set -u
 cd "$(dirname "$0")/.."
