@@ -1,9 +1,9 @@
 """The warp-specialized tiles against a float32 reference (sessions 9–10 saw NaN in column 0 of
 every tile whenever the LoRA tail ran, with P stored N-major; session 15 with P K-major too), and
 the cost of the tail by rank: the fused GEMM on Flux's fused q/k/v shape (3072 → 9216, a bias)
-over fp8/bf16 × tokens (512: narrow tiles; 4608: full tiles) × no LoRA / rank 16 and 8 (the tail
-moved by TMA) / rank 4 (no padding: the tail loaded by pointers, never warp-specialized; ``RANKS``
-picks), with ws on and off for the tiles that shape takes (``TILE_VARIANTS="flat ws"``). Per case: NaN count
+over fp8/bf16 × tokens (512: narrow tiles; 4608: full tiles) × no LoRA / one LoRA of rank 16, 8 or 4 on the whole output /
+``4qkv``: rank 4 on each of the q, k, v slices (runs starting off the 16-byte grid: the shifted
+tail, never warp-specialized) (``RANKS`` picks), with ws on and off for the tiles that shape takes (``TILE_VARIANTS="flat ws"``). Per case: NaN count
 and the columns they sit in, the relative error against float32 (x and the weight as the kernel
 sees them, fp8 quantization included), and the layer's time under a CUDA graph (triton's
 do_bench_cudagraph)."""
@@ -19,6 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import loraplug as lp  # noqa: E402
+from loraplug import arch  # noqa: E402
 from loraplug.fp8 import quantize_per_row  # noqa: E402
 from loraplug.runtime import kernels  # noqa: E402
 
@@ -27,7 +28,20 @@ K, N = 3072, 9216
 res = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__}
 
 
-def case(fp8: bool, lora: bool, tokens: int, rank: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def _qkv_slices(model, ops):
+    """Names q, k, v for the probe layer's three output slices (as Flux's fused projection)."""
+    found = (
+        {n: [arch.Target("0", i * K, K)] for i, n in enumerate("qkv")}
+        if isinstance(model, nn.Sequential)
+        else {}
+    )
+    return found, set()
+
+
+arch.PROVIDERS.append(_qkv_slices)
+
+
+def case(fp8: bool, lora: bool, tokens: int, rank: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The layer (with a bias; LoRA applied), an input, and the float32 reference output."""
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(K, N).requires_grad_(False)
@@ -44,12 +58,16 @@ def case(fp8: bool, lora: bool, tokens: int, rank: int) -> tuple[nn.Module, torc
         xr = q.float() * sx.float()[:, None]
     ref = xr @ w.T + model[0].bias.float()
     if lora:
-        down = torch.randn(rank, K, generator=g) * 0.02
-        ups = torch.randn(N, rank, generator=g) * 0.1
-        lp.apply(model, {"0.lora_A.weight": down, "0.lora_B.weight": ups})
-        ref += (
-            x.float() @ down.to("cuda", torch.bfloat16).float().T @ ups.to("cuda", torch.bfloat16).float().T
-        )
+        r = int(rank.removesuffix("qkv"))
+        names = {n: (i * K, K) for i, n in enumerate("qkv")} if rank.endswith("qkv") else {"0": (0, N)}
+        sd = {}
+        for name, (off, size) in names.items():
+            down = torch.randn(r, K, generator=g) * 0.02
+            ups = torch.randn(size, r, generator=g) * 0.1
+            sd |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": ups}
+            bf = lambda t: t.to("cuda", torch.bfloat16).float()  # noqa: E731
+            ref[:, off : off + size] += x.float() @ bf(down).T @ bf(ups).T
+        assert lp.apply(model, sd).report.ok
     return model, x, ref
 
 
@@ -70,13 +88,13 @@ def measure(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 sms = torch.cuda.get_device_properties(0).multi_processor_count
-RANKS = [int(r) for r in os.environ.get("RANKS", "16 8 4").split()]
+RANKS = os.environ.get("RANKS", "16 8 4 4qkv").split()
 cases = [
     (tokens, fp8, lora, rank)
     for tokens in (512, 4608)
     for fp8 in (True, False)
     for lora in (True, False)
-    for rank in (RANKS if lora else (16,))
+    for rank in (RANKS if lora else ("16",))
     if lora or fp8  # a bf16 layer without adapters never takes the kernel
 ]
 TILE_FIELDS = {"flat": dict(flatten=True, ws=False), "ws": dict(flatten=False, ws=True)}

@@ -163,13 +163,19 @@ _QKV = [(0, 3072), (3072, 3072), (6144, 3072)]
 @pytest.mark.parametrize("tokens", [512, 1000])
 @pytest.mark.parametrize(
     "layout",
-    [[(_QKV, 4)], [(_QKV, 4), ([(0, 9216)], 12)], [([(0, 9216)], 4), ([(0, 9216)], 4)], [(_QKV, 16)]],
-    ids=["qkv4", "qkv4+whole12", "whole4+whole4", "qkv16"],
+    [
+        [(_QKV, 4)],
+        [(_QKV, 4), ([(0, 9216)], 12)],
+        [([(0, 9216)], 4)],
+        [([(0, 9216)], 4), ([(0, 9216)], 4)],
+        [(_QKV, 16)],
+    ],
+    ids=["qkv4", "qkv4+whole12", "whole4", "whole4+whole4", "qkv16"],
 )
 def test_ranks_off_the_multiple_of_eight(fp8, tokens, layout):
-    """The packing pads nothing: the tail of rows that are not whole 16-byte units (rank 4 on
-    q/k/v; 4 + 12) loads by pointers inside the TMA kernel, two whole-output rank-4 LoRAs (8
-    ranks from column 0) and rank 16 by TMA; 512 tokens: the narrow tiles."""
+    """The packing pads nothing and every tail moves by TMA: runs starting off the 16-byte grid
+    (rank 4 on q/k/v; 4 + 12) are loaded from the grid line and shifted, runs from column 0 (one
+    or two whole-output rank-4 LoRAs) and rank 16 are not; 512 tokens: the narrow tiles."""
     layer = _fp8(3072, 9216)[0] if fp8 else _layer(3072, 9216, torch.bfloat16)
     parts = [_lora(3072, slices, rank, 10 + k) for k, (slices, rank) in enumerate(layout)]
     strengths = [1.0] * len(parts)
