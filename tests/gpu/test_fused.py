@@ -189,6 +189,32 @@ def test_ranks_off_the_multiple_of_eight(fp8, tokens, layout):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("rank", [4, 20])
+@pytest.mark.parametrize(
+    "flatten, device_desc, ws", [(True, False, False), (False, True, False), (False, True, True)]
+)
+def test_shifted_tails_under_every_tile_loop(fp8, rank, flatten, device_desc, ws, monkeypatch):
+    """Runs off the 16-byte grid (one LoRA on q/k/v: runs from columns r and 2r) with host-made
+    descriptors, the unflattened tile loop, warp specialization asked for (such launches are
+    flattened), one step of the tail (rank 4) and two (rank 20)."""
+    key = "fp8" if fp8 else "bf16"
+    monkeypatch.setitem(
+        kernels.CONFIGS, key, kernels.config(fp8)._replace(flatten=flatten, device_desc=device_desc, ws=ws)
+    )
+    layer = _fp8(3072, 9216)[0] if fp8 else _layer(3072, 9216, torch.bfloat16)
+    parts = [_lora(3072, _QKV, rank, 20)]
+    x = torch.randn(1000, 3072, device="cuda", dtype=torch.bfloat16)
+    base = fp8_linear_reference(x, layer.weight, layer.weight_scale, layer.bias) if fp8 else None
+    handle = _apply(layer, parts, [0.8], torch.bfloat16)
+    runner = runners(layer)
+    fused = runner._fused_output(layer, x)
+    assert next(iter(runner._lowrank.values())).packed(kernels.config(fp8).bn).hstart.dim() == 2
+    assert fused is not None and torch.isfinite(fused).all()
+    assert _rel(fused, _reference(layer, x, parts, [0.8], base=base)) < (2e-2 if fp8 else 5e-3)
+    handle.remove()
+
+
+@pytest.mark.parametrize("fp8", [False, True])
 def test_compiled_fused_path_is_one_graph_and_does_not_recompile_on_strength(fp8, monkeypatch):
     """The fused kernel as an operator inside one graph (a host-side check of the weight's address
     broke the graph at every fused layer) on float bases (opted in) and fp8 bases (by default);
