@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The LoRA tail of the fused kernel in several variants, one device call: ws_probe.py (RANKS,
 # default "16 4 4qkv"; flattened tiles) for each variant in VARIANTS, then tests/gpu (TEST_STEPS,
-# default "tests") on TEST_VARIANT, then EXTRA_STEPS (gpu_session.sh steps, default none) on the
+# default "tests") on TEST_VARIANT (default n_major), then EXTRA_STEPS (gpu_session.sh steps, default none) on the
 # current tree with whatever time is left of TOTAL (default 570 s). A variant other than
 # "current" is the tree with benchmarks/tail_variants/<variant>.patch applied (and undone after):
-#   k_major   the session-16 kernel: P stored K-major (N × RC), ranks that are not multiples of 8
-#             loaded by pointers (kept to time the current kernel against it in the same call)
+#   n_major   P stored N-major (RC × N) and h written with a 16-byte row stride, so that every tail
+#             moves by TMA whatever the rank; runs starting off the 16-byte grid (ranks that are
+#             not multiples of 8 on several slices) loaded from the grid line and shifted by an
+#             exact selection product; with its CPU and GPU tests (session 17, not yet run on a GPU)
 # Everything comes back as one tar, $OUT/tail_variants.tar, rewritten after each step (a device
 # call returns at most 8 files). Carry .whl/ as for gpu_session.sh.
 #   bash benchmarks/tail_variants.sh
@@ -29,7 +31,7 @@ run_variant() {  # variant, steps, step budget (s)
   [ "$variant" != current ] && apply "$variant" -R
   tar -cf "$OUT/tail_variants.tar" -C "$W" .
 }
-for variant in ${VARIANTS:-current k_major}; do run_variant "$variant" wsprobe "${STEP_BUDGET:-110}"; done
-run_variant "${TEST_VARIANT:-current}" "${TEST_STEPS:-tests}" "${TEST_BUDGET:-240}"
+for variant in ${VARIANTS:-current n_major}; do run_variant "$variant" wsprobe "${STEP_BUDGET:-110}"; done
+run_variant "${TEST_VARIANT:-n_major}" "${TEST_STEPS:-tests}" "${TEST_BUDGET:-240}"
 left=$(( ${TOTAL:-570} - $(date +%s) + START ))
 if [ -n "${EXTRA_STEPS:-}" ] && [ "$left" -gt 60 ]; then run_variant current "$EXTRA_STEPS" "$left"; fi

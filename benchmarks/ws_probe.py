@@ -2,8 +2,8 @@
 every tile whenever the LoRA tail ran, with P stored N-major; session 15 with P K-major too), and
 the cost of the tail by rank: the fused GEMM on Flux's fused q/k/v shape (3072 → 9216, a bias)
 over fp8/bf16 × tokens (512: narrow tiles; 4608: full tiles) × no LoRA / one LoRA of rank 16, 8 or 4 on the whole output /
-``4qkv``: rank 4 on each of the q, k, v slices (runs starting off the 16-byte grid: the shifted
-tail, never warp-specialized) (``RANKS`` picks), with ws on and off for the tiles that shape takes (``TILE_VARIANTS="flat ws"``). Per case: NaN count
+``4qkv``: rank 4 on each of the q, k, v slices (runs starting off the 16-byte grid)
+(``RANKS`` picks), with ws on and off for the tiles that shape takes (``TILE_VARIANTS="flat ws"``). Per case: NaN count
 and the columns they sit in, the relative error against float32 (x and the weight as the kernel
 sees them, fp8 quantization included), and the layer's time under a CUDA graph (triton's
 do_bench_cudagraph)."""
