@@ -23,7 +23,7 @@
 set -uo pipefail
 OUT="${OUT:-results}"; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  # once per machine for these wheels (tail_variants.sh calls this script four times)
+  # once per machine for these wheels (tail_variants.sh calls this script once per step)
   if [ "$(cat /tmp/site/.wheels 2>/dev/null)" != "$(ls .whl/*.whl)" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 \
       && ls .whl/*.whl > /tmp/site/.wheels

@@ -28,14 +28,18 @@ K, N = 3072, 9216
 res = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__}
 
 
+QKV = {n: (i * K, K) for i, n in enumerate("qkv")}  # the layer's output slices, as Flux's fused projection
+
+
 def _qkv_slices(model, ops):
-    """Names q, k, v for the probe layer's three output slices (as Flux's fused projection)."""
-    found = (
-        {n: [arch.Target("0", i * K, K)] for i, n in enumerate("qkv")}
-        if isinstance(model, nn.Sequential)
-        else {}
-    )
+    """Names q, k, v for the probe layer's slices ``QKV``."""
+    found = {n: [arch.Target("0", off, size)] for n, (off, size) in QKV.items()} if isinstance(model, nn.Sequential) else {}  # fmt: skip
     return found, set()
+
+
+def _as_run(t: torch.Tensor) -> torch.Tensor:
+    """An adapter tensor as the kernel sees it (bf16 on the GPU), in float32 for the reference."""
+    return t.to("cuda", torch.bfloat16).float()
 
 
 arch.PROVIDERS.append(_qkv_slices)
@@ -59,14 +63,13 @@ def case(fp8: bool, lora: bool, tokens: int, rank: str) -> tuple[nn.Module, torc
     ref = xr @ w.T + model[0].bias.float()
     if lora:
         r = int(rank.removesuffix("qkv"))
-        names = {n: (i * K, K) for i, n in enumerate("qkv")} if rank.endswith("qkv") else {"0": (0, N)}
+        names = QKV if rank.endswith("qkv") else {"0": (0, N)}
         sd = {}
         for name, (off, size) in names.items():
             down = torch.randn(r, K, generator=g) * 0.02
             ups = torch.randn(size, r, generator=g) * 0.1
             sd |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": ups}
-            bf = lambda t: t.to("cuda", torch.bfloat16).float()  # noqa: E731
-            ref[:, off : off + size] += x.float() @ bf(down).T @ bf(ups).T
+            ref[:, off : off + size] += x.float() @ _as_run(down).T @ _as_run(ups).T
         assert lp.apply(model, sd).report.ok
     return model, x, ref
 
