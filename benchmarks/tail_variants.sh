@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The LoRA tail of the fused kernel in several variants, one device call: ws_probe.py (RANKS,
-# default "16 4 4qkv"; flattened tiles) for each variant in VARIANTS, then tests/gpu (TEST_STEPS,
-# default "tests") on TEST_VARIANT (default n_major), then EXTRA_STEPS (gpu_session.sh steps, default none) on the
-# current tree with whatever time is left of TOTAL (default 570 s). A variant other than
-# "current" is the tree with benchmarks/tail_variants/<variant>.patch applied (and undone after):
+# The LoRA tail of the fused kernel in several variants, then a profile of a training step, in one
+# device call: ws_probe.py (RANKS, default "16 4 4qkv"; flattened tiles) for each variant in
+# VARIANTS (default "current n_major", STEP_BUDGET s each, default 80), then tests/gpu (TEST_STEPS,
+# default "tests", TEST_BUDGET s, default 150) on TEST_VARIANT (default n_major), then EXTRA_STEPS
+# (gpu_session.sh steps, default "train_onecall": the fused-layout training step with bf16
+# adapters against the frozen one, compiled, CUDA graphs, 4 + 8 blocks unless ND/NS say otherwise,
+# PROFILE_TOP=80 kernels by device time) on the current tree with whatever time is left of TOTAL
+# (default 540 s). A variant other than "current" is the tree with
+# benchmarks/tail_variants/<variant>.patch applied (and undone after):
 #   n_major   P stored N-major (RC × N) and h written with a 16-byte row stride, so that every tail
 #             moves by TMA whatever the rank; runs starting off the 16-byte grid (ranks that are
 #             not multiples of 8 on several slices) loaded from the grid line and shifted by an
@@ -31,7 +35,11 @@ run_variant() {  # variant, steps, step budget (s)
   [ "$variant" != current ] && apply "$variant" -R
   tar -cf "$OUT/tail_variants.tar" -C "$W" .
 }
-for variant in ${VARIANTS:-current n_major}; do run_variant "$variant" wsprobe "${STEP_BUDGET:-110}"; done
-run_variant "${TEST_VARIANT:-n_major}" "${TEST_STEPS:-tests}" "${TEST_BUDGET:-240}"
-left=$(( ${TOTAL:-570} - $(date +%s) + START ))
-if [ -n "${EXTRA_STEPS:-}" ] && [ "$left" -gt 60 ]; then run_variant current "$EXTRA_STEPS" "$left"; fi
+for variant in ${VARIANTS:-current n_major}; do run_variant "$variant" wsprobe "${STEP_BUDGET:-80}"; done
+run_variant "${TEST_VARIANT:-n_major}" "${TEST_STEPS:-tests}" "${TEST_BUDGET:-150}"
+left=$(( ${TOTAL:-540} - $(date +%s) + START ))
+if [ -n "${EXTRA_STEPS-train_onecall}" ] && [ "$left" -gt 60 ]; then
+  ND="${ND:-4}" NS="${NS:-8}" LAYOUTS="${LAYOUTS:-fused_bf16}" COMPILED_ONLY="${COMPILED_ONLY:-fused_bf16}" \
+    COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-fused_bf16}" PROFILE_TOP="${PROFILE_TOP:-80}" \
+    run_variant current "${EXTRA_STEPS-train_onecall}" "$left"
+fi
