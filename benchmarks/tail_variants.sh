@@ -38,8 +38,9 @@ run_variant() {  # variant, steps, step budget (s)
 for variant in ${VARIANTS:-current n_major}; do run_variant "$variant" wsprobe "${STEP_BUDGET:-80}"; done
 run_variant "${TEST_VARIANT:-n_major}" "${TEST_STEPS:-tests}" "${TEST_BUDGET:-150}"
 left=$(( ${TOTAL:-540} - $(date +%s) + START ))
-if [ -n "${EXTRA_STEPS-train_onecall}" ] && [ "$left" -gt 60 ]; then
+extra="${EXTRA_STEPS-train_onecall}"  # EXTRA_STEPS= (empty): none
+if [ -n "$extra" ] && [ "$left" -gt 60 ]; then
   ND="${ND:-4}" NS="${NS:-8}" LAYOUTS="${LAYOUTS:-fused_bf16}" COMPILED_ONLY="${COMPILED_ONLY:-fused_bf16}" \
     COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-fused_bf16}" PROFILE_TOP="${PROFILE_TOP:-80}" \
-    run_variant current "${EXTRA_STEPS-train_onecall}" "$left"
+    run_variant current "$extra" "$left"
 fi
