@@ -21,18 +21,18 @@ from loraplug.runtime import kernels
 from loraplug.runtime import triton_kernels as tk
 
 
-def compile_fused(fp8: bool, has_lora: bool, one_step: bool, tiles: kernels.Tiles, tail_tma: bool = True):
-    """The persistent TMA kernel as ``lora_linear`` would launch it (device-made descriptors; the
-    tail by TMA, or by pointers as for ranks that are not multiples of 8)."""
+def compile_fused(fp8: bool, has_lora: bool, one_step: bool, tiles: kernels.Tiles, shift: bool = False):
+    """The persistent TMA kernel as ``lora_linear`` would launch it (device-made descriptors; runs
+    starting on the 16-byte grid, or off it as for ranks that are not multiples of 8 on slices)."""
     fn = tk._lora_linear_tma_kernel
     dt = "fp8e4nv" if fp8 else "bf16"
     signature = {"a_desc": f"*{dt}", "w_desc": f"*{dt}", "o_desc": "*bf16", "h_desc": "*bf16", "p_desc": "*bf16",
                  "bias_ptr": "*bf16", "sa_ptr": "*fp32", "sw_ptr": "*fp32", "hstart_ptr": "*i32", "rs_ptr": "*bf16"}  # fmt: skip
     signature.update({k: "i32" for k in ("M", "N", "K", "RH", "RC", "stride_am", "stride_wn", "stride_om",
-                                         "stride_hm", "stride_pn")})  # fmt: skip
+                                         "stride_hm", "stride_pr")})  # fmt: skip
     constants = dict(HAS_BIAS=True, FP8=fp8, HAS_LORA=has_lora, BM=tiles.bm, BN=tiles.bn, BK=tiles.bk, BR=16,
-                     GROUP_M=8, PACK_BN=kernels.config(fp8).bn, NUM_SMS=132, FLATTEN=tiles.flatten, ONE_STEP=one_step,
-                     DEVICE_DESC=True, WARP_SPEC=tiles.ws, TAIL_TMA=has_lora and tail_tma)  # fmt: skip
+                     GROUP_M=8, PACK_BN=kernels.config(fp8).bn, SHIFT=shift, NUM_SMS=132, FLATTEN=tiles.flatten, ONE_STEP=one_step,
+                     DEVICE_DESC=True, WARP_SPEC=tiles.ws)  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
     aligned = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in ("a_desc", "w_desc", "o_desc", "h_desc", "p_desc")}  # fmt: skip
     src = ASTSource(
@@ -62,13 +62,13 @@ def report(compiled) -> dict:
 
 def main() -> None:
     out = os.environ.get("TTGIR")
-    cases = (("no adapter", False, True, True), ("r16 (one step)", True, True, True),
-             ("r4 (pointers)", True, True, False), ("r64 (loop)", True, False, True))  # fmt: skip
+    cases = (("no adapter", False, True, False), ("r16 (one step)", True, True, False),
+             ("r4 (shifted)", True, True, True), ("r64 (loop)", True, False, False))  # fmt: skip
     for fp8 in (False, True):
         for size in ("", "_narrow"):
             tiles = kernels.Tiles(*kernels.CONFIGS[("fp8" if fp8 else "bf16") + size])
-            for name, has_lora, one_step, tail_tma in cases:
-                compiled = compile_fused(fp8, has_lora, one_step, tiles, tail_tma)
+            for name, has_lora, one_step, shift in cases:
+                compiled = compile_fused(fp8, has_lora, one_step, tiles, shift)
                 row = report(compiled)
                 label = f"{'fp8' if fp8 else 'bf16'}{size}"
                 print(f"{label:11s} {name:15s} {row}", flush=True)

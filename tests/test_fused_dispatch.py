@@ -32,21 +32,31 @@ def test_packed_ups_reproduce_every_slice(bn):
     for (start, r, off, size), up in zip(spans, ups, strict=True):
         want[:, off : off + size] += h[:, start : start + r] @ up
     packing = kernels.pack_ups(spans, ups, n, bn)
-    packed, rc = packing.packed.T, packing.packed.shape[1]  # stored K-major: (N, RC)
+    packed, rc = packing.packed, packing.packed.shape[0]  # stored N-major: (RC, N)
     columns = packing.columns if packing.columns is not None else list(range(20))
     h_laid = h[:, columns]
     h_laid = torch.cat([h_laid, torch.randn(9, rc, generator=g)], 1)  # past the end: any value
     got = torch.zeros(9, n)
-    for t in range(packing.hstart.shape[0]):
+    for t, start in enumerate(_run_starts(packing)):
         cols = slice(t * bn, min((t + 1) * bn, n))
-        start = int(packing.hstart[t])
         got[:, cols] = h_laid[:, start : start + rc] @ packed[:, cols]  # one contiguous run per tile
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     most = max(
         sum(r for _, r, off, size in spans if off < min((t + 1) * bn, n) and off + size > t * bn)
         for t in range(packing.hstart.shape[0])
-    )  # no padding: the most ranks any tile reads (one more where TMA must not take the tail)
-    assert rc == most + (most % 8 == 0 and bool((packing.hstart % 8).any()))
+    )
+    assert rc == most  # no padding: the most ranks any tile reads
+
+
+def _run_starts(packing: kernels.Packing) -> list[int]:
+    """Each tile's run start, checking ``hstart``'s two forms: the starts themselves where all sit on
+    the 16-byte grid (multiples of 8 columns), else (grid line, offset) pairs."""
+    if packing.hstart.dim() == 1:
+        assert not (packing.hstart % 8).any()
+        return packing.hstart.tolist()
+    lines, offsets = packing.hstart.unbind(1)
+    assert not (lines % 8).any() and ((offsets >= 0) & (offsets < 8)).all() and offsets.any()
+    return (lines + offsets).tolist()
 
 
 @st.composite
@@ -80,18 +90,19 @@ def test_packing_runs_are_contiguous_aligned_and_exact(layout, seed):
     assert set(columns) == set(range(total))
     assert packing.columns is None or len(packing.columns) > total  # copied only to repeat
     laid = h[:, columns]
-    rc = packing.packed.shape[1]
-    assert packing.packed.shape[0] == n  # K-major
-    assert rc % 8 or not (packing.hstart % 8).any()  # rows TMA can move: every run starts on the grid
+    rc = packing.packed.shape[0]
+    assert packing.packed.shape[1] == n  # N-major
     laid = torch.cat([laid, torch.full((5, rc), float("nan"), dtype=h.dtype)], 1)  # never multiplied
-    for t in range(-(-n // bn)):
-        start, cols = int(packing.hstart[t]), slice(t * bn, min((t + 1) * bn, n))
+    starts = _run_starts(packing)
+    assert len(starts) == -(-n // bn)
+    for t, start in enumerate(starts):
+        cols = slice(t * bn, min((t + 1) * bn, n))
         want = torch.zeros(5, cols.stop - cols.start, dtype=h.dtype)
         for (s0, r, off, size), up in zip(spans, ups, strict=True):
             lo, hi = max(off, cols.start), min(off + size, cols.stop)
             if lo < hi:
                 want[:, lo - cols.start : hi - cols.start] += h[:, s0 : s0 + r] @ up[:, lo - off : hi - off]
-        block = packing.packed[cols].T
+        block = packing.packed[:, cols]
         used = block.abs().sum(1) > 0
         run = laid[:, start : start + rc][:, used]
         assert not run.isnan().any()  # the rows P uses never reach past h
@@ -104,7 +115,7 @@ def test_packing_runs_are_contiguous_aligned_and_exact(layout, seed):
         ([(0, 8, 0, 64), (8, 8, 64, 64), (16, 8, 128, 64)], None),  # q, k, v on tile boundaries
         ([(0, 8, 0, 64), (8, 8, 0, 64), (16, 8, 64, 64), (24, 8, 64, 64)], None),  # two LoRAs, sorted
         ([(0, 8, 0, 40), (8, 8, 40, 88)], None),  # a tile straddles both slices: still one run each
-        ([(0, 4, 0, 64)], None),  # rank 4: no padding (the kernel loads such tails by pointers)
+        ([(0, 4, 0, 64)], None),  # rank 4: no padding
         ([(0, 4, 0, 64), (4, 12, 0, 64), (16, 3, 64, 64)], None),
         (
             [(0, 8, 0, 128), (8, 8, 0, 64), (16, 8, 64, 64)],
@@ -279,21 +290,26 @@ assert rel(y8d, y8) < 2e-3, "fp8 kernel, h computed in the call"
 ops = kernels.ops()
 assert torch.equal(ops.lora_linear(x, w, b, lora[0], None, *lora[1:], None, None, torch.float16), y)
 assert torch.equal(ops.lora_linear(x, wq, b, None, laid_down, *lora[1:], None, ws, torch.float16), y8d)
-# ranks that are not multiples of 8, no padding: two rank-4 LoRAs on the whole output make rows
-# of whole 16-byte units (the tail moves by TMA); one rank 4, or ranks 4, 8, 4 on three slices
-# (runs from columns 4 and 12), do not (pointer loads)
-cases = [([(0, 4, 0, 96), (4, 4, 0, 96)], True), ([(0, 4, 0, 96)], False),
-         ([(0, 4, 0, 32), (4, 8, 32, 32), (12, 4, 64, 32)], False)]
-for spans2, whole in cases:
+# ranks that are not multiples of 8, no padding (h given unpadded: the call pads a copy): runs
+# from column 0 (two rank-4 LoRAs on the whole output; one rank 4), runs from columns 4 and 12
+# (ranks 4, 8, 4 on three slices: h loaded from the grid line and shifted), and a shifted run of
+# 20 ranks (two steps of the tail)
+cases = [([(0, 4, 0, 96), (4, 4, 0, 96)], False), ([(0, 4, 0, 96)], False),
+         ([(0, 4, 0, 32), (4, 8, 32, 32), (12, 4, 64, 32)], True),
+         ([(0, 4, 0, 32), (4, 20, 32, 32), (24, 4, 64, 32)], True)]
+down2, rs2 = torch.randn(K, 32, dtype=torch.float16) * 0.1, torch.rand(32, dtype=torch.float16)
+for spans2, shifted in cases:
     ups2 = [torch.randn(r, sz, dtype=torch.float16) for _, r, _, sz in spans2]
     rh = sum(r for _, r, _, _ in spans2)
     p2 = kernels.pack_ups(spans2, ups2, N, 32)
-    h2 = x @ down[:, :rh]
-    assert p2.columns is None and (tk._whole_units(h2) and tk._whole_units(p2.packed)) == whole
+    h2 = x @ down2[:, :rh]
+    assert p2.columns is None and (p2.hstart.dim() == 2) == shifted
     ref2 = x.float() @ w.float().T + b.float()
     for (st, r, off, sz), u in zip(spans2, ups2):
-        ref2[:, off:off + sz] += (h2.float()[:, st:st + r] * rs.float()[st:st + r]) @ u.float()
-    assert rel(tk.lora_linear(x, w, b, (h2, p2.hstart, rs[:rh].contiguous(), p2.packed)), ref2) < 1e-3, spans2
+        ref2[:, off:off + sz] += (h2.float()[:, st:st + r] * rs2.float()[st:st + r]) @ u.float()
+    lora2 = (h2, p2.hstart, rs2[:rh].contiguous(), p2.packed)
+    assert rel(tk.lora_linear(x, w, b, lora2), ref2) < 1e-3, spans2
+    assert rel(tk.lora_linear(x, w, b, (None, *lora2[1:]), None, None, down2[:, :rh]), ref2) < 1e-3, spans2
 # few output tiles (fewer than two per program slot): half-width tiles over the same packing
 kernels.CONFIGS.update(bf16_narrow=(32, 16, 32, 4, 1, TMA, FLAT, True, WS), fp8_narrow=(32, 16, 32, 4, 1, TMA, FLAT, True, WS))
 assert kernels.config_for(False, 40, N, 4).bn == 16 and kernels.config_for(False, M, N, 4).bn == 32
@@ -388,7 +404,7 @@ def lora(rank):
     sd = {"q.lora_A.weight": torch.randn(rank, 64, generator=g), "q.lora_B.weight": torch.randn(32, rank, generator=g),
           "kv.lora_A.weight": torch.randn(rank, 64, generator=g), "kv.lora_B.weight": torch.randn(64, rank, generator=g)}
     return {k: v.half() * 0.1 for k, v in sd.items()}
-sds = [lora(8), lora(4)]  # 12 ranks a slice: the tail loads by pointers, no padded copy of anything
+sds = [lora(8), lora(4)]  # 12 ranks a slice: kv's run starts at column 12 (shifted), nothing padded
 handle = lp.apply(holder, sds, strength=[0.7, 1.3])
 assert handle.report.ok, handle.report.unmatched
 layer, runner = holder.layer, runners(holder.layer)
@@ -405,7 +421,8 @@ for strengths in ([0.7, 1.3], [0.0, 2.0]):
     ref = reference(strengths)
     assert ((fused - ref).norm() / ref.norm()) < 2e-3, ((fused - ref).norm() / ref.norm()).item()
 group = next(iter(runner._lowrank.values()))
-assert group.packs[32].columns is None and group.packs[32].packed.shape[1] == 12
+assert group.packs[32].columns is None and group.packs[32].packed.shape == (12, 96)
+assert group.packs[32].hstart.tolist() == [[0, 0], [8, 4], [8, 4]]
 assert group.packs[32].down_t is group.down_t
 assert all(u.untyped_storage().data_ptr() == group.packs[32].packed.untyped_storage().data_ptr() for u in group.ups_t)
 portable = runner._run(layer, (x,), {}, type(layer).forward(layer, x)).float()  # reads those views

@@ -251,7 +251,7 @@ def test_packed_ranks_off_the_multiple_of_eight_cost_one_copy(ranks):
         model(x)
     (group,) = bypass.runners(model[0])._lowrank.values()
     fused = group.packed(kernels.config(False).bn)
-    assert fused.columns is None and fused.packed.shape == (512, sum(ranks))
+    assert fused.columns is None and fused.packed.shape == (sum(ranks), 512)
     own = {t.untyped_storage().data_ptr() for sd in sds for t in sd.values()}
     held = _storages_held(group, own)
     handle.remove()

@@ -163,13 +163,19 @@ _QKV = [(0, 3072), (3072, 3072), (6144, 3072)]
 @pytest.mark.parametrize("tokens", [512, 1000])
 @pytest.mark.parametrize(
     "layout",
-    [[(_QKV, 4)], [(_QKV, 4), ([(0, 9216)], 12)], [([(0, 9216)], 4), ([(0, 9216)], 4)], [(_QKV, 16)]],
-    ids=["qkv4", "qkv4+whole12", "whole4+whole4", "qkv16"],
+    [
+        [(_QKV, 4)],
+        [(_QKV, 4), ([(0, 9216)], 12)],
+        [([(0, 9216)], 4)],
+        [([(0, 9216)], 4), ([(0, 9216)], 4)],
+        [(_QKV, 16)],
+    ],
+    ids=["qkv4", "qkv4+whole12", "whole4", "whole4+whole4", "qkv16"],
 )
 def test_ranks_off_the_multiple_of_eight(fp8, tokens, layout):
-    """The packing pads nothing: the tail of rows that are not whole 16-byte units (rank 4 on
-    q/k/v; 4 + 12) loads by pointers inside the TMA kernel, two whole-output rank-4 LoRAs (8
-    ranks from column 0) and rank 16 by TMA; 512 tokens: the narrow tiles."""
+    """The packing pads nothing and every tail moves by TMA: runs starting off the 16-byte grid
+    (rank 4 on q/k/v; 4 + 12) are loaded from the grid line and shifted, runs from column 0 (one
+    or two whole-output rank-4 LoRAs) and rank 16 are not; 512 tokens: the narrow tiles."""
     layer = _fp8(3072, 9216)[0] if fp8 else _layer(3072, 9216, torch.bfloat16)
     parts = [_lora(3072, slices, rank, 10 + k) for k, (slices, rank) in enumerate(layout)]
     strengths = [1.0] * len(parts)
@@ -179,6 +185,32 @@ def test_ranks_off_the_multiple_of_eight(fp8, tokens, layout):
     fused = runners(layer)._fused_output(layer, x)
     assert fused is not None and torch.isfinite(fused).all()
     assert _rel(fused, _reference(layer, x, parts, strengths, base=base)) < (2e-2 if fp8 else 5e-3)
+    handle.remove()
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("rank", [4, 20])
+@pytest.mark.parametrize(
+    "flatten, device_desc, ws", [(True, False, False), (False, True, False), (False, True, True)]
+)
+def test_shifted_tails_under_every_tile_loop(fp8, rank, flatten, device_desc, ws, monkeypatch):
+    """Runs off the 16-byte grid (one LoRA on q/k/v: runs from columns r and 2r) with host-made
+    descriptors, the unflattened tile loop, warp specialization asked for (such launches are
+    flattened), one step of the tail (rank 4) and two (rank 20)."""
+    key = "fp8" if fp8 else "bf16"
+    monkeypatch.setitem(
+        kernels.CONFIGS, key, kernels.config(fp8)._replace(flatten=flatten, device_desc=device_desc, ws=ws)
+    )
+    layer = _fp8(3072, 9216)[0] if fp8 else _layer(3072, 9216, torch.bfloat16)
+    parts = [_lora(3072, _QKV, rank, 20)]
+    x = torch.randn(1000, 3072, device="cuda", dtype=torch.bfloat16)
+    base = fp8_linear_reference(x, layer.weight, layer.weight_scale, layer.bias) if fp8 else None
+    handle = _apply(layer, parts, [0.8], torch.bfloat16)
+    runner = runners(layer)
+    fused = runner._fused_output(layer, x)
+    assert next(iter(runner._lowrank.values())).packed(kernels.config(fp8).bn).hstart.dim() == 2
+    assert fused is not None and torch.isfinite(fused).all()
+    assert _rel(fused, _reference(layer, x, parts, [0.8], base=base)) < (2e-2 if fp8 else 5e-3)
     handle.remove()
 
 

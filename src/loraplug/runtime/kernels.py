@@ -8,12 +8,13 @@ optional).
 
 where h = x·Aᵀ is the down projection of every low-rank adapter of the module (M × Σr), laid out
 so that the ranks covering each output tile of width BN are one run of columns starting at
-``hstart[tile]``, s the per-rank scale·strength, and P the packed up projections, stored K-major
-(N × RC, the rank innermost, like an up weight itself): ``P[tile].T`` holds those ranks' up rows
-(zero where a rank's slice does not cover a column). The tile's h and P
-blocks are moved like the GEMM's own operands (the tensor memory accelerator on Hopper; pointer
-loads where ranks that are not multiples of 8 leave rows it cannot move) and the up projection
-joins the base GEMM's accumulator in the same MMA: y is written once, never read back.
+``hstart[tile]``, s the per-rank scale·strength, and P the packed up projections, stored
+N-major (RC × N, the output innermost, like the base GEMM's output): ``P[:, tile]`` holds those
+ranks' up rows (zero where a rank's slice does not cover a column). The tile's h and P blocks are
+moved like the GEMM's own operands (the tensor memory accelerator on Hopper; h is written with a
+16-byte row stride, and P's rows are whole 16-byte units for every rank count, so no rank is
+padded) and the up projection joins the base GEMM's accumulator in the same MMA: y is written
+once, never read back.
 
 The same call computes what the kernel needs: h = x·Aᵀ (a cuBLAS GEMM) and, on an fp8 weight
 given bf16/fp16 activations (no ``a_scale``), their per-row quantization (dynamic per-token
@@ -296,16 +297,15 @@ class Packing:
     """A module's low-rank adapters laid out for the fused kernel at one tile width.
 
     ``columns``: for each column of h the stacked rank it computes, so that the ranks of every
-    output tile are one contiguous run of h's columns, starting at ``hstart[tile]``; None when
-    that is the stacked order itself (the common case; a whole-output adapter beside slice
-    adapters repeats columns). ``packed`` (N, RC), K-major like every other operand of the kernel:
-    column j of tile t's rows multiplies h's column hstart[t] + j (zero past the tile's run and
-    outside each slice). No padding: RC is the most ranks any tile reads. The kernel moves the
-    tail by the tensor memory accelerator where h's and P's rows are whole 16-byte units, which
-    also needs every run to start on one; where ranks that are not multiples of 8 leave a run
-    starting elsewhere with RC a multiple of 8 all the same, RC is one more (a zero column), so
-    that P's rows tell the kernel to load the tail by pointers. ``rows``: the column of ``packed``
-    at which each entry sits in every tile it covers, or None where it moves."""
+    output tile are one contiguous run of h's columns; None when that is the stacked order itself
+    (the common case; a whole-output adapter beside slice adapters repeats columns). ``packed``
+    (RC, N), N-major: row j of tile t's columns multiplies the j-th column of the tile's run (zero
+    past the run and outside each slice); RC is the most ranks any tile reads (no padding).
+    ``hstart``: where each tile's run starts, (tiles,) int32 when every run starts on the
+    tensor memory accelerator's 16-byte grid (a multiple of 8 columns), else (tiles, 2): the grid
+    line at or below the start and the offset from it (ranks that are not multiples of 8 on
+    several slices; the kernel loads h from the grid line and shifts it). ``rows``: the row of
+    ``packed`` at which each entry sits in every tile it covers, or None where it moves."""
 
     columns: list[int] | None
     hstart: Tensor
@@ -347,21 +347,19 @@ def pack_ups(
     columns = [c for e in layout for c in range(spans[e][0], spans[e][0] + spans[e][1])]
     total = sum(rank for _, rank, _, _ in spans)
     rc = max(sum(spans[i][1] for i in cover) for cover in covers)
-    if rc % 8 == 0 and any(col_of[place] % 8 for place in places):
-        rc += 1  # a run off the 16-byte grid: P's rows then tell the kernel to use pointer loads
     ups = [u.detach().cpu() for u in ups_t]
-    packed = torch.zeros(out_features, rc, dtype=ups[0].dtype)
-    hstart = torch.zeros(tiles, dtype=torch.int32)
+    packed = torch.zeros(rc, out_features, dtype=ups[0].dtype)
+    starts = torch.tensor([col_of[place] for place in places], dtype=torch.int32)
     rows: list[set[int]] = [set() for _ in spans]
     for t, (cover, place) in enumerate(zip(covers, places, strict=True)):
         lo, hi, row = t * bn, min((t + 1) * bn, out_features), 0
-        hstart[t] = col_of[place]
         for i in layout[place : place + len(cover)]:
             _, rank, off, size = spans[i]
             c0, c1 = max(lo, off), min(hi, off + size)
-            packed[c0:c1, row : row + rank] = ups[i][:, c0 - off : c1 - off].T
+            packed[row : row + rank, c0:c1] = ups[i][:, c0 - off : c1 - off]
             rows[i].add(row)
             row += rank
+    hstart = starts if not (starts % 8).any() else torch.stack([starts - starts % 8, starts % 8], 1)
     device = ups_t[0].device
     return Packing(
         columns=None if columns == list(range(total)) else columns,
@@ -386,9 +384,9 @@ def lora_linear(a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale,
 
 
 def up_views(spans: list[tuple[int, int, int, int]], packing: Packing) -> list[Tensor] | None:
-    """Each entry's up projection (rank, size) as a transposed view into ``packing.packed`` (so the
-    portable path needs no copy of its own), or None where an entry does not sit on the same
-    columns in every tile it covers."""
+    """Each entry's up projection (rank, size) as a view into ``packing.packed`` (so the portable
+    path needs no copy of its own), or None where an entry does not sit on the same rows in every
+    tile it covers."""
     if packing.rows is None:
         return None
-    return [packing.packed[off : off + size, row : row + rank].T for row, (_, rank, off, size) in zip(packing.rows, spans, strict=True)]  # fmt: skip
+    return [packing.packed[row : row + rank, off : off + size] for row, (_, rank, off, size) in zip(packing.rows, spans, strict=True)]  # fmt: skip

@@ -43,9 +43,22 @@ def _scaled_tail(acc, h, rs, p):
 
 
 @triton.jit
-def _tail_pointers(h_ptr, p_ptr, rm, rn, hcol, pcol, M, N, RH, RC, stride_hm, stride_pn, BR: tl.constexpr):
-    """The tail's (BM, BR) block of h from column ``hcol`` and (BR, BN) block of P (stored (N, RC))
-    from column ``pcol``, by pointer loads (zero past either's end: any rank count, any alignment)."""
+def _run_start(hstart_ptr, tile, SHIFT: tl.constexpr):
+    """Where a tile's run of h's columns starts: (grid line, offset from it) when runs may start
+    off the 16-byte grid (``hstart`` is then (tiles, 2)), else (start, 0)."""
+    if SHIFT:
+        line = tl.load(hstart_ptr + 2 * tile)
+        offset = tl.load(hstart_ptr + 2 * tile + 1)
+    else:
+        line = tl.load(hstart_ptr + tile)
+        offset = 0
+    return line, offset
+
+
+@triton.jit
+def _tail_pointers(h_ptr, p_ptr, rm, rn, hcol, M, N, RH, RC, stride_hm, stride_pr, BR: tl.constexpr):
+    """The tail's (BM, BR) block of h from column ``hcol`` and P's first BR rows (stored (RC, N)),
+    by pointer loads (zero past either's end: any rank count, any alignment)."""
     rr = tl.arange(0, BR)
     h = tl.load(
         h_ptr + rm[:, None].to(tl.int64) * stride_hm + (hcol + rr)[None, :],
@@ -53,27 +66,27 @@ def _tail_pointers(h_ptr, p_ptr, rm, rn, hcol, pcol, M, N, RH, RC, stride_hm, st
         other=0.0,
     )
     p = tl.load(
-        p_ptr + rn[None, :].to(tl.int64) * stride_pn + (pcol + rr)[:, None],
-        mask=(pcol + rr < RC)[:, None] & (rn < N)[None, :],
+        p_ptr + rr[:, None] * stride_pr + rn[None, :],
+        mask=(rr < RC)[:, None] & (rn < N)[None, :],
         other=0.0,
     )
     return h, p
 
 
 @triton.jit
-def _tail_block(h_src, p_src, hs, r, pid_m, pid_n, M, N, RH, RC, stride_hm, stride_pn,
-                BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, TAIL_TMA: tl.constexpr):  # fmt: skip
-    """The TMA kernel's tail blocks for ranks r … r + BR: moved by the tensor memory accelerator
-    (P loaded (BN, BR), K-major like the weight, and transposed in shared memory) where h's and P's
-    rows are whole 16-byte units, else by pointer loads (ranks that are not multiples of 8)."""
-    if TAIL_TMA:
-        h = h_src.load([pid_m * BM, hs + r])
-        p = p_src.load([pid_n * BN, r]).T
+def _tail_block(h_desc, p_desc, line, offset, r, pid_m, pid_n,
+                BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, SHIFT: tl.constexpr):  # fmt: skip
+    """The TMA kernel's tail blocks for ranks r … r + BR of the tile's run: h's (BM, BR) and P's
+    (BR, BN), both moved by the tensor memory accelerator. A run starting ``offset`` columns past
+    its grid line (SHIFT) is loaded 2·BR wide from the line and shifted by a product with a 0/1
+    selection matrix (exact: one 1 per column)."""
+    if SHIFT:
+        wide = h_desc.load([pid_m * BM, line + r])
+        pick = tl.arange(0, 2 * BR)[:, None] == tl.arange(0, BR)[None, :] + offset
+        h = tl.dot(wide, pick.to(wide.dtype)).to(wide.dtype)
     else:
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        h, p = _tail_pointers(h_src, p_src, rm, rn, hs + r, r, M, N, RH, RC, stride_hm, stride_pn, BR)
-    return h, p
+        h = h_desc.load([pid_m * BM, line + r])
+    return h, p_desc.load([r, pid_n * BN])
 
 
 @triton.jit
@@ -97,10 +110,10 @@ def _add_bias(acc, rn, N, bias_ptr, HAS_BIAS: tl.constexpr):
 def _lora_linear_kernel(
     a_ptr, w_ptr, out_ptr, bias_ptr, sa_ptr, sw_ptr, h_ptr, hstart_ptr, rs_ptr, p_ptr,
     M, N, K, RH, RC,
-    stride_am, stride_wn, stride_om, stride_hm, stride_pn,
+    stride_am, stride_wn, stride_om, stride_hm, stride_pr,
     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
-    PACK_BN: tl.constexpr,
+    PACK_BN: tl.constexpr, SHIFT: tl.constexpr,
 ):  # fmt: skip
     """One output tile per program, pointer loads (portable Triton; also runs interpreted)."""
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
@@ -118,9 +131,9 @@ def _lora_linear_kernel(
         w_ptrs += BK
     acc = _rescale(acc, rm, rn, M, N, sa_ptr, sw_ptr, FP8)
     if HAS_LORA:
-        hs = tl.load(hstart_ptr + pid_n * BN // PACK_BN)
-        h, p = _tail_pointers(h_ptr, p_ptr, rm, rn, hs, 0, M, N, RH, RC, stride_hm, stride_pn, BR)
-        acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, hs + tl.arange(0, BR), RH), p)
+        line, offset = _run_start(hstart_ptr, pid_n * BN // PACK_BN, SHIFT)
+        h, p = _tail_pointers(h_ptr, p_ptr, rm, rn, line + offset, M, N, RH, RC, stride_hm, stride_pr, BR)
+        acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, line + offset + tl.arange(0, BR), RH), p)
     acc = _add_bias(acc, rn, N, bias_ptr, HAS_BIAS)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
@@ -140,30 +153,29 @@ def _descriptor(t, rows, cols, stride, B0: tl.constexpr, B1: tl.constexpr, ON_DE
 @triton.jit
 def _lora_linear_tma_kernel(
     a_desc, w_desc, o_desc, h_desc, p_desc, bias_ptr, sa_ptr, sw_ptr, hstart_ptr, rs_ptr,
-    M, N, K, RH, RC, stride_am, stride_wn, stride_om, stride_hm, stride_pn,
+    M, N, K, RH, RC, stride_am, stride_wn, stride_om, stride_hm, stride_pr,
     HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_LORA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
-    PACK_BN: tl.constexpr,
+    PACK_BN: tl.constexpr, SHIFT: tl.constexpr,
     NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, ONE_STEP: tl.constexpr, DEVICE_DESC: tl.constexpr,
-    WARP_SPEC: tl.constexpr, TAIL_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):  # fmt: skip
     """Persistent (one program per SM), every tile moved by the tensor memory accelerator (Hopper).
     After the K loop, the tile's LoRA tail: h's run of columns from ``hstart[tile]`` and P's
-    columns (contiguous by construction: ``kernels.pack_ups``; P is K-major like the weight, loaded
-    (BN, BR) and transposed in shared memory), BR ranks per step, pipelined when there are
+    rows (contiguous by construction: ``kernels.pack_ups``; P is N-major, loaded (BR, BN) as the
+    MMA's B operand), BR ranks per step, pipelined when there are
     several (ONE_STEP: a single step). FLATTEN makes the tile loop and the K loop one software
     pipeline (the next tile's loads start during this epilogue; Triton flattens only a tile loop
     with one inner loop, so with ONE_STEP). DEVICE_DESC: the descriptors are made here from plain
     pointers (the host then only passes pointers: measured far cheaper per launch than encoding
     five host descriptors). WARP_SPEC: Triton splits the tile loop into a TMA producer and MMA
-    consumers. TAIL_TMA: the tail's blocks moved by the tensor memory accelerator too (h and P
-    are then descriptors, else plain pointers)."""
+    consumers. SHIFT: runs may start off the 16-byte grid (``_tail_block``)."""
     a_desc = _descriptor(a_desc, M, K, stride_am, BM, BK, DEVICE_DESC)
     w_desc = _descriptor(w_desc, N, K, stride_wn, BN, BK, DEVICE_DESC)
     o_desc = _descriptor(o_desc, M, N, stride_om, BM, BN, DEVICE_DESC)
-    if TAIL_TMA:
-        h_desc = _descriptor(h_desc, M, RH, stride_hm, BM, BR, DEVICE_DESC)
-        p_desc = _descriptor(p_desc, N, RC, stride_pn, BN, BR, DEVICE_DESC)
+    if HAS_LORA:
+        h_desc = _descriptor(h_desc, M, RH, stride_hm, BM, BR * (1 + SHIFT), DEVICE_DESC)
+        p_desc = _descriptor(p_desc, RC, N, stride_pr, BR, BN, DEVICE_DESC)
     num_tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tile(tile, M, N, BM, BN, GROUP_M)
@@ -176,14 +188,16 @@ def _lora_linear_tma_kernel(
         rn = pid_n * BN + tl.arange(0, BN)
         acc = _rescale(acc, rm, rn, M, N, sa_ptr, sw_ptr, FP8)
         if HAS_LORA:
-            hs = tl.load(hstart_ptr + pid_n * BN // PACK_BN)
+            line, offset = _run_start(hstart_ptr, pid_n * BN // PACK_BN, SHIFT)
             if ONE_STEP:  # one inner loop: the tile loop can still be flattened
-                h, p = _tail_block(h_desc, p_desc, hs, 0, pid_m, pid_n, M, N, RH, RC, stride_hm, stride_pn, BM, BN, BR, TAIL_TMA)  # fmt: skip
-                acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, hs + tl.arange(0, BR), RH), p)
+                h, p = _tail_block(h_desc, p_desc, line, offset, 0, pid_m, pid_n, BM, BN, BR, SHIFT)
+                acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, line + offset + tl.arange(0, BR), RH), p)
             else:
                 for r in range(0, RC, BR):
-                    h, p = _tail_block(h_desc, p_desc, hs, r, pid_m, pid_n, M, N, RH, RC, stride_hm, stride_pn, BM, BN, BR, TAIL_TMA)  # fmt: skip
-                    acc = _scaled_tail(acc, h, _rank_scales(rs_ptr, hs + r + tl.arange(0, BR), RH), p)
+                    h, p = _tail_block(h_desc, p_desc, line, offset, r, pid_m, pid_n, BM, BN, BR, SHIFT)
+                    acc = _scaled_tail(
+                        acc, h, _rank_scales(rs_ptr, line + offset + r + tl.arange(0, BR), RH), p
+                    )
         acc = _add_bias(acc, rn, N, bias_ptr, HAS_BIAS)
         o_desc.store([pid_m * BM, pid_n * BN], acc.to(o_desc.dtype))
 
@@ -301,7 +315,7 @@ def lora_linear(
             q, sa, h = _quantize_with_down_beside(a, down_t)
             a, scales, quantize = q, (sa, scales[1]), False
         else:
-            h = torch.mm(a, down_t)
+            h = torch.mm(a, down_t, out=_hidden(a, down_t))
         lora = (h, *lora[1:])
     if quantize:
         q, sa = quantize_rows(a)
@@ -323,9 +337,10 @@ def lora_linear(
     # CUDA graph's memory pool would see outlive its capture), never the output (the Triton
     # interpreter copies every tensor argument back after a launch)
     sa, sw = scales if fp8 else (a, a)
-    rc = packed.shape[1] if lora is not None else 0
+    rc = packed.shape[0] if lora is not None else 0
     flags = dict(HAS_BIAS=bias is not None, FP8=fp8, HAS_LORA=lora is not None, BM=tiles.bm, BN=tiles.bn,
-                 BK=tiles.bk, BR=_rank_block(rc, tiles.tma), GROUP_M=8, PACK_BN=pack_bn)  # fmt: skip
+                 BK=tiles.bk, BR=_rank_block(rc, tiles.tma), GROUP_M=8, PACK_BN=pack_bn,
+                 SHIFT=lora is not None and hstart.dim() == 2)  # fmt: skip
     args = (a, weight, out, bias if bias is not None else a, sa, sw, h, hstart, rank_scale, packed)
     with _on(a.device):
         if tiles.tma:
@@ -347,13 +362,25 @@ def _quantize_with_down_beside(a: Tensor, down_t: Tensor) -> tuple[Tensor, Tenso
     returning (q, scales, h)."""
     current = torch.cuda.current_stream(a.device)
     side = _side_stream(a.device)
-    h = torch.empty(a.shape[0], down_t.shape[1], device=a.device, dtype=a.dtype)  # owned by current
+    h = _hidden(a, down_t)  # owned by the current stream
     side.wait_stream(current)
     with torch.cuda.stream(side):
         torch.mm(a, down_t, out=h)
     q, scales = quantize_rows(a)
     current.wait_stream(side)
     return q, scales, h
+
+
+def _hidden(a: Tensor, down_t: Tensor) -> Tensor:
+    """An empty h = a·down_t for the kernel's tail (``_padded_rows``)."""
+    return _padded_rows(a.shape[0], down_t.shape[1], a)
+
+
+def _padded_rows(rows: int, cols: int, like: Tensor) -> Tensor:
+    """An empty (rows, cols) view whose rows start on 16-byte boundaries, so that the tensor memory
+    accelerator moves them whatever ``cols`` is (the padding lies outside the view: TMA zero-fills
+    past ``cols``, never reading it)."""
+    return torch.empty(rows, _cdiv(cols, 8) * 8, device=like.device, dtype=like.dtype)[:, :cols]
 
 
 @functools.cache
@@ -371,32 +398,36 @@ def _launch_tma(a, weight, out, bias, sa, sw, h, hstart, rank_scale, packed, rc,
     M, K = a.shape
     N = weight.shape[0]
     operands = [(a, [BM, BK]), (weight, [BN, BK]), (out, [BM, BN])]
-    tail = [(h, [BM, BR]), (packed, [BN, BR])] if flags["HAS_LORA"] else operands[:2]  # else never read
-    tail_tma = flags["HAS_LORA"] and _whole_units(h) and _whole_units(packed)
-    if tiles_cfg.ws and flags["HAS_LORA"] and not tail_tma:
-        # pointer loads inside warp-specialized partitions do not compile (Triton 3.6 asserts in
-        # WSLowerToken.cpp): such tails take the same tiles flattened
+    if flags["HAS_LORA"]:
+        h = _tma_rows(h)  # (P's rows are whole 16-byte units by construction: N % 8 == 0, kernels.supports)
+        tail = [(h, [BM, BR * (1 + flags["SHIFT"])]), (packed, [BR, BN])]
+    else:
+        tail = operands[:2]  # never read
+    if tiles_cfg.ws and flags["SHIFT"]:
+        # the shifted tail (an MMA on a selection matrix made in registers) is not checked inside
+        # warp-specialized partitions (Triton 3.6's lowering asserted on the former pointer-loaded
+        # tail): such launches take the same tiles flattened
         tiles_cfg = tiles_cfg._replace(ws=False, flatten=True)
     if tiles_cfg.device_desc:
         _ensure_allocator()
         descs = [t for t, _ in operands + tail]
     else:
-        descs = [TensorDescriptor.from_tensor(t, block) for t, block in operands]
-        descs += [TensorDescriptor.from_tensor(t, block) if tail_tma else t for t, block in tail]
+        descs = [TensorDescriptor.from_tensor(t, block) for t, block in operands + tail]
     sms = sm_count(a.device)
     args = (*descs, bias, sa, sw, hstart, rank_scale, M, N, K, h.shape[-1] if rc else 0, rc,
             a.stride(0), weight.stride(0), out.stride(0), h.stride(0), packed.stride(0))  # fmt: skip
-    constexprs = dict(**flags, NUM_SMS=sms, FLATTEN=tiles_cfg.flatten, ONE_STEP=rc <= BR, DEVICE_DESC=tiles_cfg.device_desc, WARP_SPEC=tiles_cfg.ws, TAIL_TMA=tail_tma)  # fmt: skip
+    constexprs = dict(**flags, NUM_SMS=sms, FLATTEN=tiles_cfg.flatten, ONE_STEP=rc <= BR, DEVICE_DESC=tiles_cfg.device_desc, WARP_SPEC=tiles_cfg.ws)  # fmt: skip
     _TMA_KERNEL.launch(
         min(sms, _cdiv(M, BM) * _cdiv(N, BN)), args, constexprs, tiles_cfg.warps, tiles_cfg.stages
     )
 
 
-def _whole_units(t: Tensor) -> bool:
-    """Rows the tensor memory accelerator can move: 16-byte aligned and 16-byte strides (h and P of
-    ranks that are not multiples of 8 are not: the tail then loads them by pointers, with no padded
-    copy of either)."""
-    return (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+def _tma_rows(t: Tensor) -> Tensor:
+    """``t`` with rows the tensor memory accelerator can move (16-byte aligned, 16-byte strides):
+    itself, or a ``_padded_rows`` copy (an h a caller computed unpadded)."""
+    if (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0:
+        return t
+    return _padded_rows(*t.shape, t).copy_(t)
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
