@@ -99,8 +99,8 @@ def test_compiled_graphs_call_the_two_operators(monkeypatch):
     got = _step(holder, [handle], torch.float32, True, True, monkeypatch)
     holder.layer = plain
     torch._dynamo.reset()
-    assert "loraplug.lora_under_base.default" in targets
-    assert "loraplug.lora_under_base_backward.default" in targets
+    assert "loraplug.lora_under_base_v2.default" in targets
+    assert "loraplug.lora_under_base_v2_backward.default" in targets
     for g, w in zip(got, want, strict=True):
         close(g, w, rtol=1e-5, atol=1e-6)
     handle.remove()
@@ -121,3 +121,50 @@ def test_a_trained_base_weight_takes_autograd(calls, monkeypatch):
     _step(holder, [handle], torch.float32, True, True, monkeypatch)
     assert calls == {"forward": 1, "backward": 1}
     handle.remove()
+
+
+@pytest.mark.parametrize("need_dx", [True, False])
+def test_operators_fakes_match_their_implementations(need_dx):
+    """Shapes and strides (dD and dU transposed in memory) of both operators, traced and real."""
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(10, 24, generator=g), torch.randn(10, 48, generator=g)
+    weight, bias = torch.randn(48, 24, generator=g), torch.randn(48, generator=g)
+    down, up = torch.randn(24, 6, generator=g), torch.randn(6, 48, generator=g)
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(
+        torch.ops.loraplug.lora_under_base_v2, (x, weight, bias, down, up), test_utils=tests
+    )
+    h = x @ down
+    args = (dy, x, weight, h, down, up, need_dx)
+    torch.library.opcheck(torch.ops.loraplug.lora_under_base_v2_backward, args, test_utils=tests)
+    _, d_down, d_up = train_gemm.backward(*args)
+    assert d_down.t().is_contiguous() and d_up.t().is_contiguous()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("masters", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["whole", "q, k and v", "two on q, k and v"])
+def test_gradients_arrive_in_their_parameters_layout(layout, masters, compiled, calls, monkeypatch):
+    """Each adapter's gradient reaches AccumulateGrad with its parameter's strides: autograd stores
+    it as it is (a mismatch costs one copy kernel per parameter and step, outside CUDA graphs)."""
+    holder = _holder(False, torch.bfloat16)
+    handles = [
+        lp.create(holder, "lora", rank=3, targets=targets, init="random", dtype=masters, seed=i)
+        for i, targets in enumerate(LAYOUTS[layout])
+    ]
+    seen = []
+    for p in (p for h in handles for p in h.parameters()):
+        p.register_hook(lambda grad, p=p: seen.append((tuple(p.shape), grad.stride(), p.stride())))
+    if compiled:
+        torch._dynamo.reset()
+        holder.layer, plain = torch.compile(holder.layer), holder.layer
+    _step(holder, handles, torch.bfloat16, True, True, monkeypatch)
+    if compiled:
+        holder.layer = plain
+        torch._dynamo.reset()
+    else:
+        assert calls == {"forward": 1, "backward": 1}
+    assert len(seen) == sum(len(h.parameters()) for h in handles)
+    assert [s for s in seen if s[1] != s[2]] == []
+    for h in handles:
+        h.remove()

@@ -27,10 +27,12 @@ def forward(
 def backward(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, down: Tensor, up: Tensor,
              need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor]:  # fmt: skip
     """(dx or None, dD, dU) for ``forward``'s output gradient dy: g = dy·Uᵀ, dD = xᵀ·g, dU = hᵀ·dy,
-    dx = g·Dᵀ with dy·W accumulated into it."""
+    dx = g·Dᵀ with dy·W accumulated into it. dD and dU come transposed in memory (dDᵀ, dUᵀ
+    row-major), the layout of the parameters D and U are transposed views of: autograd then hands
+    them to the parameters as they are, not through a copy per parameter and step."""
     g = torch.mm(dy, up.t())
     dx = torch.mm(g, down.t()).addmm_(dy, weight) if need_dx else None
-    return dx, torch.mm(x.t(), g), torch.mm(h.t(), dy)
+    return dx, torch.mm(g.t(), x).t(), torch.mm(dy.t(), h).t()
 
 
 def define_pair(
@@ -50,12 +52,14 @@ def _forward_shapes(x, weight, bias, down, up):
 
 def _backward_shapes(dy, x, weight, h, down, up, need_dx):
     dx = dy.new_empty(dy.shape[0], x.shape[1]) if need_dx else None
-    return dx, x.new_empty(down.shape), x.new_empty(up.shape)
+    return dx, x.new_empty(down.shape[::-1]).t(), x.new_empty(up.shape[::-1]).t()
 
 
+# An operator's name changes with its contract (v2: dD and dU transposed in memory): Inductor's
+# on-disk cache keys compiled graphs by operator names, not by the shapes their fakes give.
 define_pair(
     _LIB,
-    "lora_under_base",
+    "lora_under_base_v2",
     (
         "(Tensor x, Tensor weight, Tensor? bias, Tensor down, Tensor up) -> (Tensor, Tensor)",
         "(Tensor dy, Tensor x, Tensor weight, Tensor h, Tensor down, Tensor up, bool need_dx) "
@@ -72,13 +76,13 @@ class LoraUnderBase(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down, up):
         compiling = torch.compiler.is_compiling()
-        y, h = (torch.ops.loraplug.lora_under_base if compiling else forward)(x, weight, bias, down, up)
+        y, h = (torch.ops.loraplug.lora_under_base_v2 if compiling else forward)(x, weight, bias, down, up)
         ctx.save_for_backward(x, weight, h, down, up)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, h, down, up = ctx.saved_tensors
-        call = torch.ops.loraplug.lora_under_base_backward if torch.compiler.is_compiling() else backward
+        call = torch.ops.loraplug.lora_under_base_v2_backward if torch.compiler.is_compiling() else backward
         dx, d_down, d_up = call(dy, x, weight, h, down, up, ctx.needs_input_grad[0])
         return dx, None, None, d_down, d_up
