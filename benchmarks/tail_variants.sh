@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
 # The LoRA tail of the fused kernel in several variants, then a profile of a training step, in one
 # device call: ws_probe.py (RANKS, default "16 4 4qkv"; flattened tiles) for each variant in
-# VARIANTS (default "current n_major", STEP_BUDGET s each, default 80), then tests/gpu (TEST_STEPS,
-# default "tests", TEST_BUDGET s, default 150) on TEST_VARIANT (default n_major), then EXTRA_STEPS
-# (gpu_session.sh steps, default "train_onecall": the fused-layout training step with bf16
-# adapters against the frozen one, compiled, CUDA graphs, 4 + 8 blocks unless ND/NS say otherwise,
-# PROFILE_TOP=80 kernels by device time) on the current tree with whatever time is left of TOTAL
-# (default 540 s). A variant other than "current" is the tree with
+# VARIANTS (default "current"; empty: none; STEP_BUDGET s each, default 80), then tests/gpu
+# (TEST_STEPS, default "tests", TEST_BUDGET s, default 150) on TEST_VARIANT (default current), then
+# EXTRA_STEPS (gpu_session.sh steps, default "train_onecall": the fused-layout training step with
+# bf16 adapters against the frozen one, compiled, CUDA graphs, 4 + 8 blocks unless ND/NS say
+# otherwise, PROFILE_TOP=80 kernels by device time) on the current tree with whatever time is left
+# of TOTAL (default 540 s). A variant other than "current" is the tree with
 # benchmarks/tail_variants/<variant>.patch applied (and undone after):
-#   n_major   P stored N-major (RC × N) and h written with a 16-byte row stride, so that every tail
-#             moves by TMA whatever the rank; runs starting off the 16-byte grid (ranks that are
-#             not multiples of 8 on several slices) loaded from the grid line and shifted by an
-#             exact selection product; with its CPU and GPU tests (session 17, not yet run on a GPU)
+#   old_grad_layout   the one-call training gradients as before session 19 (dD, dU row-major: one
+#                     copy per parameter and step in AccumulateGrad); for train_onecall A/B runs
+# (n_major.patch, every tail by TMA, was measured here in session 19 and shipped.)
 # Everything comes back as one tar, $OUT/tail_variants.tar, rewritten after each step (a device
 # call returns at most 8 files). Carry .whl/ as for gpu_session.sh.
 #   bash benchmarks/tail_variants.sh
@@ -35,8 +34,8 @@ run_variant() {  # variant, steps, step budget (s)
   [ "$variant" != current ] && apply "$variant" -R
   tar -cf "$OUT/tail_variants.tar" -C "$W" .
 }
-for variant in ${VARIANTS:-current n_major}; do run_variant "$variant" wsprobe "${STEP_BUDGET:-80}"; done
-run_variant "${TEST_VARIANT:-n_major}" "${TEST_STEPS:-tests}" "${TEST_BUDGET:-150}"
+for variant in ${VARIANTS-current}; do run_variant "$variant" wsprobe "${STEP_BUDGET:-80}"; done
+run_variant "${TEST_VARIANT:-current}" "${TEST_STEPS:-tests}" "${TEST_BUDGET:-150}"
 left=$(( ${TOTAL:-540} - $(date +%s) + START ))
 extra="${EXTRA_STEPS-train_onecall}"  # EXTRA_STEPS= (empty): none
 if [ -n "$extra" ] && [ "$left" -gt 60 ]; then
