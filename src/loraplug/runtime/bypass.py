@@ -174,11 +174,14 @@ class _LowRank:
                 fused.refresh(self.rank_scale)
 
     def _block_up(self, width: int) -> Tensor:
-        """Every up projection in one (Σr, width) matrix, zero outside each entry's slice."""
+        """Every up projection in one (Σr, width) matrix, zero outside each entry's slice, laid out
+        column-major like the ups themselves (transposed (n, r) rows): the GEMMs' gradient for it
+        comes back in that layout, and each up's slice of it reaches autograd's accumulation with
+        its parameter's strides (stored as it is, not copied per parameter and step)."""
         if len(self.ups_t) == 1 and self.spans[0][2:] == (0, width):
             return self.ups_t[0]  # one adapter on the whole output: nothing to pad
-        blocks = [F.pad(up_t, (offset, width - offset - size)) for (_, _, offset, size), up_t in zip(self.spans, self.ups_t, strict=True)]  # fmt: skip
-        return torch.cat(blocks)
+        blocks = [F.pad(up_t.T, (0, 0, offset, width - offset - size)) for (_, _, offset, size), up_t in zip(self.spans, self.ups_t, strict=True)]  # fmt: skip
+        return torch.cat(blocks, 1).T
 
     def hidden(self, x2: Tensor) -> Tensor:
         """x·Aᵀ of every entry, each rank scaled by scale·strength: in place after the product
