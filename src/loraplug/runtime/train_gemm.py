@@ -27,9 +27,9 @@ def forward(
 def backward(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, down: Tensor, up: Tensor,
              need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor]:  # fmt: skip
     """(dx or None, dD, dU) for ``forward``'s output gradient dy: g = dy·Uᵀ, dD = xᵀ·g, dU = hᵀ·dy,
-    dx = g·Dᵀ with dy·W accumulated into it. dD and dU come transposed in memory (dDᵀ, dUᵀ
-    row-major), the layout of the parameters D and U are transposed views of: autograd then hands
-    them to the parameters as they are, not through a copy per parameter and step."""
+    dx = g·Dᵀ with dy·W accumulated into it. dD and dU are transposed views of row-major dDᵀ and
+    dUᵀ: D and U are transposed views of the adapters' parameters, so each parameter's gradient
+    arrives in the parameter's own layout and autograd stores it without a copy per step."""
     g = torch.mm(dy, up.t())
     dx = torch.mm(g, down.t()).addmm_(dy, weight) if need_dx else None
     return dx, torch.mm(g.t(), x).t(), torch.mm(dy.t(), h).t()
