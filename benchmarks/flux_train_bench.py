@@ -149,6 +149,11 @@ def main():
                 res[f"loraplug_{layout}_compiled_vs_frozen_compiled"] = round(
                     res[f"loraplug_{layout}_r16_step_compiled_ms"] / res["frozen_fwd_bwd_compiled_ms"], 4
                 )
+                profiles = [res.get(f"{k}_profile") for k in (f"loraplug_{layout}_r16_step_compiled", "frozen_fwd_bwd_compiled")]  # fmt: skip
+                if all(profiles):  # device time: steady where the wall time is host noise (session 19)
+                    res[f"loraplug_{layout}_compiled_vs_frozen_compiled_device"] = round(
+                        profiles[0]["device_total"] / profiles[1]["device_total"], 4
+                    )
     for key in [k for k in res if k.startswith("loraplug_fp8_r16_step") and k.endswith("_ms")]:
         res[key.replace("_ms", "_vs_peft_step")] = round(res[key] / res["peft_r16_step_ms"], 4)
     for layout in [x for x in layouts if f"loraplug_{x}_r16_step_peak_GB" in res]:
