@@ -69,3 +69,46 @@ def test_fused_qkv_one_call_matches_float32_autograd(masters, compiled, monkeypa
         assert _rel(adapters[s].tensors[k].grad, t.grad) < 2e-2, (s, k)
     handle.remove()
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("beside", [True, False])
+def test_one_call_captured_in_a_cuda_graph(beside, monkeypatch):
+    """Captured in a CUDA graph the skinny GEMMs run on a second stream (``SKINNY_BESIDE``): every
+    output of forward and backward, replayed on new inputs, against float32 on the same inputs
+    (a missing join between the streams shows as stale values in a replay)."""
+    monkeypatch.setattr(train_gemm, "SKINNY_BESIDE", beside)
+    torch.manual_seed(0)
+    m, r = 1536, 3 * RANK
+    weight = torch.randn(N, K, device="cuda").bfloat16() / K**0.5
+    bias = torch.randn(N, device="cuda").bfloat16()
+    down, up = (
+        (torch.randn(K, r, device="cuda") / K**0.5).bfloat16(),
+        torch.randn(r, N, device="cuda").bfloat16(),
+    )
+    x, dy = torch.empty(m, K, device="cuda").bfloat16(), torch.empty(m, N, device="cuda").bfloat16()
+
+    def step():
+        y, h = train_gemm.forward(x, weight, bias, down, up)
+        return (y, h, *train_gemm.backward(dy, x, weight, h, down, up, True))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graph asks
+        x.normal_(), dy.normal_()
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    w32, b32, d32, u32 = (t.float() for t in (weight, bias, down, up))
+    for _ in range(3):
+        x.normal_(), dy.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        x32, dy32 = x.float(), dy.float()
+        h32 = x32 @ d32
+        g32 = dy32 @ u32.T
+        want = (x32 @ w32.T + b32 + h32 @ u32, h32, dy32 @ w32 + g32 @ d32.T, x32.T @ g32, h32.T @ dy32)
+        for name, got, ref in zip(("y", "h", "dx", "dD", "dU"), outputs, want, strict=True):
+            assert got.shape == ref.shape, name
+            assert _rel(got, ref) < 1e-2, name
