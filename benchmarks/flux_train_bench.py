@@ -4,8 +4,7 @@ measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on
 (split_hooked: adapters added after the base GEMM, the previous default; *_bf16: bf16
 adapters, as diffusers' add_adapter gives PEFT; split_combo: compiled with Inductor's combo kernels), the fused layout (one
 adapter per q/k/v slice; ``*_kernels``: with the training kernels; ``*_autograd``: autograd through
-the separate GEMMs, ``LORAPLUG_TRAIN_GEMM=0``; ``*_serial``: the one call's skinny GEMMs on the
-main stream under CUDA graphs, as before session 20) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
+the separate GEMMs, ``LORAPLUG_TRAIN_GEMM=0``) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
 picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step; ``REGIONAL=1`` compiles each transformer block
 (lp.train's ``regional=True``: one compile per block kind, minutes less at full depth)
 instead of the whole model; ``PROFILE=1`` adds each step's device
@@ -25,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loraplug as lp  # noqa: E402
 from loraplug.bench import CFG, _graphs, _time_fn  # noqa: E402
-from loraplug.runtime import train_gemm  # noqa: E402
 from loraplug.train import _compile  # noqa: E402  (what lp.train(compile=, regional=) runs)
 
 DEV, DT = "cuda", torch.bfloat16
@@ -108,8 +106,6 @@ def main():
             os.environ["LORAPLUG_TRAIN_KERNELS"] = "1"
         if layout.endswith("_autograd"):  # autograd through the separate GEMMs (before session 13)
             os.environ["LORAPLUG_TRAIN_GEMM"] = "0"
-        # the one call's skinny GEMMs on the main stream under CUDA graphs (before session 20)
-        train_gemm.SKINNY_BESIDE = not layout.endswith("_serial")
         if layout == "fp8":  # the blocks' linear layers in fp8 (per-row weights, per-token activations)
             lp.quantize_fp8(model, targets=r"blocks\.")
             torch.cuda.empty_cache()

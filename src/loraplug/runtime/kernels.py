@@ -207,17 +207,6 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNTS[device]
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One second CUDA stream per device, for small GEMMs run beside a large one while a CUDA graph
-    is captured (the graph runs the two branches side by side)."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
 def interpreting() -> bool:
     """Whether Triton runs interpreted on the CPU (tests)."""
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -5,20 +5,12 @@ scales folded in) and U (R, N) the ups (block-diagonal over q/k/v slices).
 What autograd alone would do differently: the two parts of dx (dy·W and g·Dᵀ) came out of two GEMMs
 and one more pass over dx added them; here the base GEMM accumulates into the adapters' part (cuBLAS
 reads it in its epilogue), forward and backward. Under torch.compile both halves are operators, opaque
-to Inductor: its functionalization would copy an accumulated output before the GEMM writes it.
-
-While a CUDA graph is captured (``compile="reduce-overhead"``) the skinny GEMMs run on a second
-stream beside the base GEMM, which then comes first and the adapters' expand GEMM accumulates into
-its output: the graph overlaps them (alone, a skinny GEMM keeps a few multiprocessors busy for
-several microseconds, hundreds of times per step). Outside a capture the stream synchronization
-would cost host time per layer for nothing."""
+to Inductor: its functionalization would copy an accumulated output before the GEMM writes it."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-from .kernels import side_stream
 
 _LIB = torch.library.Library("loraplug", "FRAGMENT")
 
@@ -27,8 +19,6 @@ def forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor
 ) -> tuple[Tensor, Tensor]:
     """(y, h): h = x·D, y = h·U + bias, then x·Wᵀ accumulated into y."""
-    if _beside(x):
-        return _forward_beside(x, weight, bias, down, up)
     h = torch.mm(x, down)
     y = torch.mm(h, up) if bias is None else torch.addmm(bias, h, up)
     return y.addmm_(x, weight.t()), h
@@ -40,55 +30,9 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, down: Tensor, up:
     dx = g·Dᵀ with dy·W accumulated into it. dD and dU are transposed views of row-major dDᵀ and
     dUᵀ: D and U are transposed views of the adapters' parameters, so each parameter's gradient
     arrives in the parameter's own layout and autograd stores it without a copy per step."""
-    if _beside(dy):
-        return _backward_beside(dy, x, weight, h, down, up, need_dx)
     g = torch.mm(dy, up.t())
     dx = torch.mm(g, down.t()).addmm_(dy, weight) if need_dx else None
     return dx, torch.mm(g.t(), x).t(), torch.mm(dy.t(), h).t()
-
-
-# Skinny GEMMs beside the base GEMM while a CUDA graph is captured (module docstring); a switch for
-# benchmarks' A/B runs and tests
-SKINNY_BESIDE = True
-
-
-def _beside(t: Tensor) -> bool:
-    return SKINNY_BESIDE and t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _forward_beside(
-    x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``forward`` with h = x·D on the side stream while y = x·Wᵀ + bias runs, then h·U added."""
-    current, side = torch.cuda.current_stream(x.device), side_stream(x.device)
-    h = x.new_empty(x.shape[0], down.shape[1])  # owned by the current stream, like every output
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        torch.mm(x, down, out=h)
-    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    current.wait_stream(side)
-    return y.addmm_(h, up), h
-
-
-def _backward_beside(dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, down: Tensor, up: Tensor,
-                     need_dx: bool) -> tuple[Tensor | None, Tensor, Tensor]:  # fmt: skip
-    """``backward`` with g, dDᵀ and dUᵀ on the side stream while dx = dy·W runs, then g·Dᵀ added."""
-    current, side = torch.cuda.current_stream(dy.device), side_stream(dy.device)
-    g = dy.new_empty(dy.shape[0], up.shape[0])
-    d_down, d_up = x.new_empty(down.shape[::-1]), dy.new_empty(up.shape[::-1])
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        torch.mm(dy, up.t(), out=g)
-        g_ready = side.record_event()
-        torch.mm(g.t(), x, out=d_down)
-        torch.mm(dy.t(), h, out=d_up)
-    dx = None
-    if need_dx:
-        dx = torch.mm(dy, weight)
-        current.wait_event(g_ready)
-        dx.addmm_(g, down.t())
-    current.wait_stream(side)
-    return dx, d_down.t(), d_up.t()
 
 
 def define_pair(

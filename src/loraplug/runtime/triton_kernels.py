@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -16,7 +17,7 @@ from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..fp8 import cuda_capability
-from .kernels import E4M3, E4M3_MAX, config, config_for, has_tma, side_stream, sm_count
+from .kernels import E4M3, E4M3_MAX, config, config_for, has_tma, sm_count
 
 
 @triton.jit
@@ -360,7 +361,7 @@ def _quantize_with_down_beside(a: Tensor, down_t: Tensor) -> tuple[Tensor, Tenso
     """``quantize_rows(a)`` on the current stream and h = a·down_t on a side stream, joined before
     returning (q, scales, h)."""
     current = torch.cuda.current_stream(a.device)
-    side = side_stream(a.device)
+    side = _side_stream(a.device)
     h = _hidden(a, down_t)  # owned by the current stream
     side.wait_stream(current)
     with torch.cuda.stream(side):
@@ -380,6 +381,11 @@ def _padded_rows(rows: int, cols: int, like: Tensor) -> Tensor:
     accelerator moves them whatever ``cols`` is (the padding lies outside the view: TMA zero-fills
     past ``cols``, never reading it)."""
     return torch.empty(rows, _cdiv(cols, 8) * 8, device=like.device, dtype=like.dtype)[:, :cols]
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def _on(device: torch.device):
