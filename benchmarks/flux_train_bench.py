@@ -100,8 +100,9 @@ def main():
     layouts = os.environ.get("LAYOUTS", "split split_bf16 split_hooked fused fp8").split()
     for layout in layouts:  # fused: diffusers keeps the split weights too (+ memory)
         model = build()
-        if layout.startswith("fused"):
+        if layout.startswith("fused"):  # one copy of the q/k/v weights (diffusers keeps the split ones)
             model.fuse_qkv_projections()
+            res["fused_shared_GB"] = lp.share_fused_weights(model) / 1e9
         if layout.endswith("_kernels"):  # the training kernels (runtime.train_kernels), opt-in
             os.environ["LORAPLUG_TRAIN_KERNELS"] = "1"
         if layout.endswith("_autograd"):  # autograd through the separate GEMMs (before session 13)

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -70,7 +71,9 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for i, code in enumerate(blocks):
         namespace = {}
-        exec(compile(code, f"README.md python block {i}", "exec"), namespace)
+        exec(
+            compile(textwrap.dedent(code), f"README.md python block {i}", "exec"), namespace
+        )  # list items indent
         if i == 0:
             assert namespace["handle"].report.ok and len(namespace["handle"].report.fused) > 0
 

@@ -9,6 +9,7 @@ from conftest import assert_identical, close, randomize_, snapshot
 from diffusers import FluxPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 import loraplug as lp
 from loraplug.testing import FINAL_MOD, bfl_layers, flux_inputs, tiny_flux
@@ -135,3 +136,92 @@ def test_two_loras_stack_on_fused_flux(tmp_path, flux):
     close(got, want, rtol=1e-4, atol=1e-5)
     handle_a.remove()
     handle_b.remove()
+
+
+def _split_layers(model):
+    """(attention, fused name, split layers) for every fusion diffusers made."""
+    return [
+        (attn, fused, [getattr(attn, p) for p in parts])
+        for attn in model.modules()
+        if getattr(attn, "fused_projections", False)
+        for fused, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
+        if hasattr(attn, fused)
+    ]  # fmt: skip
+
+
+def _storage_bytes(model) -> int:
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
+
+
+def _shares(attn, fused, layers) -> bool:
+    whole = getattr(attn, fused)
+    return all(
+        layer.weight.untyped_storage().data_ptr() == whole.weight.untyped_storage().data_ptr()
+        and layer.bias.untyped_storage().data_ptr() == whole.bias.untyped_storage().data_ptr()
+        for layer in layers
+    )
+
+
+def test_share_fused_weights_keeps_one_copy(tmp_path, flux):
+    """After fuse_qkv_projections() the split q/k/v weights become views of the fused ones: the
+    bytes held twice are released, values and outputs stay, LoRAs apply and remove exactly, and
+    unfuse_qkv_projections() still gives the split model."""
+    peft_model, path = _diffusers_lora(tmp_path, flux)
+    inputs = flux_inputs()
+    with torch.no_grad():
+        plain, want = flux(**inputs)[0], peft_model(**inputs)[0]
+    model = copy.deepcopy(flux)
+    model.fuse_qkv_projections()
+    snap, before = snapshot(model), _storage_bytes(model)
+    split = _split_layers(model)
+    assert len(split) == 2 * 2 + 2  # two double blocks (image and text streams), two single blocks
+    twice = sum(
+        t.numel() * t.element_size()
+        for _, _, layers in split
+        for layer in layers
+        for t in (layer.weight, layer.bias)
+    )
+
+    assert lp.share_fused_weights(model) == twice
+    assert _storage_bytes(model) == before - twice
+    assert all(_shares(*s) for s in split)
+    assert_identical(model, snap)
+    assert lp.share_fused_weights(model) == 0
+    for mode in ("bypass", "merge"):
+        handle = lp.apply(model, path, mode=mode)
+        assert handle.report.ok
+        with torch.no_grad():
+            close(model(**inputs)[0], want, rtol=1e-5, atol=1e-5)
+        handle.remove()
+        assert_identical(model, snap)
+    model.unfuse_qkv_projections()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs)[0], plain, rtol=0, atol=0)
+    save_file(
+        {k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "split.safetensors"
+    )  # as documented
+    saved, state = load_file(tmp_path / "split.safetensors"), model.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], v) for k, v in state.items())
+
+
+def test_share_fused_weights_leaves_what_does_not_qualify(flux):
+    """A split layer changed after fusing, or of another dtype, keeps its fusion's own copies; the
+    other fusions are shared; an unfused model is left as it is."""
+    assert lp.share_fused_weights(copy.deepcopy(flux)) == 0
+    model = copy.deepcopy(flux)
+    model.fuse_qkv_projections()
+    split = _split_layers(model)
+    changed, other_dtype, *rest = split
+    with torch.no_grad():
+        changed[2][1].weight[0, 0] += 1.0
+    other_dtype[2][0].to(torch.float64)
+    freed = lp.share_fused_weights(model)
+    assert freed == sum(
+        t.numel() * t.element_size()
+        for _, _, layers in rest
+        for layer in layers
+        for t in (layer.weight, layer.bias)
+    )
+    assert not _shares(*changed) and not _shares(*other_dtype)
+    assert all(_shares(*s) for s in rest)

@@ -3,6 +3,7 @@
 from .adapters import Adapter, AdapterSet
 from .api import Handle, apply, load, merge, save
 from .arch import Target
+from .arch.diffusers import share_fused_weights
 from .errors import (
     AdapterFileError,
     AdapterTensorError,
@@ -44,4 +45,5 @@ __all__ = [
     "TrainResult",
     "Fp8Linear",
     "quantize_fp8",
+    "share_fused_weights",
 ]

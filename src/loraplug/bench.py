@@ -28,6 +28,7 @@ import torch
 from rich.table import Table
 
 from . import api as lp
+from .arch.diffusers import share_fused_weights
 
 DEV, DT = "cuda", torch.bfloat16
 ITERS = int(os.environ.get("ITERS", 10))
@@ -431,6 +432,7 @@ def main() -> None:
     for layout in ("split", "fused") if os.environ.get("EAGER", "1") == "1" else ():
         if layout == "fused":
             model.fuse_qkv_projections()
+            b.res["fused_shared_GB"] = share_fused_weights(model) / 1e9
             b.time(model, "base_fused")
         b.memory(f"{layout}_base")
         for mode in _modes("float"):
@@ -448,6 +450,7 @@ def main() -> None:
     b.res["adapter_GB_r16"] = loras[16].parameters * 2 / 1e9
     if os.environ.get("EAGER", "1") != "1":
         model.fuse_qkv_projections()
+        b.res["fused_shared_GB"] = share_fused_weights(model) / 1e9
     compile_ = os.environ.get("COMPILE") == "1"
     if compile_:
         t0 = time.time()

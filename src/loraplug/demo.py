@@ -15,6 +15,7 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 from . import api
+from .arch.diffusers import share_fused_weights
 from .testing import flux_inputs, tiny_flux
 
 
@@ -62,10 +63,12 @@ def run(console: Console | None = None) -> dict:
     torch.manual_seed(0)
     model = tiny_flux(layers=2, single_layers=4, heads=4, head_dim=16)
     model.fuse_qkv_projections()
+    shared = share_fused_weights(model)  # diffusers keeps the split q/k/v copies too
     inputs = flux_inputs(image_tokens=64, text_tokens=8)
     console.rule("[bold]loraplug demo")
     console.print(
-        "tiny Flux transformer (diffusers), q/k/v fused into [cyan]to_qkv[/cyan] / [cyan]to_added_qkv[/cyan]"
+        "tiny Flux transformer (diffusers), q/k/v fused into [cyan]to_qkv[/cyan] / [cyan]to_added_qkv[/cyan]; "
+        f"share_fused_weights: {shared / 1e3:.0f} kB of split q/k/v copies now views of the fused weights"
     )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     reference = copy.deepcopy(model)
@@ -119,4 +122,5 @@ def run(console: Console | None = None) -> dict:
         "fused": len(handle.report.fused),
         "base_ms": base_ms,
         "bypass_ms": bypass_ms,
+        "shared_bytes": shared,
     }

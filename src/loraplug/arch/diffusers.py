@@ -2,12 +2,14 @@
 
 diffusers keeps the split modules after fusing but no longer calls them, so a LoRA bound to
 ``to_q`` there would silently do nothing: those names are redirected to slices of the fused module
-and the split modules are hidden from matching.
+and the split modules are hidden from matching. ``share_fused_weights`` makes the split modules'
+weights views into the fused ones, so the model holds one copy instead of two.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..algorithms.op import LayerOp
 from . import Target, provider, split
@@ -50,3 +52,58 @@ def peft_wrapped(model: nn.Module, ops: dict[str, LayerOp]) -> tuple[dict[str, l
     return {
         name[: -len(".base_layer")]: [Target(name)] for name in ops if name.endswith(".base_layer")
     }, set()
+
+
+def share_fused_weights(model: nn.Module) -> int:
+    """After diffusers' ``fuse_qkv_projections()``, make each split projection's weight and bias
+    views into its fused module's: diffusers keeps both copies (4.3 GB at Flux-dev size in bf16).
+    Values are unchanged, and ``unfuse_qkv_projections()`` still works (the split modules then hold
+    the fused storage; training the fused layer's weight updates the views with it). A fusion is
+    left as it is where a split layer is not a plain float ``nn.Linear`` of the fused one's dtype
+    and device (quantized weights are tensor subclasses) or no longer equals its rows of the fused
+    layer. Returns the bytes no longer held twice (0 on a second call). safetensors' ``save_file``
+    refuses tensors that share storage: save ``{k: v.clone() for k, v in state_dict.items()}``."""
+    plan: list[tuple[nn.Parameter, Tensor]] = []
+    for module in model.modules():
+        if getattr(module, "fused_projections", False):
+            for fused, parts in FUSIONS:
+                layers = [getattr(module, name, None) for name in (fused, *parts)]
+                if all(isinstance(layer, nn.Linear) for layer in layers):
+                    plan += _views_into(layers[0], layers[1:])
+    for param, view in plan:
+        param.data = view
+    return sum(view.numel() * view.element_size() for _, view in plan)
+
+
+def _plain(t: Tensor | None) -> bool:
+    return t is None or (type(t) in (nn.Parameter, Tensor) and t.is_floating_point())
+
+
+def _views_into(fused: nn.Linear, parts: list[nn.Linear]) -> list[tuple[nn.Parameter, Tensor]]:
+    """(split parameter, view of the fused parameter's rows) for every weight and bias of
+    ``parts`` not already sharing the fused storage; [] where the fusion does not qualify."""
+    tensors = [(fused.weight, [p.weight for p in parts])]
+    if fused.bias is not None:
+        tensors.append((fused.bias, [p.bias for p in parts]))
+    elif any(p.bias is not None for p in parts):
+        return []
+    plan = []
+    for whole, pieces in tensors:
+        if whole.device.type == "meta" or not all(_plain(t) for t in (whole, *pieces)):
+            return []
+        if any(
+            t.dtype != whole.dtype or t.device != whole.device or t.shape[1:] != whole.shape[1:]
+            for t in pieces
+        ):
+            return []
+        if sum(t.shape[0] for t in pieces) != whole.shape[0]:
+            return []
+        start = 0
+        for piece in pieces:
+            rows = whole.detach().narrow(0, start, piece.shape[0])
+            start += piece.shape[0]
+            if not torch.equal(rows, piece.detach()):
+                return []
+            if piece.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr():
+                plan.append((piece, rows))
+    return plan
