@@ -16,6 +16,7 @@
 #   STEPS="train_onecall" …      # full depth, CUDA graphs, fused layout: the one-call training GEMMs (default) against autograd's
 #   STEPS="train_autotune" …     # the same, compiled with mode="max-autotune" (Inductor's GEMM templates, CUDA graphs)
 #   STEPS="autotune" …           # full depth inference: max-autotune vs CUDA graphs, base and LoRA r16
+#   STEPS="kconcat" …           # one LoRA training step's GEMMs per Flux-dev shape: shipped one call vs the K-concatenation (CUDA graphs)
 #   STEPS="wsprobe" …            # warp-specialized tiles on and off against float32, fp8/bf16 × tokens × rank (16, 8, 4, none)
 #   STEPS="fused_tests" …        # only tests/gpu/test_fused.py (the fused kernel)
 #   STEPS="tiles" …               # the fused GEMM per tile configuration on every Flux-dev layer shape
@@ -67,6 +68,7 @@ for s in ${STEPS:-tests linear parts profile eager train}; do
     train_autotune) PROFILE=1 REGIONAL=1 LAYOUTS="${LAYOUTS:-split_bf16}" COMPILED_ONLY="${COMPILED_ONLY:-split_bf16}" COMPILE=1 COMPILE_MODE=max-autotune COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-split_bf16}" step flux_train_autotune "${TRAIN_LIMIT:-560}" python3 benchmarks/flux_train_bench.py ;;
     autotune) NAME=autotune.json AUTOTUNE=1 ND=19 NS=38 REFERENCE=0 VARIANTS="${VARIANTS:-bf16_base_autotune bf16_lora_r16_autotune bf16_base_graphs bf16_lora_r16_graphs}" step autotune "${PROBE_LIMIT:-560}" python3 benchmarks/compiled_probe.py ;;
     wsprobe) step ws_probe 240 python3 benchmarks/ws_probe.py ;;
+    kconcat) step kconcat_probe 120 python3 benchmarks/kconcat_probe.py ;;
     fused_tests) step gpu_fused_tests 240 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/gpu/test_fused.py ;;
     train_small) ND=4 NS=8 LAYOUTS="${LAYOUTS:-split_bf16 split fp8}" COMPILE=1 COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-split_bf16 fp8}" step flux_train_small "${TRAIN_LIMIT:-300}" python3 benchmarks/flux_train_bench.py ;;
     compile) NAME=flux_compiled.json MODES="${MODES:-portable}" EAGER=0 FP8=1 PEFT=0 COMPILE=1 step flux_compiled 450 python3 benchmarks/flux_bench.py ;;
