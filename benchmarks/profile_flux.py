@@ -62,6 +62,13 @@ def lora_for(model, rank: int = 16) -> dict:
     return sd
 
 
+def is_kernel(event) -> bool:
+    """A device event that is a kernel, copy or memset: not a user annotation's range (the
+    optimizer's ``Optimizer.step#AdamW.step`` shows as a device event spanning its kernels, whose
+    time it would count twice; found in session 20)."""
+    return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+
+
 def device_profile(fn) -> dict:
     """One call of ``fn`` under torch.profiler: device milliseconds by kind of kernel, their sum,
     the number of kernel launches and the top kernels."""
@@ -71,7 +78,7 @@ def device_profile(fn) -> dict:
     totals: dict[str, float] = defaultdict(float)
     kernels = []
     for event in prof.key_averages():
-        if event.device_type == DeviceType.CUDA and event.self_device_time_total:
+        if is_kernel(event) and event.self_device_time_total:
             totals[kind(event.key)] += event.self_device_time_total / 1e3
             kernels.append((event.self_device_time_total / 1e3, event.count, event.key[:90]))
     kernels.sort(reverse=True)
@@ -98,7 +105,7 @@ def profile_forward(model, inp, device: str) -> dict:
     totals: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
         if device == "cuda":  # kernels only (an aten op's entry repeats its kernels' time)
-            time_us = event.self_device_time_total if event.device_type == DeviceType.CUDA else 0
+            time_us = event.self_device_time_total if is_kernel(event) else 0
         else:
             time_us = event.self_cpu_time_total if event.key.startswith("aten::") else 0
         if time_us:

@@ -17,6 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import loraplug as lp  # noqa: E402
 from loraplug import arch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_flux import is_kernel  # noqa: E402
+
 ITERS = 20
 # (name, tokens, in, out, slices): Flux-dev layers as diffusers runs them (fused q/k/v)
 SHAPES = [
@@ -57,7 +60,7 @@ def device_ms(fn) -> tuple[float, dict[str, float]]:
         torch.cuda.synchronize()
     kernels: dict[str, float] = defaultdict(float)
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
+        if is_kernel(e):
             kernels[e.name[:60]] += e.device_time_total / 1e3 / ITERS
     return sum(kernels.values()), dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:8])
 
