@@ -10,6 +10,8 @@ form captured in a CUDA graph and timed by replays (CUDA events, median):
                    GEMM, dx = dx₀ + g·Dᵀ, dDᵀ = gᵀ·x, dUᵀ = dyᵀ·h
     kconcat_copy   the same with x copied into the wider buffer first (a producer that cannot
                    write there)
+    wide_backward  only W stored as [W | U]: the forward as the one call (x·Wᵀ read from the wide
+                   buffer), the backward as ``kconcat``'s (g from the base GEMM, no skinny dy·Uᵀ)
 
 Before timing, every form's y, dx, dD and dU are checked against float32 on a small shape (on a
 CPU only that check runs: ``python benchmarks/kconcat_probe.py``). Writes $OUT/kconcat_probe.json
@@ -98,11 +100,22 @@ def kconcat(o: dict, copy_x: bool = False) -> tuple:
     return y, dx, torch.mm(g.t(), x).t(), torch.mm(o["dy"].t(), h).t()
 
 
+def wide_backward(o: dict) -> tuple:
+    k, x, w_wide, down = o["k"], o["x"], o["w_wide"], o["down"]
+    h = torch.mm(x, down)
+    y = torch.addmm(o["bias"], h, w_wide[:, k:].t()).addmm_(x, w_wide[:, :k].t())
+    dxg = torch.mm(o["dy"], w_wide)
+    g = dxg[:, k:]
+    dx = torch.addmm(dxg[:, :k], g, down.t())
+    return y, dx, torch.mm(g.t(), x).t(), torch.mm(o["dy"].t(), h).t()
+
+
 FORMS = {
     "frozen": frozen,
     "one_call": one_call,
     "kconcat": kconcat,
     "kconcat_copy": lambda o: kconcat(o, True),
+    "wide_backward": wide_backward,
 }
 
 
@@ -121,7 +134,7 @@ def check(device: str) -> dict:
         h.T @ f32["dy"],
     )
     errors = {}
-    for name in ("one_call", "kconcat", "kconcat_copy"):
+    for name in ("one_call", "kconcat", "kconcat_copy", "wide_backward"):
         got = FORMS[name](o)
         errors[name] = [((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, want, strict=True)]
         limit = 1e-2 if dtype == torch.bfloat16 else 1e-5
