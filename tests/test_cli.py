@@ -71,9 +71,8 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for i, code in enumerate(blocks):
         namespace = {}
-        exec(
-            compile(textwrap.dedent(code), f"README.md python block {i}", "exec"), namespace
-        )  # list items indent
+        code = textwrap.dedent(code)  # blocks inside list items are indented
+        exec(compile(code, f"README.md python block {i}", "exec"), namespace)
         if i == 0:
             assert namespace["handle"].report.ok and len(namespace["handle"].report.fused) > 0
 

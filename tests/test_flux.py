@@ -206,16 +206,17 @@ def test_share_fused_weights_keeps_one_copy(tmp_path, flux):
 
 
 def test_share_fused_weights_leaves_what_does_not_qualify(flux):
-    """A split layer changed after fusing, or of another dtype, keeps its fusion's own copies; the
-    other fusions are shared; an unfused model is left as it is."""
+    """A split layer changed after fusing, of another dtype, or without the fused layer's bias keeps
+    its fusion's own copies; the other fusions are shared; an unfused model is left as it is."""
     assert lp.share_fused_weights(copy.deepcopy(flux)) == 0
     model = copy.deepcopy(flux)
     model.fuse_qkv_projections()
     split = _split_layers(model)
-    changed, other_dtype, *rest = split
+    changed, other_dtype, no_bias, *rest = split
     with torch.no_grad():
         changed[2][1].weight[0, 0] += 1.0
     other_dtype[2][0].to(torch.float64)
+    no_bias[2][1].bias = None  # the fused layer has one
     freed = lp.share_fused_weights(model)
     assert freed == sum(
         t.numel() * t.element_size()
@@ -224,4 +225,8 @@ def test_share_fused_weights_leaves_what_does_not_qualify(flux):
         for t in (layer.weight, layer.bias)
     )
     assert not _shares(*changed) and not _shares(*other_dtype)
+    assert (
+        no_bias[2][0].weight.untyped_storage().data_ptr()
+        != getattr(no_bias[0], no_bias[1]).weight.untyped_storage().data_ptr()
+    )
     assert all(_shares(*s) for s in rest)

@@ -83,10 +83,11 @@ def _views_into(fused: nn.Linear, parts: list[nn.Linear]) -> list[tuple[nn.Param
     """(split parameter, view of the fused parameter's rows) for every weight and bias of
     ``parts`` not already sharing the fused storage; [] where the fusion does not qualify."""
     tensors = [(fused.weight, [p.weight for p in parts])]
-    if fused.bias is not None:
-        tensors.append((fused.bias, [p.bias for p in parts]))
-    elif any(p.bias is not None for p in parts):
+    biases = [p.bias for p in parts]
+    if any((b is None) != (fused.bias is None) for b in biases):
         return []
+    if fused.bias is not None:
+        tensors.append((fused.bias, biases))
     plan = []
     for whole, pieces in tensors:
         if whole.device.type == "meta" or not all(_plain(t) for t in (whole, *pieces)):
