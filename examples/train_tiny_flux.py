@@ -20,6 +20,7 @@ def main(steps: int = 60, out: str = "tiny_flux_lora.safetensors", regional: boo
     torch.manual_seed(0)
     model = tiny_flux()
     model.fuse_qkv_projections()
+    lp.share_fused_weights(model)  # one copy of the q/k/v weights (diffusers keeps the split ones)
     handle = lp.create(model, "lora", rank=4, alpha=4, targets="attn+mlp")
     conditioning = flux_inputs(
         batch=8, image_tokens=16, text_tokens=6
