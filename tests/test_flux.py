@@ -230,3 +230,20 @@ def test_share_fused_weights_leaves_what_does_not_qualify(flux):
         != getattr(no_bias[0], no_bias[1]).weight.untyped_storage().data_ptr()
     )
     assert all(_shares(*s) for s in rest)
+
+
+def test_share_fused_weights_on_cross_attention():
+    """diffusers' cross-attention fuses k/v into ``to_kv``: shared the same way, output unchanged."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=16, bias=True)
+    attn.fuse_projections()
+    x, context = torch.randn(1, 5, 32), torch.randn(1, 7, 24)
+    with torch.no_grad():
+        want = attn(x, context)
+    kv_bytes = sum(t.numel() * t.element_size() for m in (attn.to_k, attn.to_v) for t in (m.weight, m.bias))
+    assert lp.share_fused_weights(attn) == kv_bytes
+    assert _shares(attn, "to_kv", [attn.to_k, attn.to_v])
+    with torch.no_grad():
+        assert torch.equal(attn(x, context), want)
