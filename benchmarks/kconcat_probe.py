@@ -1,4 +1,4 @@
-"""Would the K-concatenation pay for #10? One LoRA training step's GEMMs per Flux-dev layer shape
+"""Would the K-concatenation pay for #10 (and #11)? One LoRA training step's GEMMs per Flux-dev layer shape
 at 512² (1536 tokens in the single blocks, 1024 / 512 in the two streams), r16 per slice, bf16, each
 form captured in a CUDA graph and timed by replays (CUDA events, median):
 
@@ -13,10 +13,17 @@ form captured in a CUDA graph and timed by replays (CUDA events, median):
     wide_backward  only W stored as [W | U]: the forward as the one call (x·Wᵀ read from the wide
                    buffer), the backward as ``kconcat``'s (g from the base GEMM, no skinny dy·Uᵀ)
 
-Before timing, every form's y, dx, dD and dU are checked against float32 on a small shape (on a
-CPU only that check runs: ``python benchmarks/kconcat_probe.py``). Writes $OUT/kconcat_probe.json
-with each form's time per shape, the sum over one Flux-dev step (each shape times its count) and
-the ratios to the frozen sum."""
+and the forward alone at 1024² (4608 / 4096 / 512 tokens; #11's inference), against the base GEMM:
+
+    base           y = x·Wᵀ + b
+    portable       the same, then h = x·D and y += h·U in place (cuBLAS only; the fused Triton
+                   kernel's times per shape are in tile_sweep.py's results)
+    kconcat, kconcat_copy   y = [x | h]·[W | U]ᵀ + b as above
+
+Before timing, every form's outputs (y, dx, dD, dU) are checked against float32 on a small shape (on
+a CPU only that check runs: ``python benchmarks/kconcat_probe.py``). Writes $OUT/kconcat_probe.json
+with each form's time per shape, the sums over one Flux-dev step (each shape times its count) and
+the ratios to the frozen / base sums."""
 
 import functools
 import json
@@ -47,6 +54,10 @@ SHAPES = [
     ("txt_mlp0", 512, 3072, 12288, 1, 19),
     ("txt_mlp2", 512, 12288, 3072, 1, 19),
 ]
+
+
+# the same layers at 1024² (4096 image + 512 text tokens), forward only
+INFERENCE_SHAPES = [(name, {1536: 4608, 1024: 4096, 512: 512}[m], *rest) for name, m, *rest in SHAPES]
 
 
 def operands(
@@ -86,14 +97,20 @@ def one_call(o: dict) -> tuple:
     return y, dx, d_down, d_up
 
 
-def kconcat(o: dict, copy_x: bool = False) -> tuple:
+def kconcat_forward(o: dict, copy_x: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, x, h) with y = [x | h]·[W | U]ᵀ + b, x and h views of the wide buffer."""
     k, x_wide, w_wide = o["k"], o["x_wide"], o["w_wide"]
     if copy_x:
         x_wide[:, :k].copy_(o["x"])
     x = x_wide[:, :k]
     h = x_wide[:, k:]
     h.copy_(torch.mm(x, o["down"]))  # a GEMM writing there directly would save this small copy
-    y = torch.addmm(o["bias"], x_wide, w_wide.t())
+    return torch.addmm(o["bias"], x_wide, w_wide.t()), x, h
+
+
+def kconcat(o: dict, copy_x: bool = False) -> tuple:
+    y, x, h = kconcat_forward(o, copy_x)
+    k, w_wide = o["k"], o["w_wide"]
     dxg = torch.mm(o["dy"], w_wide)  # [dx₀ | g]
     g = dxg[:, k:]
     dx = torch.addmm(dxg[:, :k], g, o["down"].t())
@@ -110,12 +127,23 @@ def wide_backward(o: dict) -> tuple:
     return y, dx, torch.mm(g.t(), x).t(), torch.mm(o["dy"].t(), h).t()
 
 
+def portable_forward(o: dict) -> tuple:
+    y = torch.addmm(o["bias"], o["x"], o["weight"].t())
+    return (y.addmm_(torch.mm(o["x"], o["down"]), o["up"]),)
+
+
 FORMS = {
     "frozen": frozen,
     "one_call": one_call,
     "kconcat": kconcat,
     "kconcat_copy": lambda o: kconcat(o, True),
     "wide_backward": wide_backward,
+}
+INFERENCE_FORMS = {
+    "base": lambda o: (torch.addmm(o["bias"], o["x"], o["weight"].t()),),
+    "portable": portable_forward,
+    "kconcat": lambda o: kconcat_forward(o)[:1],
+    "kconcat_copy": lambda o: kconcat_forward(o, True)[:1],
 }
 
 
@@ -134,9 +162,13 @@ def check(device: str) -> dict:
         h.T @ f32["dy"],
     )
     errors = {}
-    for name in ("one_call", "kconcat", "kconcat_copy", "wide_backward"):
-        got = FORMS[name](o)
-        errors[name] = [((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, want, strict=True)]
+    forms = [(name, FORMS[name]) for name in FORMS if name != "frozen"]
+    forms += [(f"forward_{name}", INFERENCE_FORMS[name]) for name in INFERENCE_FORMS if name != "base"]
+    for name, form in forms:
+        got = form(o)
+        errors[name] = [
+            ((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, want[: len(got)], strict=True)
+        ]
         limit = 1e-2 if dtype == torch.bfloat16 else 1e-5
         assert all(e < limit for e in errors[name]), (name, errors[name])
     return errors
@@ -176,21 +208,25 @@ def main() -> None:
     if device != "cuda":
         return
     g = torch.Generator().manual_seed(1)
-    totals = dict.fromkeys(FORMS, 0.0)
-    for name, m, k, n, slices, count in SHAPES:
-        o = operands(m, k, n, slices, device, torch.bfloat16, g)
-        row = {form: round(graph_us(functools.partial(fn, o)), 2) for form, fn in FORMS.items()}
-        res[name] = row
-        for form, us in row.items():
-            totals[form] += us * count
-        print(name, row, flush=True)
-        del o
-    res["flux_dev_step_ms"] = {form: round(t / 1e3, 3) for form, t in totals.items()}
-    res["vs_frozen"] = {form: round(t / totals["frozen"], 4) for form, t in totals.items()}
-    res["lora_extra_ms"] = {form: round((t - totals["frozen"]) / 1e3, 3) for form, t in totals.items()}
-    print(json.dumps({key: res[key] for key in ("flux_dev_step_ms", "vs_frozen", "lora_extra_ms")}, indent=1))
     out = Path(os.environ.get("OUT", ".")) / "kconcat_probe.json"
-    out.write_text(json.dumps(res, indent=1))
+    for suite, shapes, forms, reference in (
+        ("training_512", SHAPES, FORMS, "frozen"),
+        ("inference_1024", INFERENCE_SHAPES, INFERENCE_FORMS, "base"),
+    ):
+        totals = dict.fromkeys(forms, 0.0)
+        rows = res[suite] = {}
+        for name, m, k, n, slices, count in shapes:
+            o = operands(m, k, n, slices, device, torch.bfloat16, g)
+            rows[name] = {form: round(graph_us(functools.partial(fn, o)), 2) for form, fn in forms.items()}
+            for form, us in rows[name].items():
+                totals[form] += us * count
+            print(suite, name, rows[name], flush=True)
+            del o
+        rows["flux_dev_ms"] = {form: round(t / 1e3, 3) for form, t in totals.items()}
+        rows["ratio"] = {form: round(t / totals[reference], 4) for form, t in totals.items()}
+        rows["lora_extra_ms"] = {form: round((t - totals[reference]) / 1e3, 3) for form, t in totals.items()}
+        print(json.dumps({key: rows[key] for key in ("flux_dev_ms", "ratio", "lora_extra_ms")}, indent=1))
+        out.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
