@@ -3,6 +3,7 @@ file loads in its reference tool (diffusers' load_lora_adapter, LyCORIS) with th
 
 import copy
 
+import pytest
 import torch
 from conftest import close, randomize_
 from lycoris import create_lycoris_from_weights
@@ -157,3 +158,37 @@ def test_text_encoder_keys_convert_under_their_component(tmp_path):
     # transformers 5's CLIPTextModel has no text_model wrapper; files keep the long form
     short = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in load_file(path).items()}
     assert set(load_file(lp.save(lp.load(short), tmp_path / "k5.safetensors", format="kohya"))) == set(back)
+
+
+def test_comfy_t5xxl_keys_write_as_kohya_te3(tmp_path):
+    """ComfyUI's t5xxl text-encoder keys: written as kohya under lora_te3_ (kohya's T5 prefix in
+    Flux and SD3 files, which ComfyUI reads as its t5xxl), the same change of a T5 encoder when
+    applied; PEFT, which numbers text encoders by pipeline position, refuses them with a way out."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=50, d_model=8, d_kv=4, d_ff=16, num_layers=2, num_heads=2)).eval()
+    g = torch.Generator().manual_seed(0)
+    comfy = {}
+    for i in range(2):
+        for module, out, inp in (("layer.0.SelfAttention.q", 8, 8), ("layer.1.DenseReluDense.wo", 8, 16)):
+            key = f"text_encoders.t5xxl.transformer.encoder.block.{i}.{module}"
+            comfy[f"{key}.lora_down.weight"] = torch.randn(2, inp, generator=g)
+            comfy[f"{key}.lora_up.weight"] = torch.randn(out, 2, generator=g)
+            comfy[f"{key}.alpha"] = torch.tensor(1.0)
+    ids = torch.randint(0, 50, (1, 5), generator=g)
+    with torch.no_grad():
+        plain = t5(ids).last_hidden_state
+        with lp.apply(t5, comfy) as handle:
+            assert not handle.report.unmatched
+            want = t5(ids).last_hidden_state
+    assert (want - plain).abs().max() > 0.1
+
+    kohya = load_file(lp.save(lp.load(comfy), tmp_path / "k.safetensors", format="kohya"))
+    assert "lora_te3_encoder_block_1_layer_1_DenseReluDense_wo.lora_up.weight" in kohya
+    assert all(k.startswith("lora_te3_encoder_block_") for k in kohya)
+    with torch.no_grad(), lp.apply(t5, kohya) as handle:
+        assert not handle.report.unmatched
+        close(t5(ids).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(lp.FormatError, match="format='kohya'"):
+        lp.save(lp.load(comfy), tmp_path / "p.safetensors", format="peft")

@@ -35,6 +35,9 @@ PREFIXES = (
     ("text_encoders.t5xxl.transformer.", "t5xxl", False),
 )
 KOHYA_PREFIX = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
+# kohya's T5 is lora_te3_ in Flux files as in SD3 files (sd-scripts, "make ComfyUI compatible"), and
+# ComfyUI reads lora_te3_ as its t5xxl in both (Flux also lora_te2_): where ComfyUI's t5xxl goes
+KOHYA_T5 = "lora_te3_"
 
 _CLIP = re.compile(
     r"^(?P<tm>text_model_)?encoder_layers_(?P<i>\d+)_(?P<part>self_attn|mlp)_"

@@ -80,14 +80,17 @@ def _key_prefix(key: str, name: str, fmt: str, component: str) -> str:
     name = text_encoders.canonical(name)
     if fmt == "comfy" and te.prefix.startswith("text_encoders."):
         return te.prefix + name + "."
-    if te.component not in text_encoders.KOHYA_PREFIX:
+    if te.component not in text_encoders.KOHYA_PREFIX and fmt == "peft":
         raise FormatError(
             f"{key}: ComfyUI's {te.component} is text_encoder_2 in Flux but text_encoder_3 in SD3, and "
-            f"{fmt} files name text encoders by position; write format='comfy' to keep it."
+            "PEFT files name text encoders by position; write format='comfy' to keep it, or "
+            "format='kohya' (lora_te3_, T5's prefix in kohya's Flux and SD3 files, which ComfyUI reads)."
         )
     if fmt == "peft":
         return f"{te.component}.{name}."
-    kohya = te.prefix if te.flat else text_encoders.KOHYA_PREFIX[te.component]  # lora_te_ stays
+    kohya = (
+        te.prefix if te.flat else text_encoders.KOHYA_PREFIX.get(te.component, text_encoders.KOHYA_T5)
+    )  # lora_te_ stays
     return kohya + name.replace(".", "_") + "."
 
 
