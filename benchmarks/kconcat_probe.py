@@ -28,7 +28,6 @@ the ratios to the frozen / base sums."""
 import functools
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from loraplug.bench import _graph_time_fn  # noqa: E402  (one CUDA graph of repeated calls, median of replays)
 from loraplug.runtime import train_gemm  # noqa: E402
 
 RANK = 16
@@ -174,29 +174,6 @@ def check(device: str) -> dict:
     return errors
 
 
-def graph_us(fn, replays: int = 50, repeats: int = 7) -> float:
-    """Median device time of one call, captured in a CUDA graph and replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / replays)
-    return statistics.median(times)
-
-
 def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res: dict = {
@@ -217,7 +194,9 @@ def main() -> None:
         rows = res[suite] = {}
         for name, m, k, n, slices, count in shapes:
             o = operands(m, k, n, slices, device, torch.bfloat16, g)
-            rows[name] = {form: round(graph_us(functools.partial(fn, o)), 2) for form, fn in forms.items()}
+            rows[name] = {
+                form: round(_graph_time_fn(functools.partial(fn, o)) * 1e3, 2) for form, fn in forms.items()
+            }
             for form, us in rows[name].items():
                 totals[form] += us * count
             print(suite, name, rows[name], flush=True)
