@@ -424,3 +424,30 @@ def test_text_encoder_keys_written_by_loraplug_are_in_comfys_key_map(comfy, tmp_
         modules = {k.rsplit(".", 2)[0] for k in written if k.endswith(".lora_down.weight")}
         assert len(modules) == len(sd) // 2
         assert modules <= set(key_map), sorted(modules - set(key_map))[:4]
+
+
+def test_comfys_clip_key_map_resolves_t5xxl_keys_written_as_kohya(comfy, tmp_path):
+    """ComfyUI's own text-encoder key map (comfy.lora.model_lora_keys_clip) finds every kohya key
+    loraplug writes for ComfyUI-format t5xxl keys, with Flux's text encoders (clip_l + t5xxl) and
+    SD3's (clip_l + clip_g + t5xxl), each on the T5 weight it names."""
+    from safetensors.torch import load_file
+
+    import loraplug as lp
+
+    modules = ("encoder.block.0.layer.0.SelfAttention.q", "encoder.block.1.layer.1.DenseReluDense.wo")
+    comfy_sd = {}
+    for m in modules:
+        comfy_sd[f"text_encoders.t5xxl.transformer.{m}.lora_down.weight"] = torch.randn(2, 8)
+        comfy_sd[f"text_encoders.t5xxl.transformer.{m}.lora_up.weight"] = torch.randn(8, 2)
+    written = load_file(lp.save(lp.load(comfy_sd), tmp_path / "k.safetensors", format="kohya"))
+    names = {k.rsplit(".", 2)[0] for k in written}
+    assert len(names) == len(modules)
+    clip_l = "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    clip_g = "clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    for encoders in ([clip_l], [clip_l, clip_g]):  # Flux, SD3
+        keys = dict.fromkeys([*encoders, *(f"t5xxl.transformer.{m}.weight" for m in modules)])
+        clip = type(
+            "Clip", (), {"state_dict": lambda self, keys=keys: keys}
+        )()  # the map reads only the names
+        key_map = comfy["comfy"].lora.model_lora_keys_clip(clip, {})
+        assert {key_map[n] for n in names} == {f"t5xxl.transformer.{m}.weight" for m in modules}
