@@ -11,7 +11,8 @@ from loraplug.testing import import_comfyui
 
 settings.register_profile("ci", max_examples=15, deadline=None)
 settings.register_profile("dev", max_examples=60, deadline=None)
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
+settings.register_profile("deep", max_examples=600, deadline=None)  # HYPOTHESIS_PROFILE=deep: a bug hunt
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
