@@ -14,6 +14,7 @@ $OUT/flux_train_bench.json, and after every variant flux_train_bench.partial.jso
 
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,19 +63,31 @@ def time_steps(model, params, name, input_grad=False):
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None  # as lp.train on CUDA
     x = INP["hidden_states"].clone().requires_grad_(input_grad)
 
+    stamps = []  # host time of each phase per call (no synchronization added)
+
     def step():
+        t0 = time.perf_counter()
         torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs (no-op otherwise)
         x.grad = None  # the frozen step's input gradient: not accumulated into graph memory
         out = model(**{**INP, "hidden_states": x})[0]
+        t1 = time.perf_counter()
         (out.float() - TARGET.float()).pow(2).mean().backward()
+        t2 = time.perf_counter()
         if opt:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        stamps.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
     step()  # the optimizer's state exists from here on
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    stamps.clear()
     res[name + "_ms"] = _time_fn(step, ITERS)
+    # where the host spends a step: a wall time near the host's total is host-bound
+    res[name + "_host_ms"] = {
+        phase: round(statistics.median(s[i] for s in stamps) * 1e3, 2)
+        for i, phase in enumerate(("forward", "backward", "optimizer"))
+    }
     res[name + "_peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
     if os.environ.get("PROFILE") == "1":  # device time by kernel kind vs the step's wall time
         from profile_flux import device_profile

@@ -39,6 +39,7 @@ from loraplug.bench import _graph_time_fn  # noqa: E402  (one CUDA graph of repe
 from loraplug.runtime import train_gemm  # noqa: E402
 
 RANK = 16
+PAD = int(os.environ.get("PAD", 64))  # kconcat_pad: ranks padded to a multiple of this
 # (name, tokens, in, out, slices, count in Flux-dev): the adapted layers as diffusers runs them
 # after fuse_qkv_projections()
 SHAPES = [
@@ -64,7 +65,8 @@ def operands(
     m: int, k: int, n: int, slices: int, device: str, dtype: torch.dtype, g: torch.Generator
 ) -> dict:
     """Frozen W, b; D (K × R, scales folded) and the block-diagonal up (R × N); the wide buffers
-    [W | U] and [x | h]; x and dy."""
+    [W | U] and [x | h], and the same with R padded by zero ranks to a multiple of ``PAD`` (K + R a
+    whole number of 64-wide K steps, rows 128-byte aligned: ``*_pad``); x and dy."""
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
@@ -75,15 +77,18 @@ def operands(
         up[s * RANK : (s + 1) * RANK, s * n // slices : (s + 1) * n // slices] = torch.randn(
             RANK, n // slices, generator=g
         )
-    w_wide = torch.empty(n, k + r, device=device, dtype=dtype)
-    w_wide[:, :k] = rand(n, k, scale=k**-0.5)
-    w_wide[:, k:] = up.T.to(device, dtype)
-    x_wide = torch.empty(m, k + r, device=device, dtype=dtype)
-    x_wide[:, :k] = rand(m, k)
-    return dict(
-        w_wide=w_wide, weight=w_wide[:, :k].contiguous(), bias=rand(n), down=rand(k, r, scale=k**-0.5),
-        up=up.to(device, dtype), x_wide=x_wide, x=x_wide[:, :k].contiguous(), dy=rand(m, n), k=k,
-    )  # fmt: skip
+    weight, x, down = rand(n, k, scale=k**-0.5), rand(m, k), rand(k, r, scale=k**-0.5)
+    o = dict(weight=weight, bias=rand(n), down=down, up=up.to(device, dtype), x=x, dy=rand(m, n), k=k, r=r)
+    for suffix, width in (("", r), ("_pad", -(-r // PAD) * PAD)):
+        w_wide = torch.zeros(n, k + width, device=device, dtype=dtype)
+        w_wide[:, :k] = weight
+        w_wide[:, k : k + r] = o["up"].T
+        x_wide = torch.zeros(m, k + width, device=device, dtype=dtype)
+        x_wide[:, :k] = x
+        down_wide = torch.zeros(k, width, device=device, dtype=dtype)
+        down_wide[:, :r] = down
+        o.update({"w_wide" + suffix: w_wide, "x_wide" + suffix: x_wide, "down_wide" + suffix: down_wide})
+    return o
 
 
 def frozen(o: dict) -> tuple:
@@ -97,24 +102,25 @@ def one_call(o: dict) -> tuple:
     return y, dx, d_down, d_up
 
 
-def kconcat_forward(o: dict, copy_x: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, x, h) with y = [x | h]·[W | U]ᵀ + b, x and h views of the wide buffer."""
-    k, x_wide, w_wide = o["k"], o["x_wide"], o["w_wide"]
+def kconcat_forward(o: dict, copy_x: bool = False, pad: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    """(y, x, h) with y = [x | h]·[W | U]ᵀ + b, x and h views of the wide buffer (``pad="_pad"``:
+    the zero-padded buffers)."""
+    k, x_wide, w_wide = o["k"], o["x_wide" + pad], o["w_wide" + pad]
     if copy_x:
         x_wide[:, :k].copy_(o["x"])
     x = x_wide[:, :k]
     h = x_wide[:, k:]
-    h.copy_(torch.mm(x, o["down"]))  # a GEMM writing there directly would save this small copy
+    h.copy_(torch.mm(x, o["down_wide" + pad]))  # a GEMM writing there directly would save this small copy
     return torch.addmm(o["bias"], x_wide, w_wide.t()), x, h
 
 
-def kconcat(o: dict, copy_x: bool = False) -> tuple:
-    y, x, h = kconcat_forward(o, copy_x)
-    k, w_wide = o["k"], o["w_wide"]
+def kconcat(o: dict, copy_x: bool = False, pad: str = "") -> tuple:
+    y, x, h = kconcat_forward(o, copy_x, pad)
+    k, r, w_wide, down = o["k"], o["r"], o["w_wide" + pad], o["down_wide" + pad]
     dxg = torch.mm(o["dy"], w_wide)  # [dx₀ | g]
     g = dxg[:, k:]
-    dx = torch.addmm(dxg[:, :k], g, o["down"].t())
-    return y, dx, torch.mm(g.t(), x).t(), torch.mm(o["dy"].t(), h).t()
+    dx = torch.addmm(dxg[:, :k], g, down.t())
+    return y, dx, torch.mm(g.t(), x).t()[:, :r], torch.mm(o["dy"].t(), h).t()[:r]
 
 
 def wide_backward(o: dict) -> tuple:
@@ -137,6 +143,7 @@ FORMS = {
     "one_call": one_call,
     "kconcat": kconcat,
     "kconcat_copy": lambda o: kconcat(o, True),
+    "kconcat_pad": lambda o: kconcat(o, pad="_pad"),
     "wide_backward": wide_backward,
 }
 INFERENCE_FORMS = {
@@ -144,6 +151,7 @@ INFERENCE_FORMS = {
     "portable": portable_forward,
     "kconcat": lambda o: kconcat_forward(o)[:1],
     "kconcat_copy": lambda o: kconcat_forward(o, True)[:1],
+    "kconcat_pad": lambda o: kconcat_forward(o, pad="_pad")[:1],
 }
 
 
