@@ -4,6 +4,8 @@ whole-output and q/k/v-slice adapters, one or two per slice, float32 and bf16 ma
 without bias and an input gradient; the two operators inside compiled forward and backward graphs;
 the layers it leaves to autograd."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import close
@@ -171,3 +173,18 @@ def test_gradients_arrive_in_their_parameters_layout(layout, masters, compiled, 
     assert [s for s in seen if s[1] != s[2]] == []
     for h in handles:
         h.remove()
+
+
+def test_kconcat_probe_forms_match_float32():
+    """benchmarks/kconcat_probe.py's forms (the K-concatenation with and without zero-padded ranks,
+    the wide backward, the shipped one call) give the LoRA step's y, dx, dD, dU: the check its GPU
+    run relies on before timing them, here in float32 on the CPU."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kconcat_probe.py"
+    spec = importlib.util.spec_from_file_location("kconcat_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    errors = probe.check("cpu")
+    assert {"one_call", "kconcat", "kconcat_pad", "wide_backward", "forward_kconcat_pad"} <= set(errors)
+    assert max(max(e) for e in errors.values()) < 1e-5
