@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loraplug as lp  # noqa: E402
 from loraplug.bench import CFG, _graphs, _time_fn  # noqa: E402
-from loraplug.train import _compile  # noqa: E402  (what lp.train(compile=, regional=) runs)
+from loraplug.train import _compile, recompute_config  # noqa: E402  (what lp.train(compile=, regional=, save_memory=) runs)
 
 DEV, DT = "cuda", torch.bfloat16
 ITERS = int(os.environ.get("ITERS", 6))
@@ -139,15 +139,11 @@ def main():
             t0 = time.time()
             # split_combo: Inductor's combo kernels (independent small kernels, e.g. the adapters'
             # casts, launched as one)
-            # *_recompute: AOTAutograd's partitioner may recompute pointwise producers of tensors an
-            # extern kernel reads in the backward (the adapters' inputs, e.g. GELU's output) instead
-            # of saving them (on a tiny Flux on the CPU the activations the adapters add to what the
-            # compiled step saves fell from 1.97 to 1.28 MB; the frozen step's baseline stays the default)
+            # *_recompute: as lp.train(save_memory=True) compiles (the backward recomputes pointwise
+            # tensors the adapters' gradients read instead of keeping them); the frozen step's stays
             with (
                 torch._inductor.config.patch(combo_kernels=layout.endswith("_combo")),
-                torch._functorch.config.patch(
-                    ban_recompute_materialized_backward=not layout.endswith("_recompute")
-                ),
+                recompute_config(layout.endswith("_recompute")),
             ):
                 time_steps(model, params, f"loraplug_{layout}_r16_step_compiled")
             res[f"loraplug_{layout}_compile_and_time_s"] = round(time.time() - t0, 1)

@@ -1,8 +1,10 @@
 """Fine-tune a tiny Flux-like transformer with a LoRA in bypass mode, on CPU, in well under a minute.
 
-    python examples/train_tiny_flux.py [steps] [--regional]
+    python examples/train_tiny_flux.py [steps] [--regional] [--save-memory]
 
-``--regional`` trains under torch.compile, each block kind compiled once (``regional=True``).
+``--regional`` trains under torch.compile, each block kind compiled once (``regional=True``);
+``--save-memory`` compiles the step so that the backward recomputes cheap pointwise tensors the
+adapters' gradients read instead of keeping them (``save_memory=True``; compiled).
 
 The base is frozen (here fused q/k/v, as a fast runtime would hold it); the LoRA trains per slice
 and is saved under the split diffusers names, which diffusers, ComfyUI and loraplug all load.
@@ -16,7 +18,12 @@ import loraplug as lp
 from loraplug.testing import flux_inputs, tiny_flux
 
 
-def main(steps: int = 60, out: str = "tiny_flux_lora.safetensors", regional: bool = False) -> lp.TrainResult:
+def main(
+    steps: int = 60,
+    out: str = "tiny_flux_lora.safetensors",
+    regional: bool = False,
+    save_memory: bool = False,
+) -> lp.TrainResult:
     torch.manual_seed(0)
     model = tiny_flux()
     model.fuse_qkv_projections()
@@ -36,7 +43,7 @@ def main(steps: int = 60, out: str = "tiny_flux_lora.safetensors", regional: boo
         return lp.flow_matching_loss(model, batch, generator=generator, **conditioning)
 
     result = lp.train(handle, [latents], loss_fn, steps=steps, lr=1e-2, schedule="cosine",
-                      compile=regional, regional=regional)  # fmt: skip
+                      compile=regional or save_memory, regional=regional, save_memory=save_memory)  # fmt: skip
     lp.save(result, out, format="peft", metadata={"base_model": "tiny-flux"})
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     print(f"loss {first:.4f} -> {last:.4f} (mean of the first and last 5 steps); saved {out}")
@@ -44,5 +51,9 @@ def main(steps: int = 60, out: str = "tiny_flux_lora.safetensors", regional: boo
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--regional"]
-    main(int(args[0]) if args else 60, regional="--regional" in sys.argv)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(
+        int(args[0]) if args else 60,
+        regional="--regional" in sys.argv,
+        save_memory="--save-memory" in sys.argv,
+    )

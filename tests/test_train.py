@@ -2,6 +2,7 @@
 reproduces the trained model in the reference tools; quantized bases; determinism and resume."""
 
 import copy
+import re
 import runpy
 from pathlib import Path
 
@@ -249,6 +250,67 @@ def test_training_with_blocks_compiled_one_by_one_matches_eager():
         lp.train(handle, [torch.randn(2, 4)], lambda b: model(b).sum(), steps=1, progress=False, compile=True, regional=True)  # fmt: skip
     with pytest.raises(lp.LoraplugError, match="compile=True"):
         lp.train(handle, [torch.randn(2, 4)], lambda b: model(b).sum(), steps=1, progress=False, regional=True)  # fmt: skip
+
+
+def test_save_memory_trains_the_same_and_needs_compile():
+    """save_memory=True (the compiled step free to recompute pointwise tensors in the backward)
+    trains exactly the adapters the default compiled step trains, on a tiny Flux with q/k/v fused;
+    without compile it is refused."""
+    from loraplug.testing import flux_inputs, tiny_flux
+
+    inputs = flux_inputs()
+    target = torch.randn_like(inputs["hidden_states"])
+
+    def run(**kw):
+        torch._dynamo.reset()
+        model = tiny_flux(layers=1, single_layers=1)
+        model.fuse_qkv_projections()
+        handle = lp.create(model, "lora", rank=2, targets="attn+mlp", init="random")
+        loss = lambda _: nn.functional.mse_loss(model(**inputs)[0], target)  # noqa: E731
+        result = lp.train(handle, [None], loss, steps=3, lr=1e-2, progress=False, **kw)
+        return result.losses, [p.detach().clone() for p in handle.parameters()]
+
+    losses, params = run(compile=True)
+    saving_losses, saving_params = run(compile=True, save_memory=True)
+    assert saving_losses == pytest.approx(losses, rel=1e-5)
+    for a, b in zip(saving_params, params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    handle = lp.create(model, "lora", rank=2, targets="all-linear")
+    with pytest.raises(lp.LoraplugError, match="save_memory=True .* pass compile"):
+        lp.train(handle, [torch.randn(2, 4)], lambda b: model(b).sum(), steps=1, progress=False, save_memory=True)  # fmt: skip
+
+
+def test_save_memory_keeps_less_for_the_backward_and_recomputes_no_gemm():
+    """The partitioner settings save_memory compiles under: the LoRA step on a tiny Flux keeps
+    fewer bytes of activations for its backward (GELU's output is recomputed from its input,
+    which the backward keeps anyway), and no GEMM or attention of the forward runs again in the
+    backward."""
+    from loraplug.bench import saved_activations
+    from loraplug.testing import flux_inputs, tiny_flux
+    from loraplug.train import recompute_config
+
+    model = tiny_flux(layers=1, single_layers=1, heads=2, head_dim=16).train().requires_grad_(False)
+    model.fuse_qkv_projections()
+    lp.create(model, "lora", rank=4, alpha=4, targets="attn+mlp", init="random")
+
+    def step(compile_fn):
+        inputs = {**flux_inputs(image_tokens=64, text_tokens=16), "return_dict": False}
+        compile_fn(model)(**inputs)[0].float().pow(2).mean().backward()
+
+    kept, backward = saved_activations(step)
+    with recompute_config():
+        kept_saving, backward_saving = saved_activations(step)
+    assert sum(size for *_, size in kept_saving) < sum(size for *_, size in kept)
+
+    def heavy(ops):  # GEMMs and attention, forward or backward
+        return {
+            op: n for op, n in ops.items() if re.search(r"lora_under_base|addmm|\.mm\.|bmm|attention", op)
+        }
+
+    assert heavy(backward_saving) == heavy(backward)  # the backward's own GEMMs only
+    assert any("lora_under_base_v2_backward" in op for op in heavy(backward))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

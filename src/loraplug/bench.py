@@ -17,6 +17,7 @@ ratio to the base measured in the same run. Writes JSON to $OUT (or .).
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 import os
@@ -173,6 +174,62 @@ FP8_TILES = [
     (256, 128, 128, 8, 3, True, True),
     (128, 256, 128, 8, 4, False),
 ]
+
+
+_VIEW_OPS = {"view", "_unsafe_view", "permute", "slice", "reshape", "expand", "select", "transpose",
+             "unsqueeze", "squeeze", "t", "detach", "alias", "as_strided"}  # fmt: skip
+
+
+def _viewed(node: torch.fx.Node) -> torch.fx.Node:
+    """The graph node whose storage ``node`` views (itself if it is no view)."""
+
+    def op(n: torch.fx.Node) -> str:
+        target = str(n.target)
+        return target.split(".")[1] if target.startswith("aten.") else target.split(".")[-1]
+
+    while node.op == "call_function" and op(node) in _VIEW_OPS and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node
+
+
+def saved_activations(step) -> tuple[list[tuple[str, tuple, int]], collections.Counter]:
+    """What a compiled training step keeps for its backward, when ``step(compile)`` runs one
+    through ``compile`` (``torch.compile`` with AOTAutograd's min-cut partition, as Inductor splits
+    it, and no code generation; runs on a CPU): (name, shape, bytes) of every saved activation, each
+    storage once, inputs and parameters not counted; and how often each operator runs in the
+    backward graphs (a forward GEMM or attention there is recomputation)."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    saved: list[tuple[str, tuple, int]] = []
+    backward_ops: collections.Counter = collections.Counter()
+
+    def forward_compiler(gm: torch.fx.GraphModule, _):
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        for node in {_viewed(n) for n in outputs if isinstance(n, torch.fx.Node)}:
+            value = node.meta.get("val")
+            if node.op != "placeholder" and isinstance(value, torch.Tensor):
+                saved.append((node.name, tuple(value.shape), value.numel() * value.element_size()))
+        return make_boxed_func(gm.forward)
+
+    def backward_compiler(gm: torch.fx.GraphModule, _):
+        backward_ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    from torch._inductor.decomposition import select_decomp_table
+
+    backend = aot_autograd(
+        fw_compiler=forward_compiler,
+        bw_compiler=backward_compiler,
+        partition_fn=min_cut_rematerialization_partition,
+        decompositions=select_decomp_table(),  # Inductor's: the graph it partitions
+    )
+    torch._dynamo.reset()
+    try:
+        step(lambda fn: torch.compile(fn, backend=backend))
+    finally:
+        torch._dynamo.reset()
+    return saved, backward_ops
 
 
 def _flatten_variants(fp8: bool) -> list:
