@@ -21,6 +21,7 @@ import collections
 import importlib
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -230,6 +231,29 @@ def saved_activations(step) -> tuple[list[tuple[str, tuple, int]], collections.C
     finally:
         torch._dynamo.reset()
     return saved, backward_ops
+
+
+def gemms_and_attention(ops: collections.Counter) -> dict[str, int]:
+    """The GEMM and attention operators among ``ops`` (names as ``saved_activations`` counts them),
+    loraplug's own included."""
+    return {op: n for op, n in ops.items() if re.search(r"lora_under_base|addmm|\.mm\.|bmm|attention", op)}
+
+
+def saved_activations_eager(step, model: torch.nn.Module) -> int:
+    """Bytes autograd keeps for the backward while ``step()`` runs ``model``'s forward eagerly:
+    every saved storage once, the model's parameters and buffers not counted."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(kept.values())
 
 
 def _flatten_variants(fp8: bool) -> list:
