@@ -2,8 +2,8 @@
 512x512 = 1024 image + 512 text tokens, batch 1, fused AdamW as lp.train uses on CUDA, for every variant), ratios to the frozen forward+backward
 measured in the same run: PEFT LoRA r16 (split layout) vs loraplug bypass r16 on the split layout
 (split_hooked: adapters added after the base GEMM, the previous default; *_bf16*: bf16
-adapters, as diffusers' add_adapter gives PEFT; *_recompute: compiled with the partitioner free to
-recompute pointwise producers of what the backward's GEMMs read, instead of saving them; split_combo: compiled with Inductor's combo kernels), the fused layout (one
+adapters, as diffusers' add_adapter gives PEFT; *_save_memory: as ``lp.train(save_memory=True)``,
+selective activation checkpointing per block; split_combo: compiled with Inductor's combo kernels), the fused layout (one
 adapter per q/k/v slice; ``*_kernels``: with the training kernels; ``*_autograd``: autograd through
 the separate GEMMs, ``LORAPLUG_TRAIN_GEMM=0``) and an fp8 base (``lp.quantize_fp8``), peak memory of each (``LAYOUTS``
 picks; ``COMPILED_ONLY=fp8`` skips a layout's eager step; ``REGIONAL=1`` compiles each transformer block
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loraplug as lp  # noqa: E402
 from loraplug.bench import CFG, _graphs, _time_fn  # noqa: E402
-from loraplug.train import _compile, recompute_config  # noqa: E402  (what lp.train(compile=, regional=, save_memory=) runs)
+from loraplug.train import _compile, saving_memory  # noqa: E402  (what lp.train(compile=, regional=, save_memory=) runs)
 
 DEV, DT = "cuda", torch.bfloat16
 ITERS = int(os.environ.get("ITERS", 6))
@@ -139,11 +139,11 @@ def main():
             t0 = time.time()
             # split_combo: Inductor's combo kernels (independent small kernels, e.g. the adapters'
             # casts, launched as one)
-            # *_recompute: as lp.train(save_memory=True) compiles (the backward recomputes pointwise
-            # tensors the adapters' gradients read instead of keeping them); the frozen step's stays
+            # *_save_memory: as lp.train(save_memory=True) runs it (selective activation
+            # checkpointing per block: cheap elementwise tensors recomputed in the backward)
             with (
                 torch._inductor.config.patch(combo_kernels=layout.endswith("_combo")),
-                recompute_config(layout.endswith("_recompute")),
+                saving_memory(model, layout.endswith("_save_memory")),
             ):
                 time_steps(model, params, f"loraplug_{layout}_r16_step_compiled")
             res[f"loraplug_{layout}_compile_and_time_s"] = round(time.time() - t0, 1)

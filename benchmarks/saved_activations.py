@@ -2,8 +2,8 @@
 needed): a tiny Flux (one double, one single block, hidden 128, 256 image + 64 text tokens,
 q/k/v fused and shared), split by AOTAutograd's min-cut partitioner as Inductor splits it; the
 activations the forward saves, each storage counted once (``loraplug.bench.saved_activations``).
-Then the LoRA step as ``lp.train(save_memory=True)`` compiles it (``loraplug.train.RECOMPUTE``:
-the partitioner free to recompute the pointwise producers of what the backward's GEMMs read). For
+Then the LoRA step as ``lp.train(save_memory=True)`` runs it (``loraplug.train.saving_memory``:
+each block under selective activation checkpointing, cheap elementwise tensors recomputed). For
 reference, what autograd keeps in eager mode (``saved_activations_eager``): the frozen model,
 PEFT's LoRA on the split layers (diffusers' ``add_adapter``) and loraplug's on both layouts.
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import loraplug as lp  # noqa: E402
 from loraplug.bench import gemms_and_attention, saved_activations, saved_activations_eager  # noqa: E402
 from loraplug.testing import flux_inputs, tiny_flux  # noqa: E402
-from loraplug.train import recompute_config  # noqa: E402
+from loraplug.train import saving_memory  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]  # fmt: skip
@@ -70,7 +70,7 @@ def main() -> None:
     lp.create(model, "lora", rank=4, alpha=4, targets="attn+mlp", init="random")
     kept, backward_ops = saved_activations(step(model, input_grad=False))
     print(f"frozen step saves {frozen} B; with LoRA r4 {total(kept)} B ({total(kept) - frozen:+d})")
-    with recompute_config():
+    with saving_memory(model):
         kept, saving_ops = saved_activations(step(model, input_grad=False))
     print(f"the same, save_memory=True: {total(kept)} B ({total(kept) - frozen:+d})")
     for name, shape, size in sorted(kept, key=lambda r: -r[2])[:8]:

@@ -3,8 +3,8 @@
     python examples/train_tiny_flux.py [steps] [--regional] [--save-memory]
 
 ``--regional`` trains under torch.compile, each block kind compiled once (``regional=True``);
-``--save-memory`` compiles the step so that the backward recomputes cheap pointwise tensors the
-adapters' gradients read instead of keeping them (``save_memory=True``; compiled).
+``--save-memory`` runs each block under selective activation checkpointing (``save_memory=True``:
+the backward recomputes the cheap elementwise tensors instead of keeping them).
 
 The base is frozen (here fused q/k/v, as a fast runtime would hold it); the LoRA trains per slice
 and is saved under the split diffusers names, which diffusers, ComfyUI and loraplug all load.
@@ -43,7 +43,7 @@ def main(
         return lp.flow_matching_loss(model, batch, generator=generator, **conditioning)
 
     result = lp.train(handle, [latents], loss_fn, steps=steps, lr=1e-2, schedule="cosine",
-                      compile=regional or save_memory, regional=regional, save_memory=save_memory)  # fmt: skip
+                      compile=regional, regional=regional, save_memory=save_memory)  # fmt: skip
     lp.save(result, out, format="peft", metadata={"base_model": "tiny-flux"})
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     print(f"loss {first:.4f} -> {last:.4f} (mean of the first and last 5 steps); saved {out}")

@@ -251,10 +251,10 @@ def test_training_with_blocks_compiled_one_by_one_matches_eager():
         lp.train(handle, [torch.randn(2, 4)], lambda b: model(b).sum(), steps=1, progress=False, regional=True)  # fmt: skip
 
 
-def test_save_memory_trains_the_same_and_needs_compile():
-    """save_memory=True (the compiled step free to recompute pointwise tensors in the backward)
-    trains exactly the adapters the default compiled step trains, on a tiny Flux with q/k/v fused;
-    without compile it is refused."""
+def test_save_memory_trains_the_same_eager_and_compiled():
+    """save_memory=True (each block under selective activation checkpointing) trains exactly the
+    adapters the default step trains, eager and compiled, on a tiny Flux with q/k/v fused; the
+    blocks' own forward comes back afterwards."""
     from loraplug.testing import flux_inputs, tiny_flux
 
     inputs = flux_inputs()
@@ -267,42 +267,76 @@ def test_save_memory_trains_the_same_and_needs_compile():
         handle = lp.create(model, "lora", rank=2, targets="attn+mlp", init="random")
         loss = lambda _: nn.functional.mse_loss(model(**inputs)[0], target)  # noqa: E731
         result = lp.train(handle, [None], loss, steps=3, lr=1e-2, progress=False, **kw)
+        blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+        assert all("forward" not in block.__dict__ for block in blocks)
         return result.losses, [p.detach().clone() for p in handle.parameters()]
 
-    losses, params = run(compile=True)
-    saving_losses, saving_params = run(compile=True, save_memory=True)
-    assert saving_losses == pytest.approx(losses, rel=1e-5)
-    for a, b in zip(saving_params, params, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    torch._dynamo.reset()
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    handle = lp.create(model, "lora", rank=2, targets="all-linear")
-    with pytest.raises(lp.LoraplugError, match="save_memory=True .* pass compile"):
-        lp.train(handle, [torch.randn(2, 4)], lambda b: model(b).sum(), steps=1, progress=False, save_memory=True)  # fmt: skip
+    for compile in (False, True):
+        losses, params = run(compile=compile)
+        saving_losses, saving_params = run(compile=compile, save_memory=True)
+        assert saving_losses == pytest.approx(losses, rel=1e-5)
+        for a, b in zip(saving_params, params, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_save_memory_keeps_less_for_the_backward_and_recomputes_no_gemm():
-    """The partitioner settings save_memory compiles under: the LoRA step on a tiny Flux keeps
-    fewer bytes of activations for its backward (GELU's output is recomputed from its input,
-    which the backward keeps anyway), and no GEMM or attention of the forward runs again in the
-    backward."""
+@pytest.mark.parametrize(
+    "algo, options, env",
+    [("lora", {}, "0"), ("lora", {"dora": True}, "1"), ("loha", {}, "1"), ("lokr", {}, "1"),
+     ("oft", {"rank": 4}, "1"), ("boft", {"rank": 4}, "1")],
+)  # fmt: skip
+def test_save_memory_trains_every_algorithm_the_same(algo, options, env, monkeypatch):
+    """Eager, every trainable algorithm (and LoRA through autograd's separate GEMMs,
+    ``LORAPLUG_TRAIN_GEMM=0``, whose accumulation into a kept GEMM output must not happen in place)
+    trains the same with save_memory=True."""
+    from loraplug.testing import flux_inputs, tiny_flux
+
+    monkeypatch.setenv("LORAPLUG_TRAIN_GEMM", env)
+    inputs = flux_inputs()
+    target = torch.randn_like(inputs["hidden_states"])
+
+    def run(save_memory):
+        torch.manual_seed(0)
+        model = tiny_flux(layers=1, single_layers=1)
+        model.fuse_qkv_projections()
+        handle = lp.create(model, algo, targets="attn+mlp", init="random", **{"rank": 2, **options})
+        loss = lambda _: nn.functional.mse_loss(model(**inputs)[0], target)  # noqa: E731
+        return lp.train(
+            handle, [None], loss, steps=2, lr=1e-2, progress=False, save_memory=save_memory
+        ).losses
+
+    assert run(True) == pytest.approx(run(False), rel=1e-6)
+
+
+def test_save_memory_keeps_less_than_the_frozen_step_and_recomputes_no_gemm():
+    """Compiled, the LoRA step under ``saving_memory`` keeps fewer bytes for its backward than the
+    frozen model's step (the adapters' inputs, GELU's output, norms and concatenations are
+    recomputed from what the GEMMs and attention kept), and no GEMM or attention of the forward
+    runs again in the backward. A forward set on the instance (accelerate's hooks) is put back."""
     from loraplug.bench import gemms_and_attention, saved_activations
     from loraplug.testing import flux_inputs, tiny_flux
-    from loraplug.train import recompute_config
+    from loraplug.train import saving_memory
 
     model = tiny_flux(layers=1, single_layers=1, heads=2, head_dim=16).train().requires_grad_(False)
     model.fuse_qkv_projections()
+
+    def step(input_grad):
+        def run(compile_fn):
+            inputs = {**flux_inputs(image_tokens=64, text_tokens=16), "return_dict": False}
+            inputs["hidden_states"].requires_grad_(input_grad)
+            compile_fn(model)(**inputs)[0].float().pow(2).mean().backward()
+
+        return run
+
+    frozen, _ = saved_activations(step(True))
     lp.create(model, "lora", rank=4, alpha=4, targets="attn+mlp", init="random")
-
-    def step(compile_fn):
-        inputs = {**flux_inputs(image_tokens=64, text_tokens=16), "return_dict": False}
-        compile_fn(model)(**inputs)[0].float().pow(2).mean().backward()
-
-    kept, backward = saved_activations(step)
-    with recompute_config():
-        kept_saving, backward_saving = saved_activations(step)
-    assert sum(size for *_, size in kept_saving) < sum(size for *_, size in kept)
-
+    kept, backward = saved_activations(step(False))
+    hooked = model.transformer_blocks[0]
+    hooked.forward = hook = hooked.forward  # an instance attribute, as accelerate sets
+    with saving_memory(model):
+        kept_saving, backward_saving = saved_activations(step(False))
+    assert hooked.__dict__["forward"] is hook and "forward" not in model.single_transformer_blocks[0].__dict__
+    total = [sum(size for *_, size in rows) for rows in (frozen, kept, kept_saving)]
+    assert total[2] < total[0] < total[1]
     heavy = gemms_and_attention(backward)
     assert gemms_and_attention(backward_saving) == heavy  # the backward's own GEMMs only, none again
     assert any("lora_under_base_v2_backward" in op for op in heavy)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 import weakref
@@ -34,18 +35,63 @@ MLP = (r"(^|\.)(ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\
 PRESETS = {"attn": [ATTN], "mlp": [MLP], "attn+mlp": [ATTN, MLP], "all-linear": [r".*"]}
 
 
-# AOTAutograd's partitioner free to recompute, in the backward, the pointwise producers of what
-# the backward's GEMMs read (the adapters' inputs: GELU's output, normalised and modulated
-# activations; not concatenations, which it never recomputes) instead of keeping them from the
-# forward (``train(save_memory=True)``); GEMMs and attention stay outside what it may recompute
-RECOMPUTE = {"ban_recompute_materialized_backward": False}
+# What the memory-saving step (``train(save_memory=True)``) keeps from the forward: the outputs
+# of GEMMs, convolutions and attention, of random operators and of every operator outside aten
+# (loraplug's kernels, a quantized base's own); everything else (norms, activations, modulation,
+# concatenation: cheap elementwise work) is recomputed in the backward
+_KEPT_ATEN = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_mm", "_int_mm",
+              "_weight_int8pack_mm", "_weight_int4pack_mm"}  # fmt: skip
 
 
-def recompute_config(save_memory: bool = True) -> contextlib.AbstractContextManager:
-    """The partitioner settings ``save_memory`` compiles under (a context; no-op when False)."""
-    import torch._functorch.config as functorch_config
+def _keep_or_recompute(ctx, op, *args, **kwargs):
+    """The selective-checkpoint policy of ``saving_memory`` for one operator call."""
+    from torch.utils.checkpoint import CheckpointPolicy
 
-    return functorch_config.patch(**RECOMPUTE) if save_memory else contextlib.nullcontext()
+    name = getattr(op, "_opname", "")
+    kept = (
+        getattr(op, "namespace", "") != "aten"
+        or name in _KEPT_ATEN
+        or "attention" in name
+        or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ())
+    )
+    return CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks a diffusers model names in ``_repeated_blocks`` (none for other models)."""
+    kinds = set(getattr(model, "_repeated_blocks", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in kinds]
+
+
+@contextlib.contextmanager
+def saving_memory(model: nn.Module, enabled: bool = True):
+    """While inside, each of the model's repeated blocks (else the whole model) runs under
+    selective activation checkpointing (``_keep_or_recompute``): the backward recomputes the cheap
+    elementwise tensors instead of keeping them, never a GEMM or attention. Eager or compiled
+    (the policy is traced into the graph); the modules' own ``forward`` comes back at exit."""
+    if not enabled:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    context = functools.partial(create_selective_checkpoint_contexts, _keep_or_recompute)
+    units = _repeated_blocks(model) or [model]
+    kept = [(unit, unit.__dict__.get("forward")) for unit in units]  # an instance's own (accelerate's hooks)
+    for unit in units:
+        forward = unit.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, context_fn=context, **kwargs)
+
+        unit.forward = checkpointed
+    try:
+        yield
+    finally:
+        for unit, own in kept:
+            if own is None:
+                del unit.forward
+            else:
+                unit.forward = own
 
 
 class TrainHandle(Handle):
@@ -241,8 +287,7 @@ def _compile(model: torch.nn.Module, mode: bool | str, regional: bool) -> list[t
     if not regional:
         model.compile(mode=mode)
         return [model]
-    kinds = set(getattr(model, "_repeated_blocks", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in kinds]
+    blocks = _repeated_blocks(model)
     if not blocks:
         raise LoraplugError(
             f"regional=True: {type(model).__name__} names no repeated blocks (diffusers models list them "
@@ -283,20 +328,15 @@ def train(
     torch.compile's mode, e.g. ``"reduce-overhead"`` (CUDA graphs: no host cost per kernel launch).
     ``regional=True`` compiles each of the model's repeated blocks instead of the whole model (the
     block kinds a diffusers model names in ``_repeated_blocks``, e.g. Flux's two): one compile per
-    block kind, minutes less at full depth. ``save_memory=True`` (with ``compile``) lets the
-    compiled step recompute in the backward the cheap pointwise tensors the adapters' gradients
-    read (their inputs: GELU's output, normalised activations) instead of keeping them, never a
-    GEMM or attention: on a tiny Flux the activations the adapters add to what the step keeps
-    fall from 1.97 to 0.82 MB (``benchmarks/saved_activations.py``; not yet measured on a GPU,
-    where the recomputation costs some time).
+    block kind, minutes less at full depth. ``save_memory=True`` runs each repeated block (else the
+    model) under selective activation checkpointing: the backward recomputes the cheap elementwise
+    tensors (norms, activations, modulation, concatenation) instead of keeping them from the
+    forward, never a GEMM or attention. On a tiny Flux compiled, the LoRA step then keeps less for
+    its backward than the frozen model's step (``benchmarks/saved_activations.py``); the
+    recomputation costs some time (not yet measured on a GPU).
     """
     if regional and not compile:
         raise LoraplugError("regional=True compiles the model's blocks: pass compile=True (or a mode) too.")
-    if save_memory and not compile:
-        raise LoraplugError(
-            "save_memory=True changes how torch.compile splits the step between forward and backward: "
-            "pass compile=True (or a mode) too."
-        )
     modes = (True, False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     if compile not in modes:
         raise LoraplugError(
@@ -331,14 +371,15 @@ def train(
         next(data)
     bar = tqdm(range(start, steps), desc="training", disable=not progress, initial=start, total=steps)
     device = params[0].device.type if params else "cpu"
-    model = getattr(handle, "model_ref", lambda: None)() if compile else None
-    if compile and model is None:
-        raise LoraplugError("compile=True needs the handle lp.create returned (it knows the model).")
-    compiled = _compile(model, compile, regional) if model is not None else []
+    model = getattr(handle, "model_ref", lambda: None)() if compile or save_memory else None
+    if (compile or save_memory) and model is None:
+        option = "compile=True" if compile else "save_memory=True"
+        raise LoraplugError(f"{option} needs the handle lp.create returned (it knows the model).")
+    compiled = _compile(model, compile, regional) if compile else []
     pending = None  # the last step's loss, read after the next step is queued (no stall per step)
     graphs = compile in ("reduce-overhead", "max-autotune")  # CUDA graphs (on CUDA)
     try:
-        with recompute_config(save_memory):  # where the step is compiled (lazily, at its first call)
+        with saving_memory(model, save_memory):
             for _ in bar:
                 total = torch.zeros((), device=params[0].device if params else "cpu")
                 for micro in range(grad_accum):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..algorithms.op import LayerOp, float_dtype
 from ..arch import Target
@@ -204,6 +205,9 @@ class _LowRank:
             return LoraUnderBase.apply(x2, weight, bias, self.down_t * self.rank_scale, up)
         hidden = self.hidden(x2)
         y = torch.mm(hidden, up) if bias is None else torch.addmm(bias, hidden, up)
+        # a mode keeping GEMM outputs (selective checkpointing) must find them as they were
+        if is_in_torch_dispatch_mode():
+            return torch.addmm(y, x2, weight.t())
         return y.addmm_(x2, weight.t())
 
     def trains_frozen(self, weight: Tensor, bias: Tensor | None) -> bool:

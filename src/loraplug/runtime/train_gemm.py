@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 _LIB = torch.library.Library("loraplug", "FRAGMENT")
 
@@ -75,8 +76,11 @@ class LoraUnderBase(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up):
-        compiling = torch.compiler.is_compiling()
-        y, h = (torch.ops.loraplug.lora_under_base_v2 if compiling else forward)(x, weight, bias, down, up)
+        # the operator where something watches the calls: a compiled graph, or a dispatch mode such
+        # as selective activation checkpointing (which keeps the operator's outputs and would see
+        # the accumulation into y as a change to a kept GEMM output); plain calls in eager mode
+        watched = torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+        y, h = (torch.ops.loraplug.lora_under_base_v2 if watched else forward)(x, weight, bias, down, up)
         ctx.save_for_backward(x, weight, h, down, up)
         return y
 
