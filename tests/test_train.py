@@ -307,6 +307,25 @@ def test_save_memory_trains_every_algorithm_the_same(algo, options, env, monkeyp
     assert run(True) == pytest.approx(run(False), rel=1e-6)
 
 
+def test_save_memory_on_a_model_without_repeated_blocks():
+    """A model that names no repeated blocks runs whole under selective checkpointing: the same
+    training, and its own forward back afterwards."""
+
+    def run(save_memory):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+        handle = lp.create(model, "lora", rank=4, targets="all-linear", init="random")
+        data = [(torch.randn(32, 16), torch.randn(32, 16)) for _ in range(2)]
+        loss = lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1])  # noqa: E731
+        losses = lp.train(
+            handle, data, loss, steps=3, lr=1e-2, progress=False, save_memory=save_memory
+        ).losses
+        assert "forward" not in model.__dict__
+        return losses
+
+    assert run(True) == pytest.approx(run(False), rel=1e-6)
+
+
 def test_save_memory_keeps_less_than_the_frozen_step_and_recomputes_no_gemm():
     """Compiled, the LoRA step under ``saving_memory`` keeps fewer bytes for its backward than the
     frozen model's step (the adapters' inputs, GELU's output, norms and concatenations are
