@@ -316,11 +316,16 @@ def test_save_memory_on_a_model_without_repeated_blocks():
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
         handle = lp.create(model, "lora", rank=4, targets="all-linear", init="random")
         data = [(torch.randn(32, 16), torch.randn(32, 16)) for _ in range(2)]
-        loss = lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1])  # noqa: E731
+        wrapped = []
+
+        def loss(batch):
+            wrapped.append("forward" in model.__dict__)  # checkpointed while training
+            return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
         losses = lp.train(
             handle, data, loss, steps=3, lr=1e-2, progress=False, save_memory=save_memory
         ).losses
-        assert "forward" not in model.__dict__
+        assert set(wrapped) == {save_memory} and "forward" not in model.__dict__
         return losses
 
     assert run(True) == pytest.approx(run(False), rel=1e-6)
