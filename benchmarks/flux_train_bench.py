@@ -25,14 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loraplug as lp  # noqa: E402
-from loraplug.bench import CFG, _graphs, _time_fn  # noqa: E402
+from loraplug.bench import CFG, TARGETS, _graphs, _time_fn  # noqa: E402
 from loraplug.train import _compile, saving_memory  # noqa: E402  (what lp.train(compile=, regional=, save_memory=) runs)
 
 DEV, DT = "cuda", torch.bfloat16
 ITERS = int(os.environ.get("ITERS", 6))
 REGIONAL = os.environ.get("REGIONAL") == "1"  # compile block by block, as lp.train(regional=True)
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-           "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]  # fmt: skip
 T_IMG, T_TXT = 1024, 512
 torch.backends.cuda.enable_cudnn_sdp(False)  # its backward failed on torch 2.11 there (anchors)
 res = {
@@ -104,7 +102,7 @@ def main():
     model = build()
     time_steps(model, [], "frozen_fwd_bwd", input_grad=True)
     model.add_adapter(
-        LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights="gaussian"), "a"
+        LoraConfig(r=16, lora_alpha=16, target_modules=list(TARGETS), init_lora_weights="gaussian"), "a"
     )
     params = [p for p in model.parameters() if p.requires_grad]
     res["peft_trainable_M"] = sum(p.numel() for p in params) / 1e6

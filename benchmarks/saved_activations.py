@@ -17,12 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import loraplug as lp  # noqa: E402
-from loraplug.bench import gemms_and_attention, saved_activations, saved_activations_eager  # noqa: E402
+from loraplug.bench import TARGETS, gemms_and_attention, saved_activations, saved_activations_eager  # noqa: E402
 from loraplug.testing import flux_inputs, tiny_flux  # noqa: E402
 from loraplug.train import saving_memory  # noqa: E402
-
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-           "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]  # fmt: skip
 
 
 def step(model: torch.nn.Module, input_grad: bool):

@@ -201,6 +201,7 @@ def saved_activations(step) -> tuple[list[tuple[str, tuple, int]], collections.C
     backward graphs (a forward GEMM or attention there is recomputation)."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
 
     saved: list[tuple[str, tuple, int]] = []
     backward_ops: collections.Counter = collections.Counter()
@@ -216,8 +217,6 @@ def saved_activations(step) -> tuple[list[tuple[str, tuple, int]], collections.C
     def backward_compiler(gm: torch.fx.GraphModule, _):
         backward_ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return make_boxed_func(gm.forward)
-
-    from torch._inductor.decomposition import select_decomp_table
 
     backend = aot_autograd(
         fw_compiler=forward_compiler,

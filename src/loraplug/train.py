@@ -76,7 +76,9 @@ def saving_memory(model: nn.Module, enabled: bool = True):
 
     context = functools.partial(create_selective_checkpoint_contexts, _keep_or_recompute)
     units = _repeated_blocks(model) or [model]
-    kept = [(unit, unit.__dict__.get("forward")) for unit in units]  # an instance's own (accelerate's hooks)
+    own_forwards = [
+        (unit, unit.__dict__.get("forward")) for unit in units
+    ]  # an instance's own (accelerate's hooks)
     for unit in units:
         forward = unit.forward
 
@@ -87,7 +89,7 @@ def saving_memory(model: nn.Module, enabled: bool = True):
     try:
         yield
     finally:
-        for unit, own in kept:
+        for unit, own in own_forwards:
             if own is None:
                 del unit.forward
             else:

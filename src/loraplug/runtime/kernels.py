@@ -33,9 +33,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..errors import LoraplugError
+from .train_gemm import watched
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -375,9 +375,7 @@ def lora_linear(a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale,
     ``a_scale`` None the quantization of ``a``, for ``h`` None the down projection h = a·down_t.
     Direct Triton launches in eager mode (an operator's dispatch costs host time), the registered
     operator under torch.compile (one per layer)."""
-    # the operator where something watches the calls (a graph, or a dispatch mode such as selective
-    # activation checkpointing, which then keeps its output rather than running it again)
-    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+    if watched():  # compiled, or under a dispatch mode: the registered operator
         return ops().lora_linear(a, weight, bias, h, down_t, hstart, rank_scale, packed, a_scale, w_scale, out_dtype)  # fmt: skip
     from .triton_kernels import lora_linear_flat
 

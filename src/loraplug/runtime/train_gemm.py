@@ -16,6 +16,14 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 _LIB = torch.library.Library("loraplug", "FRAGMENT")
 
 
+def watched() -> bool:
+    """Whether something watches the operator calls: a graph being compiled, or a dispatch mode
+    (selective activation checkpointing keeps an operator's outputs instead of running it again,
+    and would see an in-place change to a kept GEMM output as an error; fake tensors). Then an
+    opaque registered operator is called, where eager mode calls the plain functions."""
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
 def forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -76,11 +84,7 @@ class LoraUnderBase(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up):
-        # the operator where something watches the calls: a compiled graph, or a dispatch mode such
-        # as selective activation checkpointing (which keeps the operator's outputs and would see
-        # the accumulation into y as a change to a kept GEMM output); plain calls in eager mode
-        watched = torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
-        y, h = (torch.ops.loraplug.lora_under_base_v2 if watched else forward)(x, weight, bias, down, up)
+        y, h = (torch.ops.loraplug.lora_under_base_v2 if watched() else forward)(x, weight, bias, down, up)
         ctx.save_for_backward(x, weight, h, down, up)
         return y
 
