@@ -437,3 +437,18 @@ def test_float32_masters_on_a_bf16_base_match_the_float32_product(dtype):
         assert (a - b).norm() / b.norm() < 1e-2
     with torch.no_grad():  # a sign error or a missing scale is far outside these tolerances
         assert (got - base).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("option", [{"compile": True}, {"save_memory": True}])
+def test_options_that_wrap_the_model_need_it_alive(option):
+    """compile/save_memory wrap the model itself: a handle whose model was freed gets a clear error."""
+    import gc
+
+    model = _mlp()
+    handle = lp.create(model, "lora", rank=2, targets="all-linear")
+    del model
+    gc.collect()
+    assert handle.model_ref() is None
+    batch = torch.randn(4, 16)
+    with pytest.raises(lp.LoraplugError, match=f"{next(iter(option))}=True needs the handle"):
+        lp.train(handle, [batch], lambda b: b.sum(), steps=1, progress=False, **option)
