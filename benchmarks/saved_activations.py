@@ -7,9 +7,16 @@ each block under selective activation checkpointing, cheap elementwise tensors r
 reference, what autograd keeps in eager mode (``saved_activations_eager``): the frozen model,
 PEFT's LoRA on the split layers (diffusers' ``add_adapter``) and loraplug's on both layouts.
 
+``FLUX_DEV=1``: the same at Flux-dev's sizes in bf16 (hidden 3072, 1024 image + 512 text tokens,
+a 512² training step; LoRA r16 on attn+mlp, bf16 adapters), one double and one single block
+measured apart and scaled to 19 + 38 blocks; the eager rows for PEFT and the frozen model too.
+About 8 minutes on two CPU cores with bf16 matrix units, 10 GB of memory.
+
     python benchmarks/saved_activations.py
+    FLUX_DEV=1 python benchmarks/saved_activations.py
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -78,5 +85,80 @@ def main() -> None:
     )
 
 
+def flux_dev_model(double: int, single: int) -> torch.nn.Module:
+    """Flux-dev's embedders and final layer with ``double`` + ``single`` of its blocks, bf16, frozen."""
+    from diffusers import FluxTransformer2DModel
+
+    from loraplug.bench import CFG
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**{**CFG, "num_layers": double, "num_single_layers": single})
+    return model.to(torch.bfloat16).train().requires_grad_(False)
+
+
+def flux_dev_step(model: torch.nn.Module, input_grad: bool):
+    """A 512² training step's forward and backward (1024 image + 512 text tokens), as ``step``."""
+    g = torch.Generator().manual_seed(0)
+    bf16 = dict(dtype=torch.bfloat16, generator=g)
+
+    def run(compile_fn=lambda m: m) -> None:
+        inputs = dict(hidden_states=torch.randn(1, 1024, 64, **bf16).requires_grad_(input_grad),
+                      encoder_hidden_states=torch.randn(1, 512, 4096, **bf16),
+                      pooled_projections=torch.randn(1, 768, **bf16),
+                      timestep=torch.tensor([0.5], dtype=torch.bfloat16), guidance=torch.tensor([3.5], dtype=torch.bfloat16),
+                      img_ids=torch.zeros(1024, 3), txt_ids=torch.zeros(512, 3), return_dict=False)  # fmt: skip
+        compile_fn(model)(**inputs)[0].float().pow(2).mean().backward()
+
+    return run
+
+
+def flux_dev_kept(double: int, single: int) -> dict[str, int]:
+    """Bytes kept for the backward by each kind of step on Flux-dev's embedders and blocks (without
+    blocks: the frozen step's, the input's gradient flowing through the final layer as the
+    adapters' gradients do)."""
+    from peft import LoraConfig
+
+    model = flux_dev_model(double, single)
+    kept = {
+        "eager frozen": saved_activations_eager(flux_dev_step(model, True), model),
+        "compiled frozen": total(saved_activations(flux_dev_step(model, True))[0]),
+    }
+    if not double + single:  # the embedders and final layer: what any step keeps there
+        return {
+            **kept,
+            PEFT: kept["eager frozen"],
+            LORAPLUG: kept["compiled frozen"],
+            SAVING: kept["compiled frozen"],
+        }
+    model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights="gaussian"))
+    kept[PEFT] = saved_activations_eager(flux_dev_step(model, False), model)
+    model = flux_dev_model(double, single)
+    model.fuse_qkv_projections()
+    lp.share_fused_weights(model)
+    lp.create(model, "lora", rank=16, alpha=16, targets="attn+mlp", init="random", dtype=torch.bfloat16)
+    kept[LORAPLUG] = total(saved_activations(flux_dev_step(model, False))[0])
+    with saving_memory(model):
+        kept[SAVING] = total(saved_activations(flux_dev_step(model, False))[0])
+    return kept
+
+
+PEFT, LORAPLUG = "eager PEFT LoRA r16", "compiled loraplug LoRA r16"
+SAVING = "compiled loraplug LoRA r16, save_memory=True"
+
+
+def flux_dev() -> None:
+    """Kept for the backward at Flux-dev's sizes: the embedders and final layer once, one double
+    and one single block measured apart (each less the embedders), scaled to 19 + 38 blocks."""
+    ends = flux_dev_kept(0, 0)
+    double, single = flux_dev_kept(1, 0), flux_dev_kept(0, 1)
+    print("kept for the backward, MB per block and GB at 19 double + 38 single blocks:")
+    for name in double:
+        per_double, per_single = double[name] - ends[name], single[name] - ends[name]
+        whole = (19 * per_double + 38 * per_single + ends[name]) / 1e9
+        print(
+            f"  {name:46s} double {per_double / 1e6:6.1f}  single {per_single / 1e6:6.1f}  all {whole:6.2f}"
+        )
+
+
 if __name__ == "__main__":
-    main()
+    flux_dev() if os.environ.get("FLUX_DEV") == "1" else main()
