@@ -1,4 +1,5 @@
 import copy
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,19 @@ settings.register_profile("deep", max_examples=600, deadline=None)  # HYPOTHESIS
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _triton_version() -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in importlib.metadata.version("triton").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return ()
+
+
+# Triton's interpreter runs the kernels on the CPU from 3.7 on (3.6's cannot convert their scalars)
+interpreted = pytest.mark.skipif(
+    _triton_version() < (3, 7), reason="needs Triton 3.7 or later (its interpreter)"
+)
 
 
 def snapshot(model):

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_identical, compiled_graphs, snapshot
+from conftest import assert_identical, compiled_graphs, interpreted, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -319,7 +319,7 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+@interpreted
 @pytest.mark.parametrize(
     "tma, flat, ws",
     [(False, True, False), (True, True, False), (True, False, False), (True, False, True)],
@@ -432,7 +432,7 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+@interpreted
 def test_runner_fused_path_under_the_triton_interpreter():
     """The runner's fused call (packing, up views, kernel arguments) on a float base. (The fp8 path
     runs on the GPU tests: the interpreter corrupts memory storing fp8.)"""

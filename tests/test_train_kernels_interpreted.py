@@ -3,12 +3,11 @@ same outputs and gradients as the portable path for LoRAs on q/k/v slices of one
 and fp16 masters, with and without bias, with and without an input gradient, under torch.compile),
 and the layers they leave to the portable path. The GPU tests run them compiled."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 
-import pytest
+from conftest import interpreted
 
 INTERPRETED = """
 import torch
@@ -91,7 +90,7 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+@interpreted
 def test_training_kernels_under_the_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "LORAPLUG_TRAIN_KERNELS": "1"}
     proc = subprocess.run(
