@@ -45,16 +45,18 @@ TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_p
 T_IMG, T_TXT = 4096, 512
 
 
-def inputs() -> dict:
-    g = torch.Generator(device=DEV).manual_seed(0)
+def inputs(image_tokens: int = T_IMG, device: str = DEV) -> dict:
+    """Keyword inputs of a Flux-dev-size model (``CFG``): ``image_tokens`` (4096 at 1024², 1024 at
+    512²) and 512 text tokens, bf16, seeded."""
+    g = torch.Generator(device=device).manual_seed(0)
     return dict(
-        hidden_states=torch.randn(1, T_IMG, 64, device=DEV, dtype=DT, generator=g),
-        encoder_hidden_states=torch.randn(1, T_TXT, 4096, device=DEV, dtype=DT, generator=g),
-        pooled_projections=torch.randn(1, 768, device=DEV, dtype=DT, generator=g),
-        timestep=torch.tensor([0.5], device=DEV, dtype=DT),
-        guidance=torch.tensor([3.5], device=DEV, dtype=DT),
-        img_ids=torch.zeros(T_IMG, 3, device=DEV),
-        txt_ids=torch.zeros(T_TXT, 3, device=DEV),
+        hidden_states=torch.randn(1, image_tokens, 64, device=device, dtype=DT, generator=g),
+        encoder_hidden_states=torch.randn(1, T_TXT, 4096, device=device, dtype=DT, generator=g),
+        pooled_projections=torch.randn(1, 768, device=device, dtype=DT, generator=g),
+        timestep=torch.tensor([0.5], device=device, dtype=DT),
+        guidance=torch.tensor([3.5], device=device, dtype=DT),
+        img_ids=torch.zeros(image_tokens, 3, device=device),
+        txt_ids=torch.zeros(T_TXT, 3, device=device),
         return_dict=False,
     )
 
