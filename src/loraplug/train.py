@@ -76,9 +76,8 @@ def saving_memory(model: nn.Module, enabled: bool = True):
 
     context = functools.partial(create_selective_checkpoint_contexts, _keep_or_recompute)
     units = _repeated_blocks(model) or [model]
-    own_forwards = [
-        (unit, unit.__dict__.get("forward")) for unit in units
-    ]  # an instance's own (accelerate's hooks)
+    # a forward set on the instance itself (accelerate's hooks) is put back as it was
+    own_forwards = [(unit, unit.__dict__.get("forward")) for unit in units]
     for unit in units:
         forward = unit.forward
 
