@@ -25,13 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loraplug as lp  # noqa: E402
-from loraplug.bench import CFG, TARGETS, _graphs, _time_fn  # noqa: E402
+from loraplug.bench import CFG, TARGETS, _graphs, _time_fn, inputs  # noqa: E402
 from loraplug.train import _compile, saving_memory  # noqa: E402  (what lp.train(compile=, regional=, save_memory=) runs)
 
 DEV, DT = "cuda", torch.bfloat16
 ITERS = int(os.environ.get("ITERS", 6))
 REGIONAL = os.environ.get("REGIONAL") == "1"  # compile block by block, as lp.train(regional=True)
-T_IMG, T_TXT = 1024, 512
+T_IMG = 1024  # a 512² image (and 512 text tokens)
 torch.backends.cuda.enable_cudnn_sdp(False)  # its backward failed on torch 2.11 there (anchors)
 res = {
     "device": torch.cuda.get_device_name(),
@@ -39,12 +39,8 @@ res = {
     "blocks": [CFG["num_layers"], CFG["num_single_layers"]],
     "regional_compile": REGIONAL,
 }
-g = torch.Generator(device=DEV).manual_seed(0)
-INP = dict(hidden_states=torch.randn(1, T_IMG, 64, device=DEV, dtype=DT, generator=g),
-           encoder_hidden_states=torch.randn(1, T_TXT, 4096, device=DEV, dtype=DT, generator=g),
-           pooled_projections=torch.randn(1, 768, device=DEV, dtype=DT, generator=g),
-           timestep=torch.tensor([0.5], device=DEV, dtype=DT), guidance=torch.tensor([3.5], device=DEV, dtype=DT),
-           img_ids=torch.zeros(T_IMG, 3, device=DEV), txt_ids=torch.zeros(T_TXT, 3, device=DEV), return_dict=False)  # fmt: skip
+INP = inputs(image_tokens=T_IMG, device=DEV)
+g = torch.Generator(device=DEV).manual_seed(1)
 TARGET = torch.randn(1, T_IMG, 64, device=DEV, dtype=DT, generator=g)
 COMPILE_LAYOUTS = os.environ.get("COMPILE_LAYOUTS", "split fp8").split()  # with COMPILE=1
 
