@@ -1,7 +1,7 @@
 """Where a forward's time goes, at reduced depth (``ND``/``NS`` blocks, default 4 + 8, so that each
 compile takes seconds, not minutes): the bf16 base and + loraplug LoRA r16 (portable; with the
 base GEMM accumulating into the adapters' output; the fused Triton kernel, ``LORAPLUG_KERNELS=all``,
-or only on the shapes ``kernels.float_shape_fuses`` picks, ``_shapes``; two LoRAs), loraplug's fp8 base (``quantize_fp8``, the blocks' projections; ``fp8_base_triton``: on the Triton kernel inside compiled graphs too, ``LORAPLUG_KERNELS=all``) and fp8 + LoRA r16
+or only on the shapes ``kernels.float_shape_fuses`` picks, ``_shapes``; two LoRAs), loraplug's fp8 base (``quantize_fp8``, the blocks' projections; on the Triton kernels, in compiled graphs too from Hopper on; ``fp8_base_scaled_mm``: ``torch._scaled_mm``, ``LORAPLUG_KERNELS=0``, the compiled default before session 23) and fp8 + LoRA r16
 (the default: the fused kernel; with the adapters on the portable path, ``=base``; without the
 narrow tiles for few output tiles, ``_wide``; captured without the down projection beside the
 quantization, ``_serial``; with Triton's warp specialization, ``_ws``: ``WS_TILES_BF16`` /
@@ -272,8 +272,8 @@ def main() -> None:
     quantize_fp8(model, targets=NOT_NORM)
     for mode in modes:
         measure(model, "fp8_base", mode)
-        with env("LORAPLUG_KERNELS", "all"):  # fp8 layers without adapters on the Triton kernel in graphs too
-            measure(model, "fp8_base_triton", mode)
+        with env("LORAPLUG_KERNELS", "0"):  # no Triton: torch._scaled_mm, the quantization fused by Inductor
+            measure(model, "fp8_base_scaled_mm", mode)
         measure_applied(model, lora, "fp8_lora_r16", mode)
         with env(
             "LORAPLUG_KERNELS", "base"

@@ -92,6 +92,31 @@ def time_steps(model, params, name, input_grad=False):
     (Path(os.environ.get("OUT", ".")) / "flux_train_bench.partial.json").write_text(json.dumps(res, indent=1))
 
 
+def summarize(res: dict) -> None:
+    """Add the ratios to ``res``: each step against the frozen one (eager, and compiled the same
+    way: wall and device time), the fp8 steps against PEFT's, every peak against PEFT's."""
+    times = [k for k, v in res.items() if k.endswith("_ms") and isinstance(v, float)]  # not *_host_ms
+    for key in times:
+        res[key.replace("_ms", "_ratio")] = round(res[key] / res["frozen_fwd_bwd_ms"], 4)
+    if "frozen_fwd_bwd_compiled_ms" in res:
+        for layout in COMPILE_LAYOUTS:
+            if f"loraplug_{layout}_r16_step_compiled_ms" in res:
+                res[f"loraplug_{layout}_compiled_vs_frozen_compiled"] = round(
+                    res[f"loraplug_{layout}_r16_step_compiled_ms"] / res["frozen_fwd_bwd_compiled_ms"], 4
+                )
+                profiles = [res.get(f"{k}_profile") for k in (f"loraplug_{layout}_r16_step_compiled", "frozen_fwd_bwd_compiled")]  # fmt: skip
+                if all(profiles):  # device time: steady where the wall time is host noise (session 19)
+                    res[f"loraplug_{layout}_compiled_vs_frozen_compiled_device"] = round(
+                        profiles[0]["device_total"] / profiles[1]["device_total"], 4
+                    )
+    for key in [k for k in times if k.startswith("loraplug_fp8_r16_step")]:
+        res[key.replace("_ms", "_vs_peft_step")] = round(res[key] / res["peft_r16_step_ms"], 4)
+    for key in [k for k in res if k.startswith("loraplug_") and k.endswith("_peak_GB")]:  # eager and compiled
+        res[key.replace("_peak_GB", "_vs_peft_peak_memory")] = round(
+            res[key] / res["peft_r16_step_peak_GB"], 4
+        )
+
+
 def main():
     from peft import LoraConfig
 
@@ -155,25 +180,7 @@ def main():
         del model, params, handle
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-    for key in [k for k in res if k.endswith("_ms")]:
-        res[key.replace("_ms", "_ratio")] = round(res[key] / res["frozen_fwd_bwd_ms"], 4)
-    if "frozen_fwd_bwd_compiled_ms" in res:
-        for layout in COMPILE_LAYOUTS:
-            if f"loraplug_{layout}_r16_step_compiled_ms" in res:
-                res[f"loraplug_{layout}_compiled_vs_frozen_compiled"] = round(
-                    res[f"loraplug_{layout}_r16_step_compiled_ms"] / res["frozen_fwd_bwd_compiled_ms"], 4
-                )
-                profiles = [res.get(f"{k}_profile") for k in (f"loraplug_{layout}_r16_step_compiled", "frozen_fwd_bwd_compiled")]  # fmt: skip
-                if all(profiles):  # device time: steady where the wall time is host noise (session 19)
-                    res[f"loraplug_{layout}_compiled_vs_frozen_compiled_device"] = round(
-                        profiles[0]["device_total"] / profiles[1]["device_total"], 4
-                    )
-    for key in [k for k in res if k.startswith("loraplug_fp8_r16_step") and k.endswith("_ms")]:
-        res[key.replace("_ms", "_vs_peft_step")] = round(res[key] / res["peft_r16_step_ms"], 4)
-    for key in [k for k in res if k.startswith("loraplug_") and k.endswith("_peak_GB")]:  # eager and compiled
-        res[key.replace("_peak_GB", "_vs_peft_peak_memory")] = round(
-            res[key] / res["peft_r16_step_peak_GB"], 4
-        )
+    summarize(res)
     out = Path(os.environ.get("OUT", ".")) / "flux_train_bench.json"
     out.write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if "ratio" in k or "M" in k or "memory" in k}, indent=1))

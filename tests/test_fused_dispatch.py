@@ -457,7 +457,7 @@ def test_kernel_availability_is_not_looked_up_per_call(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lookup)
     torch._dynamo.reset()
     checked = torch.compile(
-        lambda x: x + kernels.available() + kernels.here(), backend="eager", fullgraph=True
+        lambda x: x + kernels.available() + kernels.here((9, 0)), backend="eager", fullgraph=True
     )
     checked(torch.zeros(2))  # Dynamo ignores functools.cache: a cached lookup would be traced
     torch._dynamo.reset()
@@ -496,17 +496,18 @@ def test_kernel_switches(monkeypatch, gpu):
 
 
 def test_compiled_graphs_fuse_adapters_on_hopper_and_later(monkeypatch):
-    """Compiled graphs call the fused operator where it was measured (TMA, sm_90+); before Hopper
-    only when asked; the capability lookup is not a cached function inside a graph."""
+    """Compiled graphs call the fused operator where it was measured (TMA, sm_90+), for fp8 layers
+    without adapters too (``here``; eager mode always); before Hopper only when asked; the
+    capability lookup is not a cached function inside a graph."""
     monkeypatch.delenv("LORAPLUG_KERNELS", raising=False)
-    assert [kernels.fuses_in_graphs(c) for c in ((8, 0), (8, 9), (9, 0), (10, 0))] == [
-        False,
-        False,
-        True,
-        True,
-    ]
+    capabilities = ((8, 0), (8, 9), (9, 0), (10, 0))
+    assert [kernels.fuses_in_graphs(c) for c in capabilities] == [False, False, True, True]
+    assert all(kernels.here(c) for c in capabilities)  # eager
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert [kernels.here(c) for c in capabilities] == [False, False, True, True]
     monkeypatch.setenv("LORAPLUG_KERNELS", "all")
-    assert kernels.fuses_in_graphs((8, 9))
+    assert kernels.fuses_in_graphs((8, 9)) and kernels.here((8, 9))
+    monkeypatch.undo()
     from loraplug.fp8 import cuda_capability
 
     got = torch.compile(lambda x: x + 1 if cuda_capability(x.device) > (0, 0) else x, fullgraph=True)

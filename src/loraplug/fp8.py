@@ -99,14 +99,19 @@ class Fp8Linear(nn.Linear):
 
 def fp8_forward(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
     """The fp8 layer alone (no adapters; with them the bypass runner calls the fused kernel) on
-    any device: Triton kernels in eager mode (one quantization pass, then the fp8 GEMM),
-    ``torch._scaled_mm`` inside torch.compile graphs (Inductor fuses the quantization;
-    ``kernels.here``) or without Triton, else the float32 emulation."""
+    any device: Triton kernels (one quantization pass, then the fp8 GEMM) in eager mode and, on
+    Hopper and later, inside torch.compile graphs (``kernels.here``); ``torch._scaled_mm`` in
+    graphs before Hopper (Inductor fuses the quantization) or without Triton; else the float32
+    emulation."""
     x2 = x.reshape(-1, x.shape[-1])
     if not fp8_matmul_on(x.device):
         return fp8_linear_reference(x2, weight, weight_scale, bias).to(x.dtype).view(*x.shape[:-1], -1)
     bias = None if bias is None else bias.to(x.dtype)
-    if kernels.available() and kernels.here() and kernels.supports(x2.shape[1], weight.shape[0]):
+    if (
+        kernels.available()
+        and kernels.here(cuda_capability(x.device))
+        and kernels.supports(x2.shape[1], weight.shape[0])
+    ):
         y = kernels.lora_linear(
             x2.contiguous(), weight, bias, None, None, None, None, None, None, weight_scale, x.dtype
         )

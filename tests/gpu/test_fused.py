@@ -310,6 +310,37 @@ def test_compiling_an_fp8_layer_warns_nothing():
     assert not [w for w in caught if "lru_cache" in str(w.message)]
 
 
+def test_compiled_fp8_layer_without_adapters_takes_the_kernel_on_hopper(monkeypatch):
+    """By default a compiled graph runs an fp8 layer without adapters on the Triton kernels from
+    Hopper on (``kernels.here``), ``torch._scaled_mm`` before; the eager output either way,
+    compiled and under CUDA graphs."""
+    monkeypatch.delenv("LORAPLUG_KERNELS")
+    model = _fp8(512, 1536)
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, fullgraph=True)(x)
+    called = " ".join(str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function")
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert ("loraplug.lora_linear" in called, "_scaled_mm" in called) == (hopper, not hopper), called
+    for mode in (None, "reduce-overhead"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, mode=mode, fullgraph=True)
+        with torch.no_grad():
+            for _ in range(3):
+                x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+                want = model(x)
+                torch.compiler.cudagraph_mark_step_begin()
+                assert _rel(compiled(x).clone(), want) < 1e-3, mode
+    torch._dynamo.reset()
+
+
 def test_fallbacks_masks_and_gradients():
     layer = _layer(256, 512, torch.bfloat16)
     parts = [_lora(256, [(0, 512)], 8, 5)]

@@ -151,16 +151,15 @@ def trains_in_one_call() -> bool:
     return setting("LORAPLUG_TRAIN_GEMM") != "0"
 
 
-def here() -> bool:
-    """Whether an fp8 base *without* adapters launches the Triton kernels: always in eager mode;
-    inside a torch.compile graph only with ``LORAPLUG_KERNELS=all``, since there
-    ``torch._scaled_mm`` with the quantization fused by Inductor runs the base alone at 0.79–0.83
-    of the compiled bf16 base. Layers with low-rank adapters take the fused kernel in compiled
-    graphs too (as registered operators, see ``fuses_in_graphs``): on the full Flux-dev
-    transformer (H200) fp8 + LoRA r16 ran at 0.883 of the compiled bf16 base (0.845 under CUDA
-    graphs), against 0.94–0.98 for ``_scaled_mm`` with the portable LoRA beside it
+def here(capability: tuple[int, int]) -> bool:
+    """Whether an fp8 base *without* adapters launches the Triton kernels on a GPU of this compute
+    capability: always in eager mode; inside a torch.compile graph where layers with adapters take
+    the fused operator too (``fuses_in_graphs``: Hopper and later, or ``LORAPLUG_KERNELS=all``).
+    On the full Flux-dev transformer under CUDA graphs (H100, session 23) the fp8 base alone ran
+    at 0.752 of the bf16 base on the Triton kernels (device time 0.743) against 0.838 (0.835) for
+    ``torch._scaled_mm`` with the quantization fused by Inductor, which graphs before Hopper keep
     (benchmarks/README.md)."""
-    return not torch.compiler.is_compiling() or on_float_bases()
+    return not torch.compiler.is_compiling() or fuses_in_graphs(capability)
 
 
 def fuses_in_graphs(capability: tuple[int, int]) -> bool:
