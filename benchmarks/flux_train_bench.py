@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loraplug as lp  # noqa: E402
-from loraplug.bench import CFG, TARGETS, _graphs, _time_fn, inputs  # noqa: E402
-from loraplug.train import _compile, saving_memory  # noqa: E402  (what lp.train(compile=, regional=, save_memory=) runs)
+from loraplug.bench import CFG, TARGETS, _graphs, _time_fn, inputs, recompute_reshaping  # noqa: E402
+from loraplug.train import _compile, _keep_or_recompute, saving_memory  # noqa: E402  (what lp.train(compile=, regional=, save_memory=) runs)
 
 DEV, DT = "cuda", torch.bfloat16
 ITERS = int(os.environ.get("ITERS", 6))
@@ -159,10 +159,16 @@ def main():
             # split_combo: Inductor's combo kernels (independent small kernels, e.g. the adapters'
             # casts, launched as one)
             # *_save_memory: as lp.train(save_memory=True) runs it (selective activation
-            # checkpointing per block: cheap elementwise tensors recomputed in the backward)
+            # checkpointing per block: cheap elementwise tensors recomputed in the backward);
+            # *_reshaping: only reshaping, concatenations and activations recomputed (a probe)
+            reshaping = layout.endswith("_reshaping")
             with (
                 torch._inductor.config.patch(combo_kernels=layout.endswith("_combo")),
-                saving_memory(model, layout.endswith("_save_memory")),
+                saving_memory(
+                    model,
+                    layout.endswith("_save_memory") or reshaping,
+                    recompute_reshaping if reshaping else _keep_or_recompute,
+                ),
             ):
                 time_steps(model, params, f"loraplug_{layout}_r16_step_compiled")
             res[f"loraplug_{layout}_compile_and_time_s"] = round(time.time() - t0, 1)

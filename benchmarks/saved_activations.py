@@ -3,7 +3,9 @@ needed): a tiny Flux (one double, one single block, hidden 128, 256 image + 64 t
 q/k/v fused and shared), split by AOTAutograd's min-cut partitioner as Inductor splits it; the
 activations the forward saves, each storage counted once (``loraplug.bench.saved_activations``).
 Then the LoRA step as ``lp.train(save_memory=True)`` runs it (``loraplug.train.saving_memory``:
-each block under selective activation checkpointing, cheap elementwise tensors recomputed). For
+each block under selective activation checkpointing, cheap elementwise tensors recomputed), and
+under the narrower ``loraplug.bench.recompute_reshaping`` (only reshaping, concatenations and
+activations recomputed). For
 reference, what autograd keeps in eager mode (``saved_activations_eager``): the frozen model,
 PEFT's LoRA on the split layers (diffusers' ``add_adapter``) and loraplug's on both layouts.
 
@@ -24,7 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import loraplug as lp  # noqa: E402
-from loraplug.bench import TARGETS, gemms_and_attention, saved_activations, saved_activations_eager  # noqa: E402
+from loraplug.bench import (  # noqa: E402
+    TARGETS,
+    gemms_and_attention,
+    recompute_reshaping,
+    saved_activations,
+    saved_activations_eager,
+)
 from loraplug.testing import flux_inputs, tiny_flux  # noqa: E402
 from loraplug.train import saving_memory  # noqa: E402
 
@@ -125,6 +133,7 @@ def flux_dev_kept(double: int, single: int) -> dict[str, int]:
             PEFT: kept["eager frozen"],
             LORAPLUG: kept["compiled frozen"],
             SAVING: kept["compiled frozen"],
+            RESHAPING: kept["compiled frozen"],
         }
     model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights="gaussian"))
     kept[PEFT] = saved_activations_eager(flux_dev_step(model, False), model)
@@ -135,11 +144,14 @@ def flux_dev_kept(double: int, single: int) -> dict[str, int]:
     kept[LORAPLUG] = total(saved_activations(flux_dev_step(model, False))[0])
     with saving_memory(model):
         kept[SAVING] = total(saved_activations(flux_dev_step(model, False))[0])
+    with saving_memory(model, policy=recompute_reshaping):
+        kept[RESHAPING] = total(saved_activations(flux_dev_step(model, False))[0])
     return kept
 
 
 PEFT, LORAPLUG = "eager PEFT LoRA r16", "compiled loraplug LoRA r16"
 SAVING = "compiled loraplug LoRA r16, save_memory=True"
+RESHAPING = "the same, recompute_reshaping (a probe)"
 
 
 def flux_dev() -> None:

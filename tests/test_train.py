@@ -319,7 +319,7 @@ def test_save_memory_keeps_less_than_the_frozen_step_and_recomputes_no_gemm():
     frozen model's step (the adapters' inputs, GELU's output, norms and concatenations are
     recomputed from what the GEMMs and attention kept), and no GEMM or attention of the forward
     runs again in the backward. A forward set on the instance (accelerate's hooks) is put back."""
-    from loraplug.bench import gemms_and_attention, saved_activations
+    from loraplug.bench import gemms_and_attention, recompute_reshaping, saved_activations
     from loraplug.testing import flux_inputs, tiny_flux
     from loraplug.train import saving_memory
 
@@ -347,6 +347,38 @@ def test_save_memory_keeps_less_than_the_frozen_step_and_recomputes_no_gemm():
     heavy = gemms_and_attention(backward)
     assert gemms_and_attention(backward_saving) == heavy  # the backward's own GEMMs only, none again
     assert any("lora_under_base_v2_backward" in op for op in heavy)
+    with saving_memory(model, policy=recompute_reshaping):  # the narrower probe policy
+        kept_reshaping, backward_reshaping = saved_activations(step(False))
+    assert total[2] < sum(size for *_, size in kept_reshaping) < total[1]
+    assert gemms_and_attention(backward_reshaping) == heavy
+
+
+def test_recompute_reshaping_gives_the_same_gradients():
+    """``loraplug.bench.recompute_reshaping`` (a narrower policy for ``saving_memory``, for
+    compiled steps) changes what the backward keeps, not the gradients."""
+    from loraplug.bench import recompute_reshaping
+    from loraplug.testing import flux_inputs, tiny_flux
+    from loraplug.train import saving_memory
+
+    torch.manual_seed(0)
+    model = tiny_flux(layers=1, single_layers=1).requires_grad_(False)
+    model.fuse_qkv_projections()
+    handle = lp.create(model, "lora", rank=2, targets="attn+mlp", init="random")
+    inputs = flux_inputs()
+
+    def gradients():
+        torch._dynamo.reset()
+        torch.compile(model)(**inputs)[0].pow(2).mean().backward()
+        grads = [p.grad.clone() for p in handle.parameters()]
+        for p in handle.parameters():
+            p.grad = None
+        return grads
+
+    plain = gradients()
+    with saving_memory(model, policy=recompute_reshaping):
+        reshaping = gradients()
+    for a, b in zip(reshaping, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -234,6 +234,28 @@ def saved_activations(step) -> tuple[list[tuple[str, tuple, int]], collections.C
     return saved, backward_ops
 
 
+# what ``recompute_reshaping`` lets the backward run again: copies, concatenations, activations
+RESHAPING = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze", "squeeze", "expand",
+             "slice", "select", "split", "unbind", "alias", "clone", "cat", "gelu", "tanh", "silu"}  # fmt: skip
+
+
+def recompute_reshaping(ctx, op, *args, **kwargs):
+    """A narrower policy for ``loraplug.train.saving_memory`` (a probe, not what ``lp.train`` runs):
+    recompute only reshaping, concatenation and activations, whose inputs the backward keeps
+    anyway (the single blocks' ``proj_out`` input is cat(attention, gelu(mlp)): 47 MB a block at
+    512²); keep GEMMs and attention, and let the partitioner decide the rest (norms, modulation,
+    rotary embedding), which ``save_memory`` recomputes. Compiled steps only: in eager mode
+    checkpointing caches every kept output, and an in-place op on one raises."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from .train import _keep_or_recompute
+
+    if getattr(op, "namespace", "") == "aten" and getattr(op, "_opname", "") in RESHAPING:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    kept = _keep_or_recompute(ctx, op, *args, **kwargs) == CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_SAVE
+
+
 def gemms_and_attention(ops: collections.Counter) -> dict[str, int]:
     """The GEMM and attention operators among ``ops`` (names as ``saved_activations`` counts them),
     loraplug's own included."""

@@ -64,17 +64,18 @@ def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def saving_memory(model: nn.Module, enabled: bool = True):
+def saving_memory(model: nn.Module, enabled: bool = True, policy: Callable = _keep_or_recompute):
     """While inside, each of the model's repeated blocks (else the whole model) runs under
-    selective activation checkpointing (``_keep_or_recompute``): the backward recomputes the cheap
-    elementwise tensors instead of keeping them, never a GEMM or attention. Eager or compiled
-    (the policy is traced into the graph); the modules' own ``forward`` comes back at exit."""
+    selective activation checkpointing (``policy``, by default ``_keep_or_recompute``: the backward
+    recomputes the cheap elementwise tensors instead of keeping them, never a GEMM or attention).
+    Eager or compiled (the policy is traced into the graph); the modules' own ``forward`` comes
+    back at exit."""
     if not enabled:
         yield
         return
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-    context = functools.partial(create_selective_checkpoint_contexts, _keep_or_recompute)
+    context = functools.partial(create_selective_checkpoint_contexts, policy)
     units = _repeated_blocks(model) or [model]
     # a forward set on the instance itself (accelerate's hooks) is put back as it was
     own_forwards = [(unit, unit.__dict__.get("forward")) for unit in units]
