@@ -37,12 +37,16 @@ from loraplug.testing import flux_inputs, tiny_flux  # noqa: E402
 from loraplug.train import saving_memory  # noqa: E402
 
 
-def step(model: torch.nn.Module, input_grad: bool):
-    """One training step of ``model``, compiled by a given function (``run(compile_fn)``) or eager
-    (``run()``)."""
+def tiny_inputs() -> dict:
+    return {**flux_inputs(image_tokens=256, text_tokens=64), "return_dict": False}
+
+
+def step(model: torch.nn.Module, input_grad: bool, make_inputs=tiny_inputs):
+    """One training step of ``model`` on ``make_inputs()``, compiled by a given function
+    (``run(compile_fn)``) or eager (``run()``)."""
 
     def run(compile_fn=lambda m: m) -> None:
-        inputs = {**flux_inputs(image_tokens=256, text_tokens=64), "return_dict": False}
+        inputs = make_inputs()
         inputs["hidden_states"].requires_grad_(input_grad)
         compile_fn(model)(**inputs)[0].float().pow(2).mean().backward()
 
@@ -108,12 +112,7 @@ def flux_dev_step(model: torch.nn.Module, input_grad: bool):
     """A 512² training step's forward and backward (1024 image + 512 text tokens), as ``step``."""
     from loraplug.bench import inputs
 
-    def run(compile_fn=lambda m: m) -> None:
-        kwargs = inputs(image_tokens=1024, device="cpu")
-        kwargs["hidden_states"].requires_grad_(input_grad)
-        compile_fn(model)(**kwargs)[0].float().pow(2).mean().backward()
-
-    return run
+    return step(model, input_grad, lambda: inputs(image_tokens=1024, device="cpu"))
 
 
 def flux_dev_kept(double: int, single: int) -> dict[str, int]:
