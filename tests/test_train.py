@@ -355,7 +355,8 @@ def test_save_memory_keeps_less_than_the_frozen_step_and_recomputes_no_gemm():
 
 def test_recompute_reshaping_gives_the_same_gradients():
     """``loraplug.bench.recompute_reshaping`` (a narrower policy for ``saving_memory``, for
-    compiled steps) changes what the backward keeps, not the gradients."""
+    compiled steps; ``save_memory``'s own in eager mode, where its in-place ops would raise)
+    changes what the backward keeps, not the gradients, compiled or eager."""
     from loraplug.bench import recompute_reshaping
     from loraplug.testing import flux_inputs, tiny_flux
     from loraplug.train import saving_memory
@@ -366,9 +367,9 @@ def test_recompute_reshaping_gives_the_same_gradients():
     handle = lp.create(model, "lora", rank=2, targets="attn+mlp", init="random")
     inputs = flux_inputs()
 
-    def gradients():
+    def gradients(compiled=True):
         torch._dynamo.reset()
-        torch.compile(model)(**inputs)[0].pow(2).mean().backward()
+        (torch.compile(model) if compiled else model)(**inputs)[0].pow(2).mean().backward()
         grads = [p.grad.clone() for p in handle.parameters()]
         for p in handle.parameters():
             p.grad = None
@@ -377,8 +378,10 @@ def test_recompute_reshaping_gives_the_same_gradients():
     plain = gradients()
     with saving_memory(model, policy=recompute_reshaping):
         reshaping = gradients()
-    for a, b in zip(reshaping, plain, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        eager = gradients(compiled=False)
+    for a, b, c in zip(reshaping, eager, plain, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

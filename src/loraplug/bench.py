@@ -244,12 +244,14 @@ def recompute_reshaping(ctx, op, *args, **kwargs):
     recompute only reshaping, concatenation and activations, whose inputs the backward keeps
     anyway (the single blocks' ``proj_out`` input is cat(attention, gelu(mlp)): 47 MB a block at
     512²); keep GEMMs and attention, and let the partitioner decide the rest (norms, modulation,
-    rotary embedding), which ``save_memory`` recomputes. Compiled steps only: in eager mode
-    checkpointing caches every kept output, and an in-place op on one raises."""
+    rotary embedding), which ``save_memory`` recomputes. In eager mode it is ``save_memory``'s
+    policy: there checkpointing caches every output it may keep, and an in-place op on one raises."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     from .train import _keep_or_recompute
 
+    if not torch.compiler.is_compiling():
+        return _keep_or_recompute(ctx, op, *args, **kwargs)
     if getattr(op, "namespace", "") == "aten" and getattr(op, "_opname", "") in RESHAPING:
         return CheckpointPolicy.PREFER_RECOMPUTE
     kept = _keep_or_recompute(ctx, op, *args, **kwargs) == CheckpointPolicy.MUST_SAVE
