@@ -8,7 +8,7 @@
 #   STEPS="probe train_small" …   # 4 + 8 blocks: compiled forward by kernel (+ CUDA graphs), training
 #   STEPS="probe_full" …          # the compiled variants that matter, at Flux-dev depth (one call)
 #   STEPS="probe_fp8" …           # fp8 + LoRA with and without the narrow tiles (2 + 4 blocks)
-#   STEPS="fp8_target" …          # full depth: fp8 + LoRA under CUDA graphs vs the compiled bf16 base (VARIANTS: others)
+#   STEPS="fp8_target" …          # full depth (ND, NS: fewer blocks): fp8 + LoRA under CUDA graphs vs the compiled bf16 base (VARIANTS: others)
 #   STEPS="bf16_shapes" …         # full depth: LORAPLUG_KERNELS=shapes against portable (1 and 2 LoRAs), eager + compiled, + added memory
 #   STEPS="train_full" …         # full depth, blocks compiled one by one, CUDA graphs: LoRA step vs frozen
 #   STEPS="train_layer" …        # one layer's training step per Flux-dev shape: frozen / portable / training kernels (device time)
@@ -59,7 +59,7 @@ for s in ${STEPS:-tests linear parts profile eager train}; do
     probe) step compiled_probe "${PROBE_LIMIT:-330}" python3 benchmarks/compiled_probe.py ;;
     probe_fp8) ND=2 NS=4 REFERENCE=0 VARIANTS="bf16_base_eager bf16_base_compiled bf16_base_graphs fp8_base_compiled $(for v in fp8_lora_r16 fp8_lora_r16_wide; do echo ${v}_eager ${v}_compiled ${v}_graphs; done)" step compiled_probe_fp8 "${PROBE_LIMIT:-330}" python3 benchmarks/compiled_probe.py ;;
     probe_full) ND=19 NS=38 REFERENCE=0 VARIANTS="${VARIANTS:-bf16_base_compiled bf16_lora_r16_compiled fp8_base_compiled fp8_lora_r16_compiled fp8_lora_r16_portable_compiled}" step compiled_probe_full "${PROBE_LIMIT:-560}" python3 benchmarks/compiled_probe.py ;;
-    fp8_target) NAME=fp8_target.json ND=19 NS=38 REFERENCE=0 VARIANTS="${VARIANTS:-bf16_base_compiled bf16_base_graphs fp8_base_graphs fp8_lora_r16_graphs}" step fp8_target "${PROBE_LIMIT:-400}" python3 benchmarks/compiled_probe.py ;;
+    fp8_target) NAME=fp8_target.json ND=${ND:-19} NS=${NS:-38} REFERENCE=0 VARIANTS="${VARIANTS:-bf16_base_compiled bf16_base_graphs fp8_base_graphs fp8_lora_r16_graphs}" step fp8_target "${PROBE_LIMIT:-400}" python3 benchmarks/compiled_probe.py ;;
     bf16_shapes) NAME=bf16_shapes.json ND=19 NS=38 REFERENCE=0 VARIANTS="${VARIANTS:-bf16_base_eager bf16_lora_r16_eager bf16_lora_r16_shapes_eager bf16_lora_2x_r16_eager bf16_lora_2x_r16_shapes_eager bf16_base_compiled bf16_lora_r16_compiled bf16_lora_r16_shapes_compiled}" step bf16_shapes "${PROBE_LIMIT:-560}" python3 benchmarks/compiled_probe.py ;;
     train_full) PROFILE=1 REGIONAL=1 LAYOUTS="${LAYOUTS:-split split_bf16 split_combo}" COMPILED_ONLY="${COMPILED_ONLY:-split_bf16 split_combo}" COMPILE=1 COMPILE_MODE=reduce-overhead COMPILE_LAYOUTS="${COMPILE_LAYOUTS:-split split_bf16 split_combo}" step flux_train_full "${TRAIN_LIMIT:-560}" python3 benchmarks/flux_train_bench.py ;;
     train_layer) step train_layer 120 python3 benchmarks/train_layer_bench.py ;;
