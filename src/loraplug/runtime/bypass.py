@@ -258,6 +258,10 @@ class _LowRank:
         return y
 
 
+# what ``_LowRank.retensor`` carries over to the group on the parameters' current tensors
+_LOWRANK_FIELDS = tuple(f.name for f in fields(_LowRank) if f.name not in ("down_t", "ups_t", "_run_ups"))
+
+
 def _runs(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
     """Neighbouring spans on the same output slice merged into one run (their ranks side by side)."""
     runs: list[tuple[int, int, int, int]] = []
@@ -285,9 +289,6 @@ def _covers(runs: list[tuple[int, int, int, int]], width: int) -> bool:
             return False
         end = offset + size
     return end == width
-
-
-_LOWRANK_FIELDS = tuple(f.name for f in fields(_LowRank) if f.name not in ("down_t", "ups_t", "_run_ups"))
 
 
 @dataclass(eq=False)
