@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loraplug as lp  # noqa: E402
 from loraplug.bench import CFG, TARGETS, _graphs, _time_fn, inputs, recompute_reshaping  # noqa: E402
-from loraplug.train import _compile, _keep_or_recompute, saving_memory  # noqa: E402  (what lp.train(compile=, regional=, save_memory=) runs)
+from loraplug.train import _compile, keep_or_recompute, saving_memory  # noqa: E402  (what lp.train(compile=, regional=, save_memory=) runs)
 
 DEV, DT = "cuda", torch.bfloat16
 ITERS = int(os.environ.get("ITERS", 6))
@@ -167,7 +167,7 @@ def main():
                 saving_memory(
                     model,
                     layout.endswith("_save_memory") or reshaping,
-                    recompute_reshaping if reshaping else _keep_or_recompute,
+                    recompute_reshaping if reshaping else keep_or_recompute,
                 ),
             ):
                 time_steps(model, params, f"loraplug_{layout}_r16_step_compiled")

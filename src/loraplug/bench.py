@@ -248,13 +248,13 @@ def recompute_reshaping(ctx, op, *args, **kwargs):
     policy: there checkpointing caches every output it may keep, and an in-place op on one raises."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    from .train import _keep_or_recompute
+    from .train import keep_or_recompute
 
     if not torch.compiler.is_compiling():
-        return _keep_or_recompute(ctx, op, *args, **kwargs)
+        return keep_or_recompute(ctx, op, *args, **kwargs)
     if getattr(op, "namespace", "") == "aten" and getattr(op, "_opname", "") in RESHAPING:
         return CheckpointPolicy.PREFER_RECOMPUTE
-    kept = _keep_or_recompute(ctx, op, *args, **kwargs) == CheckpointPolicy.MUST_SAVE
+    kept = keep_or_recompute(ctx, op, *args, **kwargs) == CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_SAVE
 
 

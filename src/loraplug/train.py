@@ -43,8 +43,9 @@ _KEPT_ATEN = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_mm", "_in
               "_weight_int8pack_mm", "_weight_int4pack_mm"}  # fmt: skip
 
 
-def _keep_or_recompute(ctx, op, *args, **kwargs):
-    """The selective-checkpoint policy of ``saving_memory`` for one operator call."""
+def keep_or_recompute(ctx, op, *args, **kwargs):
+    """The selective-checkpoint policy of ``saving_memory`` for one operator call (public, so
+    that a custom policy can defer to it, as ``loraplug.bench.recompute_reshaping`` does)."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     name = getattr(op, "_opname", "")
@@ -64,9 +65,9 @@ def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def saving_memory(model: nn.Module, enabled: bool = True, policy: Callable = _keep_or_recompute):
+def saving_memory(model: nn.Module, enabled: bool = True, policy: Callable = keep_or_recompute):
     """While inside, each of the model's repeated blocks (else the whole model) runs under
-    selective activation checkpointing (``policy``, by default ``_keep_or_recompute``: the backward
+    selective activation checkpointing (``policy``, by default ``keep_or_recompute``: the backward
     recomputes the cheap elementwise tensors instead of keeping them, never a GEMM or attention).
     Eager or compiled (the policy is traced into the graph); the modules' own ``forward`` comes
     back at exit."""
