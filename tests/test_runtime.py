@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import loraplug as lp
 from loraplug import specs
@@ -114,6 +115,64 @@ def test_stacked_handles_strength_enable_disable():
     assert torch.equal(layer[0].weight, w0)
     with pytest.raises(lp.HandleError):
         ha.set_strength(1.0)
+
+
+class _Ops(TorchDispatchMode):
+    """The ATen operators a call runs, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_inference_scales_each_run_in_its_up_gemm():
+    """Eager inference gives each run's scale·strength to its addmm_ as alpha where the run's
+    entries share one (here q+k at one strength, v at another): no pass over the hidden activation
+    to scale it. A strength change reaches the alphas; two adapters with different strengths on one
+    slice scale the hidden activation per rank instead. The output is the reference throughout."""
+    torch.manual_seed(0)
+    attn = Attn()
+    qk = _lora_sd(["to_q", "to_k"], [8, 6], prefix="base_model.model.")
+    v = _lora_sd(["to_v"], [6], seed=1, prefix="base_model.model.")
+    q2 = _lora_sd(["to_q"], [8], seed=2, prefix="base_model.model.")
+    x = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        plain = attn.to_qkv(x)
+
+    def delta(sd, name, strength):
+        pre = f"base_model.model.{name}."
+        return strength * (x @ sd[pre + "lora_A.weight"].T) @ sd[pre + "lora_B.weight"].T
+
+    def want(s_qk, s_v, s_q2=0.0):
+        with torch.no_grad():
+            q = delta(qk, "to_q", s_qk) + delta(q2, "to_q", s_q2) if s_q2 else delta(qk, "to_q", s_qk)
+            return plain + torch.cat([q, delta(qk, "to_k", s_qk), delta(v, "to_v", s_v)], -1)
+
+    def run():
+        with torch.no_grad(), _Ops() as ops:
+            return attn.to_qkv(x), ops.names
+
+    h_qk, h_v = lp.apply(attn, qk, strength=0.5), lp.apply(attn, v, strength=2.0)
+    got, names = run()
+    group = next(iter(bypass.runners(attn.to_qkv)._lowrank.values()))
+    assert group.run_alphas == [0.5, 0.5, 2.0]
+    assert not [n for n in names if n.startswith("aten.mul")] and sum("addmm_" in n for n in names) == 3
+    close(got, want(0.5, 2.0), rtol=1e-5, atol=1e-5)
+    h_v.set_strength(-1.25)
+    got, _ = run()
+    assert group.run_alphas == [0.5, 0.5, -1.25]
+    close(got, want(0.5, -1.25), rtol=1e-5, atol=1e-5)
+    h_q2 = lp.apply(attn, q2, strength=3.0)  # q's run: 0.5 and 3.0
+    got, names = run()
+    group = next(iter(bypass.runners(attn.to_qkv)._lowrank.values()))
+    assert group.run_alphas is None and "aten.mul_.Tensor" in names
+    close(got, want(0.5, -1.25, 3.0), rtol=1e-5, atol=1e-5)
+    for h in (h_q2, h_v, h_qk):
+        h.remove()
 
 
 def test_merge_handles_removed_out_of_order_restore_exact_bytes():

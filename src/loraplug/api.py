@@ -144,6 +144,7 @@ class Handle:
             value = self._effective(b.set_index)
             if self.mode == "bypass":
                 b.entry.strength.fill_(value)
+                b.entry.level = value
             else:
                 b.entry.strength = value
             touched[id(b.module)] = b.module
@@ -305,7 +306,7 @@ def _install(handle: Handle, index: ModelIndex, bindings: list[tuple[int, Target
         if handle.mode == "bypass":
             device = module.weight.device if module.weight.device.type != "meta" else None
             strength = torch.tensor(value, dtype=torch.float32, device=device)
-            entry = bypass.Entry(patch, target, strength, handle.masks[i], token_stream(target.module))
+            entry = bypass.Entry(patch, target, strength, handle.masks[i], token_stream(target.module), value)
             bypass.attach(module, target.module, index.ops[target.module], entry)
         else:
             entry = merge_rt.MergeEntry(patch, target, value)

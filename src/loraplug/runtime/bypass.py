@@ -43,7 +43,8 @@ from .train_gemm import LoraUnderBase
 
 @dataclass(eq=False)
 class Entry:
-    """One adapter bound to one module slice; ``strength`` is a 0-d float32 tensor (0 = off);
+    """One adapter bound to one module slice; ``strength`` is a 0-d float32 tensor (0 = off) and
+    ``level`` the same value on the host (None: not known there), set together by the handle;
     ``mask`` (shared by the adapter set's entries) weights the output tokens, ``stream`` says which
     tokens this module's output holds (see runtime.masks)."""
 
@@ -52,6 +53,7 @@ class Entry:
     strength: Tensor
     mask: Mask | None = None
     stream: str | None = None
+    level: float | None = None
 
     def mask_for(self, y: Tensor, channel_dim: int) -> Tensor | None:
         return None if self.mask is None else self.mask.weights(y, channel_dim, self.stream)
@@ -75,6 +77,7 @@ class _LowRank:
     spans: list[tuple[int, int, int, int]]  # (rank start, rank, output offset, output size)
     static_scale: Tensor
     rank_scale: Tensor
+    span_scales: tuple[float, ...]  # each entry's static scale, on the host
     trained: bool
     cast: bool  # the adapters' own tensors are of another dtype (float32 masters, say)
     width: int
@@ -82,6 +85,7 @@ class _LowRank:
     covers_output: bool  # the runs tile the whole output side by side (one run, or q/k/v slices)
     packs: dict[int, _FusedOperands] = field(default_factory=dict)
     column_ranks: Tensor | None = None  # trained groups: the rank start of each output column's run
+    run_alphas: list[float] | None = None  # eager inference: each run's scale·strength (``refresh``)
     _run_ups: list[Tensor] | None = None
 
     def run_ups(self) -> list[Tensor]:
@@ -131,6 +135,7 @@ class _LowRank:
             spans=spans,
             static_scale=static,
             rank_scale=torch.empty_like(static),
+            span_scales=tuple(float(f[2]) for _, f in found),
             trained=any(
                 d.requires_grad or f[1].requires_grad for d, (_, f) in zip(downs, found, strict=True)
             ),
@@ -166,7 +171,11 @@ class _LowRank:
         return self.packs[block_n]
 
     def refresh(self) -> None:
-        """rank_scale = static scale × each entry's current strength."""
+        """rank_scale = static scale × each entry's current strength; ``run_alphas`` the same on
+        the host, one number per run where its entries share it (untrained groups)."""
+        self.run_alphas = (
+            None if self.trained else _run_alphas(self.runs, self.spans, self.span_scales, self.entries)
+        )
         strengths = torch.cat(
             [
                 e.strength.reshape(1).expand(r)
@@ -230,30 +239,35 @@ class _LowRank:
         """y + Σ mᵢ·sᵢ·scaleᵢ·(x Aᵢᵀ) Bᵢᵀ, each into its slice; a token mask mᵢ scales the rows of
         the small hidden activation (exact, since Bᵢ acts per row).
 
-        Eager inference adds in place, slice by slice (no copy of y, no extra memory). Training
+        Eager inference adds in place, slice by slice (no copy of y, no extra memory), each run's
+        scale·strength as the GEMM's alpha where the run's entries share one (``run_alphas``: no
+        pass over the hidden activation to scale it, one kernel launch fewer per layer). Training
         builds the ups into one block matrix and adds out of place: in-place writes into slices of
         an output autograd tracks would copy its whole gradient once per slice in the backward
         pass. Compiled graphs add the block product out of place too, an add Inductor fuses into
         the next kernel (an in-place or beta=1 GEMM there copies y into a new buffer first).
         """
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        hidden = self.hidden(x2)
+        compiling = torch.compiler.is_compiling()  # graphs take strengths as tensors: no re-tracing
+        alphas = None if compiling or self.trained else self.run_alphas
+        hidden = self.hidden(x2) if alphas is None else torch.mm(x2, self.down_t)
         if masks is not None:
             rows = [None if m is None else m.expand(*y.shape[:-1], 1).reshape(-1, 1) for m in masks]
             parts = [hidden.narrow(1, s, r) * m if m is not None else hidden.narrow(1, s, r)
                      for (s, r, _, _), m in zip(self.spans, rows, strict=True)]  # fmt: skip
             hidden = torch.cat(parts, 1)
-        if torch.compiler.is_compiling():  # reshaped first: Inductor makes add(y, mm) an addmm
+        if compiling:  # reshaped first: Inductor makes add(y, mm) an addmm
             return y + torch.mm(hidden, self._block_up(y2.shape[1])).to(y2.dtype).view(y.shape)
         if self.trained and torch.is_grad_enabled():
             return torch.addmm(y2, hidden, self._block_up(y2.shape[1])).view(y.shape)
         dtype = y2.dtype  # autocast casts the GEMMs above, never an in-place one
         hidden = hidden if hidden.dtype == dtype else hidden.to(dtype)  # (a no-op .to costs µs per call)
-        for (start, ranks, offset, size), up in zip(self.runs, self.run_ups(), strict=True):
+        for i, ((start, ranks, offset, size), up) in enumerate(zip(self.runs, self.run_ups(), strict=True)):
             out = y2 if size == y2.shape[1] else y2.narrow(1, offset, size)
             out.addmm_(
                 hidden if ranks == hidden.shape[1] else hidden.narrow(1, start, ranks),
                 up if up.dtype == dtype else up.to(dtype),
+                alpha=1.0 if alphas is None else alphas[i],
             )
         return y
 
@@ -271,6 +285,27 @@ def _runs(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, i
         else:
             runs.append((start, rank, offset, size))
     return runs
+
+
+def _run_alphas(
+    runs: list[tuple[int, int, int, int]],
+    spans: list[tuple[int, int, int, int]],
+    span_scales: tuple[float, ...],
+    entries: list[Entry],
+) -> list[float] | None:
+    """Each run's scale·strength where all of the run's entries have that same one, known on the
+    host; else None (the hidden activation is then scaled per rank)."""
+    alphas = []
+    for start, ranks, _, _ in runs:
+        values = {
+            None if entry.level is None else scale * entry.level
+            for (s, _, _, _), scale, entry in zip(spans, span_scales, entries, strict=True)
+            if start <= s < start + ranks
+        }
+        if len(values) != 1 or None in values:
+            return None
+        alphas.append(values.pop())
+    return alphas
 
 
 def _column_ranks(runs: list[tuple[int, int, int, int]], width: int, device: torch.device) -> Tensor:
