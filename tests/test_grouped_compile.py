@@ -256,3 +256,49 @@ def test_packed_ranks_off_the_multiple_of_eight_cost_one_copy(ranks):
     held = _storages_held(group, own)
     handle.remove()
     assert held <= 1.05 * sum(t.numel() * 2 for sd in sds for t in sd.values()), held
+
+
+def test_compiled_slices_scale_the_block_up_not_the_hidden_activation(monkeypatch):
+    """Under torch.compile a module with adapters on several output slices (q/k/v of a fused
+    projection) scales each rank's row of the block up projection, in the kernel that pads it,
+    instead of making a pass over the hidden activation x·Aᵀ: no operator but the up GEMM reads
+    that. Strength changes still reach the graph without re-tracing, and the output is exact."""
+    from loraplug import arch
+
+    names = ("q", "k", "v")
+    monkeypatch.setattr(arch, "PROVIDERS", [*arch.PROVIDERS, lambda model, ops: (
+        {n: [arch.Target("0", 8 * i, 8)] for i, n in enumerate(names)}, set())])  # fmt: skip
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24))
+    g = torch.Generator().manual_seed(0)
+    lora = {
+        f"{name}.lora_{ab}.weight": torch.randn(*((3, 12) if ab == "A" else (8, 3)), generator=g)
+        for name in names
+        for ab in "AB"
+    }
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        plain = model(x)
+
+    def want(strength):
+        with torch.no_grad():
+            return plain + strength * torch.cat([(x @ lora[f"{n}.lora_A.weight"].T) @ lora[f"{n}.lora_B.weight"].T for n in names], -1)  # fmt: skip
+
+    handle = lp.apply(model, lora, strength=0.5)
+    modules = []
+
+    def record(gm, example_inputs):
+        modules.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=record)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for strength in (0.5, -1.5):
+            handle.set_strength(strength)
+            close(compiled(x), want(strength), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    handle.remove()
+    (gm,) = modules
+    hidden = next(n for n in gm.graph.nodes if n.target is torch.mm)  # x·Aᵀ, the first GEMM
+    assert [u.target for u in hidden.users] == [torch.mm], list(hidden.users)

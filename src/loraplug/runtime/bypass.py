@@ -187,14 +187,22 @@ class _LowRank:
             for fused in self.packs.values():
                 fused.refresh(self.rank_scale)
 
-    def _block_up(self, width: int) -> Tensor:
+    def _pads(self, width: int) -> bool:
+        """Whether ``_block_up`` pads (builds a matrix): anything but one adapter on the whole output."""
+        return not (len(self.ups_t) == 1 and self.spans[0][2:] == (0, width))
+
+    def _block_up(self, width: int, scale: Tensor | None = None) -> Tensor:
         """Every up projection in one (Σr, width) matrix, zero outside each entry's slice, laid out
         column-major like the ups themselves (transposed (n, r) rows): the GEMMs' gradient for it
         comes back in that layout, and each up's slice of it reaches autograd's accumulation with
-        its parameter's strides (stored as it is, not copied per parameter and step)."""
-        if len(self.ups_t) == 1 and self.spans[0][2:] == (0, width):
-            return self.ups_t[0]  # one adapter on the whole output: nothing to pad
-        blocks = [F.pad(up_t.T, (0, 0, offset, width - offset - size)) for (_, _, offset, size), up_t in zip(self.spans, self.ups_t, strict=True)]  # fmt: skip
+        its parameter's strides (stored as it is, not copied per parameter and step). ``scale``
+        (Σr,) multiplies each rank's row on the way (in the padding's own kernel when compiled)."""
+        ups = self.ups_t
+        if scale is not None:
+            ups = [up_t * scale[s : s + r, None] for (s, r, _, _), up_t in zip(self.spans, ups, strict=True)]
+        if not self._pads(width):
+            return ups[0]  # one adapter on the whole output: nothing to pad
+        blocks = [F.pad(up_t.T, (0, 0, offset, width - offset - size)) for (_, _, offset, size), up_t in zip(self.spans, ups, strict=True)]  # fmt: skip
         return torch.cat(blocks, 1).T
 
     def hidden(self, x2: Tensor) -> Tensor:
@@ -245,19 +253,23 @@ class _LowRank:
         builds the ups into one block matrix and adds out of place: in-place writes into slices of
         an output autograd tracks would copy its whole gradient once per slice in the backward
         pass. Compiled graphs add the block product out of place too, an add Inductor fuses into
-        the next kernel (an in-place or beta=1 GEMM there copies y into a new buffer first).
+        the next kernel (an in-place or beta=1 GEMM there copies y into a new buffer first); with
+        several slices there the scales ride on the block's padding kernel instead of a pass over
+        the hidden activation (strengths stay tensors: a change does not re-trace).
         """
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         compiling = torch.compiler.is_compiling()  # graphs take strengths as tensors: no re-tracing
         alphas = None if compiling or self.trained else self.run_alphas
-        hidden = self.hidden(x2) if alphas is None else torch.mm(x2, self.down_t)
+        scaled_up = compiling and not self.trained and self._pads(y2.shape[1])
+        hidden = torch.mm(x2, self.down_t) if alphas is not None or scaled_up else self.hidden(x2)
         if masks is not None:
             rows = [None if m is None else m.expand(*y.shape[:-1], 1).reshape(-1, 1) for m in masks]
             parts = [hidden.narrow(1, s, r) * m if m is not None else hidden.narrow(1, s, r)
                      for (s, r, _, _), m in zip(self.spans, rows, strict=True)]  # fmt: skip
             hidden = torch.cat(parts, 1)
         if compiling:  # reshaped first: Inductor makes add(y, mm) an addmm
-            return y + torch.mm(hidden, self._block_up(y2.shape[1])).to(y2.dtype).view(y.shape)
+            up = self._block_up(y2.shape[1], self.rank_scale if scaled_up else None)
+            return y + torch.mm(hidden, up).to(y2.dtype).view(y.shape)
         if self.trained and torch.is_grad_enabled():
             return torch.addmm(y2, hidden, self._block_up(y2.shape[1])).view(y.shape)
         dtype = y2.dtype  # autocast casts the GEMMs above, never an in-place one
