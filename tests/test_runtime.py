@@ -169,7 +169,12 @@ def test_eager_inference_scales_each_run_in_its_up_gemm():
     tracked = attn.to_qkv(x)  # the base's weight takes gradients: the slices are written under autograd
     close(tracked.detach(), want(0.5, -1.25), rtol=1e-5, atol=1e-5)
     tracked.square().sum().backward()
-    close(attn.to_qkv.weight.grad, 2 * want(0.5, -1.25).reshape(-1, 20).T @ x.reshape(-1, 8), rtol=1e-5, atol=1e-4)
+    close(
+        attn.to_qkv.weight.grad,
+        2 * want(0.5, -1.25).reshape(-1, 20).T @ x.reshape(-1, 8),
+        rtol=1e-5,
+        atol=1e-4,
+    )
     h_q2 = lp.apply(attn, q2, strength=3.0)  # q's run: 0.5 and 3.0
     got, names = run()
     group = next(iter(bypass.runners(attn.to_qkv)._lowrank.values()))
