@@ -274,11 +274,12 @@ class _LowRank:
             return torch.addmm(y2, hidden, self._block_up(y2.shape[1])).view(y.shape)
         dtype = y2.dtype  # autocast casts the GEMMs above, never an in-place one
         hidden = hidden if hidden.dtype == dtype else hidden.to(dtype)  # (a no-op .to costs µs per call)
-        runs = zip(self._run_outputs(y2), self._run_hiddens(hidden), self.run_ups(), strict=True)
-        for i, (out, part, up) in enumerate(runs):
-            out.addmm_(
-                part, up if up.dtype == dtype else up.to(dtype), alpha=1.0 if alphas is None else alphas[i]
-            )
+        ups = [up if up.dtype == dtype else up.to(dtype) for up in self.run_ups()]
+        if len(ups) == 1 and self.covers_output:  # one run on the whole output (most layers)
+            y2.addmm_(hidden, ups[0], alpha=1.0 if alphas is None else alphas[0])
+            return y
+        for i, (out, part, up) in enumerate(zip(self._run_outputs(y2), self._run_hiddens(hidden), ups, strict=True)):  # fmt: skip
+            out.addmm_(part, up, alpha=1.0 if alphas is None else alphas[i])
         return y
 
     def _run_outputs(self, y2: Tensor) -> list[Tensor] | tuple[Tensor, ...]:
@@ -286,15 +287,13 @@ class _LowRank:
         the runs tile the output and nothing tracks y2's gradient (in-place writes into a split's
         views are refused under autograd), else a view per run (each costs about as much host
         time as the whole split)."""
-        if len(self.runs) > 1 and self.covers_output and not y2.requires_grad:
+        if self.covers_output and not y2.requires_grad:
             return y2.split_with_sizes([size for _, _, _, size in self.runs], 1)
         return [y2 if size == y2.shape[1] else y2.narrow(1, offset, size) for _, _, offset, size in self.runs]
 
-    def _run_hiddens(self, hidden: Tensor) -> list[Tensor] | tuple[Tensor, ...]:
+    def _run_hiddens(self, hidden: Tensor) -> tuple[Tensor, ...]:
         """Each run's columns of the hidden activation (the runs' ranks lie side by side, in order)."""
-        return (
-            [hidden] if len(self.runs) == 1 else hidden.split_with_sizes([r for _, r, _, _ in self.runs], 1)
-        )
+        return hidden.split_with_sizes([r for _, r, _, _ in self.runs], 1)
 
 
 # what ``_LowRank.retensor`` carries over to the group on the parameters' current tensors
