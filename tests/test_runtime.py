@@ -175,6 +175,11 @@ def test_eager_inference_scales_each_run_in_its_up_gemm():
         rtol=1e-5,
         atol=1e-4,
     )
+    h_v.disable()
+    got, _ = run()
+    assert group.run_alphas == [0.5, 0.5, 0.0]
+    close(got, want(0.5, 0.0), rtol=1e-5, atol=1e-5)
+    h_v.enable()
     h_q2 = lp.apply(attn, q2, strength=3.0)  # q's run: 0.5 and 3.0
     got, names = run()
     group = next(iter(bypass.runners(attn.to_qkv)._lowrank.values()))
