@@ -39,7 +39,7 @@ from profile_flux import device_profile  # noqa: E402
 import loraplug as lp  # noqa: E402
 from loraplug.bench import CFG, DEV, DT, _graphs, _time_fn, diffusers_lora, inputs  # noqa: E402
 from loraplug.fp8 import quantize_fp8  # noqa: E402
-from loraplug.runtime import kernels  # noqa: E402
+from loraplug.runtime import bypass, kernels  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
 OUT = Path(os.environ.get("OUT", "."))
@@ -203,14 +203,30 @@ def configs(**entries):
         kernels.CONFIGS.update(kept)
 
 
-def measure_applied(model, adapters, name: str, mode: str | None, **apply_kwargs) -> None:
-    """``measure`` with ``adapters`` applied, removed afterwards; the GPU memory the applied
-    adapters hold after the timed calls (their caches; the sets themselves stay on the CPU, as
-    loaded from a file) against the adapters' own bytes (``_added_memory_vs_adapters``)."""
+def scaling_the_hidden_activation(model) -> None:
+    """Eager inference as before session 25, for a same-process comparison: the groups built (one
+    call), then their run alphas dropped, so that each layer scales x·Aᵀ per rank before the up GEMM."""
+    with torch.no_grad():
+        model(**INP)
+    for module in model.modules():
+        runner = bypass.runners(module)
+        for group in runner._lowrank.values() if runner else ():
+            group.run_alphas = None
+
+
+def measure_applied(model, adapters, name: str, mode: str | None, prepare=None, **apply_kwargs) -> None:
+    """``measure`` with ``adapters`` applied (then ``prepare(model)``), removed afterwards; the GPU
+    memory the applied adapters hold after the timed calls (their caches; the sets themselves stay
+    on the CPU, as loaded from a file) against the adapters' own bytes
+    (``_added_memory_vs_adapters``)."""
     key = variant_key(name, mode)
+    if os.environ.get("VARIANTS") and key not in os.environ["VARIANTS"].split():
+        return
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     handle = lp.apply(model, adapters, **apply_kwargs)
+    if prepare is not None:
+        prepare(model)
     measure(model, name, mode)
     torch.cuda.synchronize()
     if key + "_ms" in RES:
@@ -258,6 +274,10 @@ def main() -> None:
         with env("LORAPLUG_KERNELS", "fp8"):  # the portable path (the default on an H100 is _shapes)
             measure_applied(model, lora, "bf16_lora_r16", mode)
             measure_applied(model, [lora, second], "bf16_lora_2x_r16", mode, strength=[1.0, 0.8])
+            if mode == "eager":  # the strength as the up GEMM's alpha (session 25) against a pass over x·Aᵀ
+                measure_applied(
+                    model, lora, "bf16_lora_r16_scaled_hidden", mode, scaling_the_hidden_activation
+                )
         with env("LORAPLUG_KERNELS", "all"):  # the Triton GEMM with the LoRA tail, on the bf16 base
             measure_applied(model, lora, "bf16_lora_r16_fused", mode)
             with configs(bf16=warp_specialized("bf16")):
