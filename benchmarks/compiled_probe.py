@@ -151,12 +151,17 @@ def variant_key(name: str, mode: str | None) -> str:
     return f"{name}_{ {None: 'compiled', 'eager': 'eager', 'max-autotune': 'autotune'}.get(mode, 'graphs') }"
 
 
+def wanted(key: str) -> bool:
+    """Whether ``VARIANTS`` (unset: every variant) names this variant."""
+    chosen = os.environ.get("VARIANTS", "").split()
+    return not chosen or key in chosen
+
+
 def measure(model, name: str, mode: str | None) -> None:
     """``mode``: None (torch.compile), "reduce-overhead" (CUDA graphs), "max-autotune" (Inductor's
     GEMM templates, timed against cuBLAS per shape, and CUDA graphs) or "eager"."""
     key = variant_key(name, mode)
-    chosen = os.environ.get("VARIANTS", "").split()
-    if chosen and key not in chosen:
+    if not wanted(key):
         return
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -220,7 +225,7 @@ def measure_applied(model, adapters, name: str, mode: str | None, prepare=None, 
     on the CPU, as loaded from a file) against the adapters' own bytes
     (``_added_memory_vs_adapters``)."""
     key = variant_key(name, mode)
-    if os.environ.get("VARIANTS") and key not in os.environ["VARIANTS"].split():
+    if not wanted(key):
         return
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
