@@ -295,6 +295,28 @@ def test_fp8_layer_captured_in_a_cuda_graph(beside, monkeypatch):
     handle.remove()
 
 
+def test_portable_layer_captured_in_a_cuda_graph_follows_strength_changes(monkeypatch):
+    """The portable eager path passes each slice's scale·strength to its GEMM as a number, except
+    while a CUDA graph is captured: there the strengths' tensors are read, so a replay after
+    ``set_strength`` gives the new strength's output, not the captured one's."""
+    monkeypatch.setenv("LORAPLUG_KERNELS", "fp8")  # bf16 bases on the portable path
+    layer = _layer(512, 1536, torch.bfloat16)
+    parts = [_lora(512, [(0, 512), (512, 512), (1024, 512)], 16, 8)]
+    handle = _apply(layer, parts, [1.0], torch.bfloat16)
+    static_x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(static_x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        for strength in (1.0, 0.25, -1.5):
+            handle.set_strength(strength)
+            graph.replay()
+            assert _rel(static_y, layer(static_x)) < 1e-2, strength  # a stale strength: ~0.6
+    handle.remove()
+
+
 def test_compiling_an_fp8_layer_warns_nothing():
     """The capability lookup is not a cached function inside a graph (Dynamo warned once per
     process that it ignores the cache wrapper)."""

@@ -249,7 +249,8 @@ class _LowRank:
 
         Eager inference adds in place, slice by slice (no copy of y, no extra memory), each run's
         scale·strength as the GEMM's alpha where the run's entries share one (``run_alphas``: no
-        pass over the hidden activation to scale it, one kernel launch fewer per layer). Training
+        pass over the hidden activation to scale it, one kernel launch fewer per layer), except
+        while a CUDA graph is captured (a replay must read the strengths' tensors). Training
         builds the ups into one block matrix and adds out of place: in-place writes into slices of
         an output autograd tracks would copy its whole gradient once per slice in the backward
         pass. Compiled graphs add the block product out of place too, an add Inductor fuses into
@@ -259,7 +260,7 @@ class _LowRank:
         """
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         compiling = torch.compiler.is_compiling()  # graphs take strengths as tensors: no re-tracing
-        alphas = None if compiling or self.trained else self.run_alphas
+        alphas = None if compiling or self.trained or _capturing(x) else self.run_alphas
         scaled_up = compiling and not self.trained and self._pads(y2.shape[1])
         hidden = torch.mm(x2, self.down_t) if alphas is not None or scaled_up else self.hidden(x2)
         if masks is not None:
@@ -309,6 +310,11 @@ def _runs(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, i
         else:
             runs.append((start, rank, offset, size))
     return runs
+
+
+def _capturing(x: Tensor) -> bool:
+    """A CUDA graph is being captured on x's device: numbers passed to kernels would be frozen in it."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _run_alphas(
