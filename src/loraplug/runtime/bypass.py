@@ -97,7 +97,7 @@ class _LowRank:
         if self._run_ups is None:
             ups = []
             for start, ranks, _, _ in self.runs:
-                members = [i for i, (s, _, _, _) in enumerate(self.spans) if start <= s < start + ranks]
+                members = _members(self.spans, start, ranks)
                 run = _adjacent_rows([self.ups_t[i] for i in members])
                 if run is None:
                     run = torch.cat([self.ups_t[i] for i in members])
@@ -260,7 +260,7 @@ class _LowRank:
         """
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         compiling = torch.compiler.is_compiling()  # graphs take strengths as tensors: no re-tracing
-        alphas = None if compiling or self.trained or _capturing(x) else self.run_alphas
+        alphas = None if compiling or _capturing(x) else self.run_alphas  # (None for trained groups)
         scaled_up = compiling and not self.trained and self._pads(y2.shape[1])
         hidden = torch.mm(x2, self.down_t) if alphas is not None or scaled_up else self.hidden(x2)
         if masks is not None:
@@ -312,6 +312,11 @@ def _runs(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, i
     return runs
 
 
+def _members(spans: list[tuple[int, int, int, int]], start: int, ranks: int) -> list[int]:
+    """The entries (indices into ``spans``) of the run whose ranks are ``start … start + ranks``."""
+    return [i for i, (s, _, _, _) in enumerate(spans) if start <= s < start + ranks]
+
+
 def _capturing(x: Tensor) -> bool:
     """A CUDA graph is being captured on x's device: numbers passed to kernels would be frozen in it."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -327,11 +332,8 @@ def _run_alphas(
     host; else None (the hidden activation is then scaled per rank)."""
     alphas = []
     for start, ranks, _, _ in runs:
-        values = {
-            None if entry.level is None else scale * entry.level
-            for (s, _, _, _), scale, entry in zip(spans, span_scales, entries, strict=True)
-            if start <= s < start + ranks
-        }
+        levels = [(span_scales[i], entries[i].level) for i in _members(spans, start, ranks)]
+        values = {None if level is None else scale * level for scale, level in levels}
         if len(values) != 1 or None in values:
             return None
         alphas.append(values.pop())
